@@ -1,0 +1,31 @@
+"""Small helpers shared by every op: the shape vocabulary lives here.
+
+N batch, C input channels, H/W input height/width, OC output channels,
+KH/KW kernel size, SH/SW stride, PH/PW zero padding, DH/DW dilation,
+OH/OW output height/width.
+"""
+from __future__ import annotations
+
+
+def pair(value, name: str = "value") -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``. Refuses anything else with a clear message."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, not {value!r}")
+    if isinstance(value, int) or (hasattr(value, "__index__") and not hasattr(value, "__len__")):
+        v = int(value)
+        return (v, v)
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, not {value!r}") from None
+    if isinstance(a, bool) or isinstance(b, bool) or not all(hasattr(v, "__index__") for v in (a, b)):
+        raise TypeError(f"{name} must be an int or a pair of ints, not {value!r}")
+    return (int(a), int(b))
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output length along one axis: ``(size + 2*padding - dilation*(kernel-1) - 1) // stride + 1``.
+
+    The same formula serves convolution and pooling (pooling has dilation 1).
+    """
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
