@@ -1,0 +1,334 @@
+"""MNIST and Fashion-MNIST: where to find them, how to download them, how to load them.
+
+``load_dataset`` looks for a split's two IDX files in this order and uses the
+first folder that holds both:
+
+1. the ``data_dir`` argument (the CLI's ``--data-dir``): ``<data_dir>/<name>/`` or ``<data_dir>/``;
+2. ``$GPUCNN_DATA_DIR``: ``<dir>/<name>/`` or ``<dir>/``;
+3. the user cache ``~/.cache/gpucnn/<name>`` (root overridden by ``$GPUCNN_CACHE_DIR``
+   or the ``cache_dir`` argument), where downloads land after an MD5 check;
+4. ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist`` package);
+5. otherwise the files are downloaded into the cache from the mirrors in order.
+
+Files found in folders are checked structurally (magic, dimensions, lengths,
+labels in range, as many labels as images), not by checksum, so any data set in
+MNIST's file layout can be used. Both ``.gz`` and uncompressed names are accepted.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gpucnn import __version__, backend
+from gpucnn.data.idx import DataError, read_idx
+
+SPLITS = ("train", "test")
+DATA_DIR_ENV = "GPUCNN_DATA_DIR"
+CACHE_DIR_ENV = "GPUCNN_CACHE_DIR"
+DEFAULT_CACHE_ROOT = Path("~/.cache/gpucnn")
+# Where Debian's dataset packages install their files; tests point it elsewhere.
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOAD_CHUNK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One distributed file: its name (as on the mirrors) and the MD5 of those bytes."""
+    filename: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything gpucnn knows about one data set in MNIST's file layout."""
+    name: str
+    files: dict              # "train-images", "train-labels", "test-images", "test-labels" -> FileSpec
+    mirrors: tuple           # base URLs, tried in order
+    mean: float              # of the training pixels scaled to [0, 1]
+    std: float
+    classes: tuple           # class names, index = label
+    image_shape: tuple = (28, 28)
+    system_package: str | None = None  # the Debian package that installs it, if any
+
+    def split_files(self, split: str) -> tuple[FileSpec, FileSpec]:
+        """(images, labels) FileSpecs of ``"train"`` or ``"test"``."""
+        return self.files[f"{split}-images"], self.files[f"{split}-labels"]
+
+
+def _mnist_layout(md5s: dict) -> dict:
+    names = {
+        "train-images": "train-images-idx3-ubyte.gz",
+        "train-labels": "train-labels-idx1-ubyte.gz",
+        "test-images": "t10k-images-idx3-ubyte.gz",
+        "test-labels": "t10k-labels-idx1-ubyte.gz",
+    }
+    return {key: FileSpec(filename, md5s[key]) for key, filename in names.items()}
+
+
+DATASETS = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        files=_mnist_layout({
+            "train-images": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels": "d53e105ee54ea40749a09fcbcd1e9432",
+            "test-images": "9fb629c4189551a2d022fa330f9573f3",
+            "test-labels": "ec29112dd5afa0611ce80d1b7f02629c",
+        }),
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        mean=0.1307,
+        std=0.3081,
+        classes=tuple(str(digit) for digit in range(10)),
+    ),
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        files=_mnist_layout({
+            "train-images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels": "25c81989df183df01b3e8a0aad5dffbe",
+            "test-images": "bef4ecab320f06d8554ea6380940ec79",
+            "test-labels": "bb300cfdad3c16e7a12a480ee83cd310",
+        }),
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        mean=0.2860,
+        std=0.3530,
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        system_package="dataset-fashion-mnist",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The DatasetSpec registered in DATASETS under ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, not {type(name).__name__}.")
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}.")
+    return DATASETS[name]
+
+
+def _check_split(split) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}.")
+
+
+def cache_root(cache_dir=None) -> Path:
+    """The cache root: ``cache_dir``, else ``$GPUCNN_CACHE_DIR``, else ``~/.cache/gpucnn``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_DIR_ENV, "").strip()
+    return Path(env).expanduser() if env else DEFAULT_CACHE_ROOT.expanduser()
+
+
+def _candidate_dirs(name: str, data_dir=None, cache_dir=None) -> list[Path]:
+    """The folders searched for ``name``'s files, in priority order."""
+    candidates = []
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data directory {root} does not exist or is not a folder; "
+                            "pass a folder holding the IDX files.")
+        candidates += [root / name, root]
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    if env:
+        root = Path(env).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{DATA_DIR_ENV}={env} is not a folder; point it at a folder holding the "
+                            "IDX files or unset it.")
+        candidates += [root / name, root]
+    candidates += [cache_root(cache_dir) / name, Path(SYSTEM_DATA_ROOT) / name]
+    return candidates
+
+
+def _local_file(directory: Path, file_spec: FileSpec) -> Path | None:
+    """The file in ``directory`` under its uncompressed or its ``.gz`` name, if either exists."""
+    names = [file_spec.filename]
+    if file_spec.filename.endswith(".gz"):
+        names.insert(0, file_spec.filename[:-3])  # uncompressed first: it reads faster
+    for filename in names:
+        if (directory / filename).is_file():
+            return directory / filename
+    return None
+
+
+def _split_paths(directory: Path, spec: DatasetSpec, split: str) -> tuple[Path, Path] | None:
+    """(images path, labels path) of ``split`` when ``directory`` holds both, else None."""
+    images, labels = (_local_file(directory, f) for f in spec.split_files(split))
+    return (images, labels) if images is not None and labels is not None else None
+
+
+def find_dataset_dir(name: str, data_dir=None, *, split: str | None = None, cache_dir=None) -> Path | None:
+    """The first folder in the search order holding both files of ``split`` (of any split when None).
+
+    Returns None when no folder does; nothing is downloaded or read.
+    """
+    spec = get_spec(name)
+    if split is not None:
+        _check_split(split)
+    splits = SPLITS if split is None else (split,)
+    for directory in _candidate_dirs(name, data_dir, cache_dir):
+        if any(_split_paths(directory, spec, s) is not None for s in splits):
+            return directory
+    return None
+
+
+def _load_split(images_path: Path, labels_path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Read and structurally validate one split: uint8 (N, H, W) images and int64 (N,) labels."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != tuple(spec.image_shape):
+        raise DataError(f"{images_path} holds {images.dtype} values of shape {images.shape}, but {spec.name} "
+                        f"images are uint8 of shape (N, {spec.image_shape[0]}, {spec.image_shape[1]}); "
+                        "check that the folder holds the right files.")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DataError(f"{labels_path} holds {labels.dtype} values of shape {labels.shape}, but labels are "
+                        "uint8 of shape (N,); check that the folder holds the right files.")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
+                        "labels; the two files come from different data sets or splits.")
+    if len(labels) and int(labels.max()) >= len(spec.classes):
+        raise DataError(f"{labels_path} contains label {int(labels.max())}, but {spec.name} has "
+                        f"{len(spec.classes)} classes (0..{len(spec.classes) - 1}); check that the folder "
+                        "holds the right files.")
+    return images, labels.astype(np.int64)
+
+
+def _fetch(url: str, part: Path, file_spec: FileSpec, progress, timeout: float) -> None:
+    """Download ``url`` into ``part``, checking the length and the MD5; raises DataError on failure."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"gpucnn/{__version__}"})
+    digest = hashlib.md5(usedforsecurity=False)
+    received = 0
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+        length = response.headers.get("Content-Length")
+        expected_size = int(length) if length and length.isdigit() else None
+        bar_file = progress if hasattr(progress, "write") else None
+        with tqdm(total=expected_size, unit="B", unit_scale=True, unit_divisor=1024, desc=file_spec.filename,
+                  disable=not progress, file=bar_file, leave=False) as bar:
+            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    # http.client returns a short body without complaint when the server hangs up early.
+    if expected_size is not None and received != expected_size:
+        raise DataError(f"the connection closed after {received} of {expected_size} bytes")
+    got = digest.hexdigest()
+    if got != file_spec.md5.lower():
+        raise DataError(f"checksum mismatch for {file_spec.filename}: expected MD5 {file_spec.md5}, got {got} "
+                        "(the mirror served a different or damaged file)")
+
+
+def _download_file(file_spec: FileSpec, directory: Path, mirrors, progress, timeout: float) -> Path:
+    """Fetch one file into ``directory`` from the first mirror that delivers the right bytes."""
+    target = directory / file_spec.filename
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + file_spec.filename
+        # A unique partial name, so two processes filling the same cache cannot mix their bytes.
+        try:
+            fd, part_name = tempfile.mkstemp(prefix=f"{file_spec.filename}.", suffix=".part", dir=directory)
+        except OSError as exc:
+            raise DataError(f"cannot write to the cache folder {directory} ({exc}); set {CACHE_DIR_ENV} to a "
+                            "writable folder.") from None
+        os.close(fd)
+        part = Path(part_name)
+        try:
+            _fetch(url, part, file_spec, progress, timeout)
+            os.replace(part, target)
+            return target
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError and DataError included
+            failures.append(f"{url}: {exc}")
+        finally:
+            part.unlink(missing_ok=True)
+    tried = "; ".join(failures)
+    raise DataError(f"could not download {file_spec.filename}: every mirror failed ({tried}); check the "
+                    "network connection or the mirrors, or put the files in a folder and pass it as data_dir "
+                    f"(--data-dir) or {DATA_DIR_ENV}.")
+
+
+def download_dataset(name: str, split: str | None = None, mirrors=None, cache_dir=None, progress=True,
+                     timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download the files of ``split`` (both splits when None) missing from the cache; returns the cache folder.
+
+    Each file goes to a ``.part`` file in the cache folder, is checked against
+    its MD5, then moved into place; on any failure the partial is deleted and the
+    next mirror is tried. ``progress`` is a bool or a text stream for the tqdm bar.
+    """
+    spec = get_spec(name)
+    if split is not None:
+        _check_split(split)
+    mirrors = spec.mirrors if mirrors is None else tuple(mirrors)
+    if not mirrors or not all(isinstance(m, str) and m for m in mirrors):
+        raise ValueError(f"mirrors must be a non-empty sequence of base URLs, not {mirrors!r}.")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+    directory = cache_root(cache_dir) / spec.name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the cache folder {directory} ({exc}); set {CACHE_DIR_ENV} to a "
+                        "writable folder.") from None
+    for s in SPLITS if split is None else (split,):
+        for file_spec in spec.split_files(s):
+            if _local_file(directory, file_spec) is None:
+                _download_file(file_spec, directory, mirrors, progress, timeout)
+    return directory
+
+
+def load_dataset(name: str, split: str = "train", data_dir=None, download: bool = True, progress=True,
+                 mirrors=None, cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of a data set: images uint8 (N, 28, 28) and labels int64 (N,).
+
+    Searches ``data_dir``, ``$GPUCNN_DATA_DIR``, the cache and ``/usr/share/datasets``
+    (see the module docstring); downloads into the cache when none holds the
+    split and ``download`` is true, else raises DataError saying where it looked.
+    ``progress`` is a bool or a text stream for the download progress bar;
+    ``mirrors`` (base URLs) replaces the data set's own list; ``cache_dir``
+    replaces the cache root.
+    """
+    spec = get_spec(name)
+    _check_split(split)
+    searched = _candidate_dirs(spec.name, data_dir, cache_dir)
+    for directory in searched:
+        paths = _split_paths(directory, spec, split)
+        if paths is not None:
+            return _load_split(*paths, spec)
+    if not download:
+        images_file, labels_file = (f.filename for f in spec.split_files(split))
+        package = f", install the Debian package {spec.system_package}" if spec.system_package else ""
+        raise DataError(f"no {spec.name} {split} files ({images_file}, {labels_file}, or without .gz) found in "
+                        f"{', '.join(str(d) for d in searched)}; pass a folder holding them as data_dir "
+                        f"(--data-dir), set {DATA_DIR_ENV}{package}, or allow downloading.")
+    directory = download_dataset(spec.name, split, mirrors=mirrors, cache_dir=cache_dir, progress=progress)
+    return _load_split(*_split_paths(directory, spec, split), spec)
+
+
+def normalize(images, mean: float, std: float):
+    """uint8 images (N, H, W) -> float32 (N, 1, H, W) holding ``(images / 255 - mean) / std``.
+
+    Works on NumPy or CuPy arrays; the result lives on the same device.
+    """
+    if not hasattr(images, "dtype") or not hasattr(images, "ndim"):
+        raise TypeError(f"normalize needs a NumPy or CuPy array, not {type(images).__name__}.")
+    if images.dtype != np.uint8:
+        raise TypeError(f"normalize expects uint8 images, not {images.dtype}.")
+    if images.ndim != 3:
+        raise ValueError(f"normalize expects images of shape (N, H, W), not {tuple(images.shape)}.")
+    mean, std = float(mean), float(std)
+    if not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
+        raise ValueError(f"normalize needs a finite mean and a positive finite std, not mean={mean}, std={std}.")
+    xp = backend.get_array_module(images)
+    N, H, W = images.shape
+    out = images.astype(xp.float32).reshape(N, 1, H, W)
+    out *= np.float32(1.0 / 255.0)
+    out -= np.float32(mean)
+    out /= np.float32(std)
+    return out
