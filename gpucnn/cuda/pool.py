@@ -1,0 +1,92 @@
+"""Launchers for the pooling kernels in ``kernels/pool2d.cu``.
+
+Same signatures as gpucnn.ops.pool plus ``runtime`` (None: the process-wide CupyRuntime). The
+code is the same for CuPy arrays on a GPU and NumPy arrays under the emulator.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.ops.pool import pool2d_geometry
+
+KERNEL_FILE = "pool2d.cu"
+THREADS_PER_BLOCK = 256
+
+
+def _geometry(x_shape, kernel_size, stride, padding):
+    """The sizes (gpucnn.ops.pool.PoolGeometry) after the reference's checks and the int32 limits."""
+    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
+    check_int32_count("x", g.N * g.C * g.H * g.W)
+    check_int32_count("y", g.N * g.C * g.OH * g.OW)
+    return g
+
+
+def _int32_args(g):
+    """The geometry as the kernels take it: n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow."""
+    return tuple(np.int32(getattr(g, name)) for name in
+                 ("N", "C", "H", "W", "KH", "KW", "SH", "SW", "PH", "PW", "OH", "OW"))
+
+
+def _grad_y_array(rt, grad_y, g):
+    grad_y = kernel_array(rt, grad_y, "grad_y", ndim=4)
+    if tuple(grad_y.shape) != (g.N, g.C, g.OH, g.OW):
+        raise ValueError(f"grad_y must have shape {(g.N, g.C, g.OH, g.OW)} for x_shape and this window, "
+                         f"not {tuple(grad_y.shape)}.")
+    return grad_y
+
+
+def _launch_1d(rt, name, count, args):
+    rt.function(KERNEL_FILE, name)((ceil_div(count, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1), args)
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
+    """Max pooling: x (N, C, H, W) float32 -> (y (N, C, OH, OW) float32, argmax (N, C, OH, OW) int32).
+
+    OH = (H + 2*PH - KH) // SH + 1; stride None means kernel_size; padding <= kernel_size // 2 and
+    counts as -inf. argmax is the window-local index KY*KW + KX of the first maximum (NaN wins).
+    """
+    rt = runtime if runtime is not None else default_runtime()
+    x = kernel_array(rt, x, "x", ndim=4)
+    g = _geometry(x.shape, kernel_size, stride, padding)
+    y = rt.empty((g.N, g.C, g.OH, g.OW), np.float32)
+    argmax = rt.empty((g.N, g.C, g.OH, g.OW), np.int32)
+    # writes y and argmax: one thread per output element
+    _launch_1d(rt, "max_pool2d_forward", y.size, (x, y, argmax, *_int32_args(g)))
+    return y, argmax
+
+
+def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):
+    """Gradient of max pooling: grad_y and argmax (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
+    rt = runtime if runtime is not None else default_runtime()
+    g = _geometry(x_shape, kernel_size, stride, padding)
+    grad_y = _grad_y_array(rt, grad_y, g)
+    argmax = kernel_array(rt, argmax, "argmax", dtype=np.int32, ndim=4)
+    if argmax.shape != grad_y.shape:
+        raise ValueError(f"argmax must have the shape of grad_y {tuple(grad_y.shape)}, not {tuple(argmax.shape)}.")
+    grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
+    # writes grad_x: one thread per input element, gathering grad_y where argmax points at it
+    _launch_1d(rt, "max_pool2d_backward", grad_x.size, (grad_y, argmax, grad_x, *_int32_args(g)))
+    return grad_x
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
+    """Average pooling: x (N, C, H, W) float32 -> y (N, C, OH, OW); zero padding counts in the divisor."""
+    rt = runtime if runtime is not None else default_runtime()
+    x = kernel_array(rt, x, "x", ndim=4)
+    g = _geometry(x.shape, kernel_size, stride, padding)
+    y = rt.empty((g.N, g.C, g.OH, g.OW), np.float32)
+    # writes y: one thread per output element
+    _launch_1d(rt, "avg_pool2d_forward", y.size, (x, y, *_int32_args(g)))
+    return y
+
+
+def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):
+    """Gradient of average pooling: grad_y (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
+    rt = runtime if runtime is not None else default_runtime()
+    g = _geometry(x_shape, kernel_size, stride, padding)
+    grad_y = _grad_y_array(rt, grad_y, g)
+    grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
+    # writes grad_x: one thread per input element, gathering grad_y / (KH*KW) over its windows
+    _launch_1d(rt, "avg_pool2d_backward", grad_x.size, (grad_y, grad_x, *_int32_args(g)))
+    return grad_x

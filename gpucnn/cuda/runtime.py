@@ -1,0 +1,114 @@
+"""Where kernels come from and how launchers prepare their arguments.
+
+A *runtime* gives launchers an array module (``xp``), allocation (``empty``/``zeros``) and
+kernels by file and name (``function``). CupyRuntime compiles ``kernels/*.cu`` with
+``cupy.RawModule`` on a GPU; gpucnn.testing.emulator.EmulatorRuntime runs the same files on the
+CPU. Launchers are written once against this contract.
+
+CuPy is never imported here: gpucnn.backend hands the module over.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from gpucnn import backend
+
+COMPILE_OPTIONS = ("-std=c++17",)
+# Thread ids of the last block run past the element count, so counts stay this far below 2**31.
+MAX_INT32_ELEMENTS = 2**31 - 1 - 1024
+
+
+def _candidate_kernel_dirs(package_dir: Path) -> list[Path]:
+    """A checkout keeps kernels/ beside the package; a wheel ships them as gpucnn/kernels."""
+    return [package_dir.parent / "kernels", package_dir / "kernels"]
+
+
+def find_kernels_dir(package_dir) -> Path:
+    """The first folder holding ``*.cu`` files for the gpucnn package at ``package_dir``."""
+    candidates = _candidate_kernel_dirs(Path(package_dir))
+    for folder in candidates:
+        if folder.is_dir() and any(folder.glob("*.cu")):
+            return folder
+    raise FileNotFoundError("no CUDA kernel files (*.cu) were found in "
+                            + " or ".join(str(c) for c in candidates) + ".")
+
+
+def kernels_dir() -> Path:
+    """The folder of gpucnn's ``.cu`` files, in a checkout or an installed wheel."""
+    return find_kernels_dir(Path(__file__).resolve().parent.parent)
+
+
+class CupyRuntime:
+    """Kernels compiled by CuPy's RawModule, each file once per process and device."""
+
+    def __init__(self, kernels_folder=None):
+        self.xp = backend.cupy_module()
+        self.kernels_folder = Path(kernels_folder) if kernels_folder is not None else kernels_dir()
+        self._modules = {}
+        self._lock = threading.Lock()
+
+    def function(self, file: str, name: str):
+        """The kernel ``name`` from ``kernels/<file>``, callable as ``k(grid, block, args, shared_mem=0)``."""
+        key = (file, self.xp.cuda.Device().id)
+        with self._lock:
+            module = self._modules.get(key)
+            if module is None:
+                source = (self.kernels_folder / file).read_text()
+                module = self.xp.RawModule(code=source, options=COMPILE_OPTIONS)
+                self._modules[key] = module
+        return module.get_function(name)
+
+    def empty(self, shape, dtype):
+        """An uninitialised device array."""
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        """A zero-filled device array."""
+        return self.xp.zeros(shape, dtype=dtype)
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> CupyRuntime:
+    """The process-wide CupyRuntime (DeviceError, via gpucnn.backend, when no GPU is usable)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = CupyRuntime()
+        return _default
+
+
+# Launch helpers shared by the launchers.
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints: the number of blocks covering ``a`` items."""
+    return -(-a // b)
+
+
+def kernel_array(runtime, array, name: str, dtype=np.float32, ndim: int | None = None):
+    """``array`` as a C-contiguous array of exactly ``dtype`` on the runtime's device.
+
+    Refuses (TypeError) arrays of another array module or dtype, and (ValueError) a wrong ndim;
+    a non-contiguous array is copied to a contiguous one, since raw kernels ignore strides.
+    """
+    if not isinstance(array, runtime.xp.ndarray):
+        raise TypeError(f"{name} must be a {runtime.xp.__name__}.ndarray for this runtime, "
+                        f"not {type(array).__module__}.{type(array).__name__}.")
+    if array.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, not {array.dtype.name}.")
+    if ndim is not None and array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, not {array.ndim} (shape {tuple(array.shape)}).")
+    return runtime.xp.ascontiguousarray(array)
+
+
+def check_int32_count(name: str, count: int) -> None:
+    """Refuse an element count too large for the kernels' int32 indexing."""
+    if count > MAX_INT32_ELEMENTS:
+        raise ValueError(f"{name} would hold {count} elements, more than the {MAX_INT32_ELEMENTS} "
+                         "that the kernels' int32 indexing allows.")
+

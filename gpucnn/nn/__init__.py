@@ -1,0 +1,12 @@
+"""Layers in PyTorch style (NCHW, ``weight``/``bias`` Parameters) with explicit backward passes."""
+from gpucnn.nn.activation import Dropout, ReLU, Sigmoid, Tanh
+from gpucnn.nn.conv import Conv2d
+from gpucnn.nn.linear import Flatten, Linear
+from gpucnn.nn.module import IncompatibleKeys, Module, Parameter, Sequential
+from gpucnn.nn.pool import AvgPool2d, MaxPool2d
+
+__all__ = [
+    "Module", "Parameter", "Sequential", "IncompatibleKeys",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "Linear", "Flatten",
+    "ReLU", "Tanh", "Sigmoid", "Dropout",
+]

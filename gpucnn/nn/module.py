@@ -1,0 +1,399 @@
+"""Parameter, Module and Sequential: the containers every layer is built from.
+
+There is no autograd graph. Each layer keeps what its backward needs from its
+last forward call, and ``backward(grad_output) -> grad_input`` both returns the
+gradient for its input and adds the gradients of its own parameters into
+``Parameter.grad``. ``Sequential.backward`` walks its layers in reverse.
+
+Arrays are NumPy (CPU) or CuPy (GPU); ``Module.to(device)`` moves parameters,
+and inputs must live on the same device as the parameters of the layer they
+enter.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from gpucnn import backend
+from gpucnn.utils import pair
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, np.ndarray) or backend.is_gpu_array(x)
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int, refusing bools, non-integers and values below ``minimum``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, not {value!r}.")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {int(value)}.")
+    return int(value)
+
+
+def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """``pair(value)`` with both entries at least ``minimum``."""
+    a, b = pair(value, name)
+    if a < minimum or b < minimum:
+        raise ValueError(f"{name} must be at least {minimum} in both dimensions, got {(a, b)}.")
+    return (a, b)
+
+
+class Parameter:
+    """A learnable array: ``data`` holds the values, ``grad`` the accumulated gradient.
+
+    ``grad`` is None until a backward pass adds to it; later backward passes add
+    (``+=``) rather than overwrite, so call ``zero_grad()`` between steps.
+    """
+
+    def __init__(self, data):
+        if not _is_array(data):
+            raise TypeError(f"Parameter data must be a NumPy or CuPy array, not {type(data).__name__}.")
+        if np.dtype(data.dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"Parameter data must be float32 or float64, not {data.dtype}.")
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    def accumulate_grad(self, grad) -> None:
+        """Add ``grad`` (same shape as ``data``) into ``self.grad``."""
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match parameter shape {self.shape}.")
+        if self.grad is None:
+            self.grad = grad.astype(self.data.dtype, copy=True)
+        else:
+            self.grad += grad
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict(strict=False)`` skipped."""
+    missing_keys: list
+    unexpected_keys: list
+
+
+class Module:
+    """Base class of layers and models (PyTorch-style, with explicit backward).
+
+    Parameters and submodules assigned as attributes are registered in
+    assignment order, which fixes the order of ``parameters()`` and the names
+    of ``named_parameters()`` / ``state_dict()`` (``"conv1.weight"``, ``"0.bias"``).
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_device", "cpu")
+        object.__setattr__(self, "training", True)
+
+    # --- registration -------------------------------------------------------
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call Module.__init__() before setting attributes.")
+        modules = self.__dict__["_modules"]
+        params.pop(name, None)
+        modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    # --- forward / backward -------------------------------------------------
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward().")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward().")
+
+    def _save(self, **arrays) -> None:
+        """Keep what backward needs from this forward call (replacing the last one's)."""
+        self._cache = dict(arrays)
+
+    def _saved(self, name):
+        if name not in self._cache:
+            raise RuntimeError(f"{self!r}: backward() was called before forward().")
+        return self._cache[name]
+
+    def _check_grad_output(self, grad_output):
+        """grad_output must be an array shaped like the last forward's output."""
+        expected = self._saved("output_shape")
+        if not _is_array(grad_output):
+            raise TypeError(f"{self!r}: grad_output must be a NumPy or CuPy array, not {type(grad_output).__name__}.")
+        if tuple(grad_output.shape) != expected:
+            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
+                             f"but the last forward produced shape {expected}.")
+
+    def _check_input(self, x, ndim: int | None = None, channels: int | None = None, channels_name="channels"):
+        """Validate an input array: type, float dtype, ndim, size of axis 1, device.
+
+        Layers with parameters require the input dtype to equal the parameter
+        dtype (float32 unless ``double()`` was called); inputs are never
+        converted silently. Layers without parameters take float32 or float64.
+        """
+        if not _is_array(x):
+            raise TypeError(f"{self!r} expects a NumPy or CuPy array, got {type(x).__name__}.")
+        shape = tuple(x.shape)
+        if ndim is not None and x.ndim != ndim:
+            raise ValueError(f"{self!r} expected a {ndim}-D input, got shape {shape}.")
+        if channels is not None and shape[1] != channels:
+            raise ValueError(f"{self!r} expected input with {channels} {channels_name}, got shape {shape}.")
+        own = list(self._parameters.values())
+        if own:
+            want = own[0].dtype
+            if x.dtype != want:
+                raise TypeError(f"{self!r} expected {want} input (like its parameters), got {x.dtype}; "
+                                f"convert the input with x.astype({want.name}).")
+            x_device, p_device = backend.device_of(x), own[0].device
+            if x_device != p_device:
+                raise ValueError(f"input is on {x_device} but {type(self).__name__}'s parameters are on "
+                                 f"{p_device}; call model.to({x_device!r}) or move the input.")
+        elif np.dtype(x.dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"{self!r} expected float32 or float64 input, got {x.dtype}; "
+                            "convert the input with x.astype(np.float32).")
+
+    # --- traversal ----------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        yield from self._modules.items()
+
+    def children(self) -> Iterator["Module"]:
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """This module (name ``prefix``) and every descendant, depth first."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator["Module"]:
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """``(name, Parameter)`` pairs: own parameters first, then each child's, in order."""
+        seen = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield (f"{module_name}.{name}" if module_name else name), param
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def num_parameters(self) -> int:
+        """Total number of learnable scalars."""
+        return sum(p.size for p in self.parameters())
+
+    # --- modes and gradients ------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        """Training mode (Dropout active) for this module and all descendants; returns self."""
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        """Evaluation mode (Dropout is the identity); returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Set every parameter's grad to None (the next backward starts afresh)."""
+        for param in self.parameters():
+            param.grad = None
+
+    # --- devices and dtypes -------------------------------------------------
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"gpu"``: where the parameters live (the last ``to()`` for parameter-free modules)."""
+        for param in self.parameters():
+            return param.device
+        return self._device
+
+    def to(self, device: str) -> "Module":
+        """Move parameters and grads to ``"cpu"``/``"gpu"`` (``"auto"`` allowed); returns self.
+
+        Saved forward state is dropped, so run forward again before backward.
+        """
+        target = backend.resolve_device(device)
+        for param in self.parameters():
+            param.data = backend.to_device(param.data, target)
+            if param.grad is not None:
+                param.grad = backend.to_device(param.grad, target)
+        for module in self.modules():
+            object.__setattr__(module, "_device", target)
+            module._cache = {}
+        return self
+
+    def _cast(self, dtype) -> "Module":
+        for param in self.parameters():
+            param.data = param.data.astype(dtype)
+            if param.grad is not None:
+                param.grad = param.grad.astype(dtype)
+        for module in self.modules():
+            module._cache = {}
+        return self
+
+    def double(self) -> "Module":
+        """Cast parameters to float64 (for gradient checks); returns self."""
+        return self._cast(np.float64)
+
+    def float(self) -> "Module":
+        """Cast parameters to float32 (the default); returns self."""
+        return self._cast(np.float32)
+
+    # --- checkpoints --------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Ordered ``name -> NumPy array`` copies of every parameter (on the CPU)."""
+        return OrderedDict((name, np.array(backend.to_numpy(p.data), copy=True))
+                           for name, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays from ``state`` into the parameters, on the parameters' current device.
+
+        Everything is checked before anything is copied: with ``strict`` (the
+        default) missing or unexpected names raise ValueError naming them; a
+        shape mismatch always raises ValueError. Returns the skipped names.
+        """
+        if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
+            raise TypeError(f"state must be a mapping of name -> array, not {type(state).__name__}.")
+        own = OrderedDict(self.named_parameters())
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state.keys() if name not in own]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected}")
+            raise ValueError(f"state_dict does not match {type(self).__name__}: {' and '.join(parts)}.")
+        values = {}
+        for name, param in own.items():
+            if name not in state:
+                continue
+            value = backend.to_numpy(state[name])
+            if not np.issubdtype(value.dtype, np.number):
+                raise TypeError(f"state_dict entry {name!r} must be a numeric array, not {value.dtype}.")
+            if tuple(value.shape) != param.shape:
+                raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
+                                 f"but the parameter has shape {param.shape}.")
+            values[name] = value
+        for name, value in values.items():
+            param = own[name]
+            param.data = backend.to_device(np.array(value, dtype=param.dtype, copy=True), param.device)
+        return IncompatibleKeys(missing, unexpected)
+
+    # --- printing -----------------------------------------------------------
+    def extra_repr(self) -> str:
+        """The text inside the parentheses of this module's one-line repr."""
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._modules.items():
+            child_text = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child_text}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Layers applied in order; ``backward`` runs them in reverse.
+
+    ``Sequential(conv, relu, ...)`` names the layers ``"0"``, ``"1"``, ...;
+    ``Sequential(OrderedDict(conv1=..., relu1=...))`` keeps the given names,
+    which become attributes (``model.conv1``). Indexable (``model[0]``,
+    ``model[-1]``, slices give a Sequential), iterable, and sized.
+    """
+
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], dict):
+            items = list(layers[0].items())
+        else:
+            items = [(str(i), layer) for i, layer in enumerate(layers)]
+        for name, layer in items:
+            self.add(name, layer)
+
+    def add(self, name: str, layer: Module) -> None:
+        """Append ``layer`` under ``name``."""
+        if not isinstance(layer, Module):
+            raise TypeError(f"Sequential layers must be Modules, but {name!r} is a {type(layer).__name__}.")
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"layer name must be a non-empty string without '.', not {name!r}.")
+        if name in self._modules or hasattr(type(self), name):
+            raise ValueError(f"layer name {name!r} is already taken in {type(self).__name__}.")
+        setattr(self, name, layer)
+
+    def append(self, layer: Module) -> "Sequential":
+        """Append ``layer`` under the next free number; returns self."""
+        self.add(str(len(self)), layer)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(list(self._modules.values()))
+
+    def __getitem__(self, index):
+        names = list(self._modules)
+        if isinstance(index, slice):
+            return Sequential(OrderedDict((n, self._modules[n]) for n in names[index]))
+        if isinstance(index, str):
+            if index not in self._modules:
+                raise KeyError(f"{type(self).__name__} has no layer named {index!r}.")
+            return self._modules[index]
+        if not hasattr(index, "__index__") or isinstance(index, bool):
+            raise TypeError(f"Sequential indices must be ints, slices or names, not {type(index).__name__}.")
+        i = int(index)
+        if not -len(names) <= i < len(names):
+            raise IndexError(f"index {i} is out of range for a Sequential of {len(names)} layers.")
+        return self._modules[names[i]]
+
+    def forward(self, x):
+        """Apply every layer in order."""
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def backward(self, grad_output):
+        """Back-propagate through the layers in reverse; returns the gradient for the input."""
+        for layer in reversed(list(self._modules.values())):
+            grad_output = layer.backward(grad_output)
+        return grad_output

@@ -1,0 +1,177 @@
+"""Receptive-field arithmetic for Sequential models (shared by summary and visualize).
+
+Walking the layers from the input, each axis carries three numbers:
+
+    rf     receptive field: how many input pixels one output sees
+    jump   distance in input pixels between adjacent outputs (product of strides)
+    start  input coordinate of the centre of the first output's receptive field
+
+and a convolution or pooling layer (kernel k, stride s, padding p, dilation d) updates them:
+
+    k_eff     = d*(k - 1) + 1
+    rf_out    = rf_in + (k_eff - 1)*jump_in
+    jump_out  = jump_in*s
+    start_out = start_in + ((k_eff - 1)/2 - p)*jump_in
+
+starting from rf = 1, jump = 1, start = 0 at the input. Element-wise layers keep
+all three. From Flatten on the spatial layout is gone and every output depends
+on the whole input, so those rows carry None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpucnn import nn
+from gpucnn.utils import conv_output_size, pair
+
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """One layer's row: shapes, parameter count and receptive field of its outputs.
+
+    ``output_shape`` is (C, H, W) or (F,) — with a leading N when the input shape
+    had one. ``kernel_size``/``stride``/``padding``/``dilation`` are the layer's
+    own (H, W) pairs, None for layers without a window. ``rf``, ``jump`` and
+    ``start`` are (H, W) pairs in input pixels; ``first`` is the (row, col) of the
+    top-left input pixel of output (0, 0)'s receptive field, possibly negative
+    (in the padding). All four are None for non-spatial rows (Flatten, Linear, ...).
+    """
+    name: str
+    type: str
+    output_shape: tuple
+    num_params: int
+    kernel_size: tuple | None
+    stride: tuple | None
+    padding: tuple | None
+    dilation: tuple | None
+    rf: tuple | None
+    jump: tuple | None
+    start: tuple | None
+    first: tuple | None
+
+    @property
+    def spatial(self) -> bool:
+        """True while outputs still have a position in the input image."""
+        return self.rf is not None
+
+
+def _flatten_layers(model, prefix=""):
+    """(name, layer) for each leaf layer of a (possibly nested) Sequential, in forward order."""
+    for name, layer in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(layer, nn.Sequential):
+            yield from _flatten_layers(layer, full)
+        else:
+            yield full, layer
+
+
+def conv_params(kernel_size, in_channels: int, out_channels: int, bias: bool = True) -> int:
+    """(KW*KH*C + 1)*OC parameters for a convolution with bias, KW*KH*C*OC without."""
+    KH, KW = kernel_size
+    return (KW * KH * in_channels + int(bias)) * out_channels
+
+
+def linear_params(in_features: int, out_features: int, bias: bool = True) -> int:
+    """(IN + 1)*OUT parameters for a linear layer with bias, IN*OUT without."""
+    return (in_features + int(bias)) * out_features
+
+
+def layer_geometry(model, input_shape) -> list[LayerGeometry]:
+    """One LayerGeometry per layer of the Sequential ``model`` for inputs of ``input_shape``.
+
+    ``input_shape`` is (C, H, W) or (N, C, H, W). Shapes are computed by
+    arithmetic, nothing is run. Raises ValueError when a layer does not fit the
+    shape arriving at it and TypeError for a layer whose geometry is unknown.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"layer_geometry needs a Sequential model, not {type(model).__name__}.")
+    shape = tuple(input_shape)
+    if len(shape) not in (3, 4) or not all(hasattr(s, "__index__") and not isinstance(s, bool) and s >= 1
+                                           for s in shape):
+        raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W) of positive ints, got {input_shape!r}.")
+    shape = tuple(int(s) for s in shape)
+    batch, shape = shape[:-3], shape[-3:]
+    rf, jump, first = (1, 1), (1, 1), (0, 0)
+    start = (0.0, 0.0)
+    rows = []
+    for name, layer in _flatten_layers(model):
+        window = None
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            if len(shape) != 3:
+                raise ValueError(f"layer {name} ({type(layer).__name__}) needs a (C, H, W) input, "
+                                 f"but receives shape {batch + shape}.")
+            C, H, W = shape
+            if isinstance(layer, nn.Conv2d):
+                if C != layer.in_channels:
+                    raise ValueError(f"layer {name} ({layer!r}) expects {layer.in_channels} channels, "
+                                     f"but receives shape {batch + shape}.")
+                out_channels = layer.out_channels
+                params = conv_params(layer.kernel_size, C, out_channels, layer.bias is not None)
+            else:
+                out_channels, params = C, 0
+            window = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+            OH, OW = (conv_output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), *window))
+            if OH < 1 or OW < 1:
+                raise ValueError(f"layer {name} ({layer!r}) receives shape {batch + shape}, "
+                                 f"too small for its window (output would be {OH}x{OW}).")
+            shape = (out_channels, OH, OW)
+            if rf is not None:
+                k_eff = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation))
+                start = tuple(st + ((ke - 1) / 2 - p) * j for st, ke, p, j in zip(start, k_eff, layer.padding, jump))
+                first = tuple(f - p * j for f, p, j in zip(first, layer.padding, jump))
+                rf = tuple(r + (ke - 1) * j for r, ke, j in zip(rf, k_eff, jump))
+                jump = tuple(j * s for j, s in zip(jump, layer.stride))
+        elif isinstance(layer, ELEMENTWISE):
+            params = 0
+        elif isinstance(layer, nn.Flatten):
+            size = 1
+            for s in shape:
+                size *= s
+            shape, params = (size,), 0
+            rf = jump = start = first = None
+        elif isinstance(layer, nn.Linear):
+            if len(shape) != 1 or shape[0] != layer.in_features:
+                raise ValueError(f"layer {name} ({layer!r}) expects {layer.in_features} features, "
+                                 f"but receives shape {batch + shape}.")
+            shape = (layer.out_features,)
+            params = linear_params(layer.in_features, layer.out_features, layer.bias is not None)
+            rf = jump = start = first = None
+        else:
+            raise TypeError(f"layer_geometry does not know how layer {name} ({type(layer).__name__}) "
+                            "changes shapes.")
+        kernel_size, stride, padding, dilation = window if window else (None, None, None, None)
+        rows.append(LayerGeometry(name, type(layer).__name__, batch + shape, params,
+                                  kernel_size, stride, padding, dilation, rf, jump, start, first))
+    return rows
+
+
+def input_region(row: LayerGeometry, oy: int, ox: int, input_hw, clip: bool = True) -> tuple[int, int, int, int]:
+    """Input rows [y0, y1) and columns [x0, x1) that feed output position (oy, ox) of ``row``.
+
+    ``x[..., y0:y1, x0:x1]`` is the receptive field of that output. With
+    ``clip`` (the default) the box is clipped to the image of size
+    ``input_hw`` = (H, W); with ``clip=False`` it may reach into the padding
+    (negative or past the border). With dilation the box is the bounding box:
+    pixels in the holes between dilated taps lie inside it without feeding the output.
+    """
+    if not isinstance(row, LayerGeometry):
+        raise TypeError(f"row must be a LayerGeometry from layer_geometry, not {type(row).__name__}.")
+    if not row.spatial:
+        raise ValueError(f"layer {row.name} ({row.type}) has no spatial layout: its outputs see the whole input.")
+    OH, OW = row.output_shape[-2:]
+    for value, size, axis in ((oy, OH, "oy"), (ox, OW, "ox")):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{axis} must be an int, not {value!r}.")
+        if not 0 <= int(value) < size:
+            raise ValueError(f"{axis}={int(value)} is outside layer {row.name}'s output of size {OH}x{OW}.")
+    H, W = pair(input_hw, "input_hw")
+    if H < 1 or W < 1:
+        raise ValueError(f"input_hw must be positive, got {(H, W)}.")
+    y0 = row.first[0] + int(oy) * row.jump[0]
+    x0 = row.first[1] + int(ox) * row.jump[1]
+    y1, x1 = y0 + row.rf[0], x0 + row.rf[1]
+    if not clip:
+        return (y0, y1, x0, x1)
+    return (max(y0, 0), min(y1, H), max(x0, 0), min(x1, W))
