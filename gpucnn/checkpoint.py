@@ -1,0 +1,211 @@
+"""Checkpoints: nested training state in one ``.npz`` file, written atomically.
+
+A checkpoint holds named *parts* (model weights, optimizer and scheduler state,
+epoch, RNG state, run config, ...). Each part may be any nesting of dicts,
+lists, tuples, NumPy or CuPy arrays, NumPy scalars, and JSON values. Arrays are
+stored as NumPy arrays in the npz (so a checkpoint loads on either device); the
+structure around them, with references to the arrays, is stored as JSON in the
+entry ``__gpucnn__``, together with the format name and the gpucnn version.
+Nothing is pickled.
+
+NumPy scalars keep their dtype through a round trip (an ``np.float32`` step
+size comes back as ``np.float32``), so a resumed run computes bit for bit what
+an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from gpucnn import __version__, backend
+from gpucnn.models import build_model
+
+FORMAT = "gpucnn-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "__gpucnn__"
+# Single-key dicts with these names mark encoded values inside the JSON structure.
+_MARKERS = ("__array__", "__scalar__", "__tuple__", "__items__")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, not a gpucnn checkpoint, or does not fit the model."""
+
+
+def _encode(value, path: str, arrays: dict):
+    """The JSON-able form of ``value``; arrays go into ``arrays`` under a key derived from ``path``."""
+    if backend.is_gpu_array(value) or isinstance(value, np.ndarray):
+        key = path
+        while key in arrays or key == META_KEY:
+            key += "_"
+        arrays[key] = backend.to_numpy(value)
+        return {"__array__": key}
+    if isinstance(value, np.generic):
+        key = path
+        while key in arrays or key == META_KEY:
+            key += "_"
+        arrays[key] = np.asarray(value)
+        return {"__scalar__": key}
+    if isinstance(value, dict):
+        plain = all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in _MARKERS)
+        if plain:
+            return {k: _encode(v, f"{path}/{k}", arrays) for k, v in value.items()}
+        return {"__items__": [[_encode(k, f"{path}/key{i}", arrays), _encode(v, f"{path}/{i}", arrays)]
+                              for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{path}/{i}", arrays) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{path}/{i}", arrays) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot store {path!r} of type {type(value).__name__}; "
+                    "use arrays, NumPy scalars, dicts, lists, tuples and JSON values.")
+
+
+def _decode(value, arrays: dict, path: Path):
+    """Invert ``_encode``."""
+    if isinstance(value, list):
+        return [_decode(v, arrays, path) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (marker, inner), = value.items()
+        if marker in ("__array__", "__scalar__"):
+            if inner not in arrays:
+                raise CheckpointError(f"checkpoint {path} is corrupt: its array {inner!r} is missing.")
+            return arrays[inner] if marker == "__array__" else arrays[inner][()]
+        if marker == "__tuple__":
+            return tuple(_decode(v, arrays, path) for v in inner)
+        if marker == "__items__":
+            return {_decode(k, arrays, path): _decode(v, arrays, path) for k, v in inner}
+    return {k: _decode(v, arrays, path) for k, v in value.items()}
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, **parts) -> Path:
+    """Write ``parts`` (e.g. ``model=state_dict, optimizer=..., epoch=3``) to the checkpoint ``path``.
+
+    The file is written to a temporary file in the same folder, flushed to disk
+    and moved over ``path`` with ``os.replace``: a reader (or a crash) never sees a
+    half-written checkpoint, and a failed write leaves the previous file intact.
+    Returns the path.
+    """
+    path = Path(path)
+    if not parts:
+        raise ValueError("save_checkpoint needs at least one part to store.")
+    for name in parts:
+        if name in ("format", "format_version", "gpucnn_version"):
+            raise ValueError(f"save_checkpoint part name {name!r} is reserved for the checkpoint header.")
+    arrays: dict = {}
+    structure = {name: _encode(value, name, arrays) for name, value in parts.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "gpucnn_version": __version__,
+            "parts": structure}
+    arrays[META_KEY] = np.array(json.dumps(meta))
+
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``.
+
+    Returns a dict of the stored parts plus ``"gpucnn_version"`` (the version that
+    wrote it). Arrays come back as NumPy arrays. Raises CheckpointError naming the
+    file when it is missing, not a readable npz, or not a gpucnn checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file.")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not an .npz archive (truncated, corrupt, or another kind of file).")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc}).") from None
+    if META_KEY not in arrays:
+        raise CheckpointError(f"{path} is not a gpucnn checkpoint: it has no {META_KEY} entry.")
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is not JSON ({exc}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("parts"), dict):
+        raise CheckpointError(f"{path} is not a gpucnn checkpoint: its metadata names no {FORMAT!r} format.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
+                              f"this gpucnn {__version__} reads version {FORMAT_VERSION}.")
+    parts = _decode(meta["parts"], arrays, path)
+    parts["gpucnn_version"] = meta.get("gpucnn_version")
+    return parts
+
+
+def check_state_fits(stored: dict, expected: dict, what: str = "model") -> None:
+    """Raise CheckpointError unless ``stored`` has exactly the names and shapes of ``expected``.
+
+    Both are name -> array mappings (state dicts). The message names the missing,
+    unexpected and mis-shaped entries (the first few of each).
+    """
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"the checkpoint's {what} state is a {type(stored).__name__}, not a dict of arrays.")
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    mis_shaped = [f"{k} is {tuple(np.shape(stored[k]))} in the checkpoint but {tuple(np.shape(expected[k]))} "
+                  f"in the {what}" for k in expected if k in stored and np.shape(stored[k]) != np.shape(expected[k])]
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected[:4]) + (" ..." if len(unexpected) > 4 else ""))
+    problems.extend(mis_shaped[:4])
+    if problems:
+        raise CheckpointError(f"the checkpoint does not fit the {what}: " + "; ".join(problems) + ".")
+
+
+def model_from_checkpoint(checkpoint: dict, device: str = "cpu"):
+    """Rebuild the model recorded in a loaded checkpoint's config, load its weights, move it to ``device``.
+
+    ``checkpoint`` is what ``load_checkpoint`` returned; its ``config["model"]``
+    is the model's ``config`` (``build_model(**config)`` rebuilds it).
+    """
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError("the checkpoint holds no model weights.")
+    model_config = (checkpoint.get("config") or {}).get("model")
+    if not isinstance(model_config, dict) or "name" not in model_config:
+        raise CheckpointError("the checkpoint does not record which model it holds (config['model'] is missing).")
+    try:
+        model = build_model(**model_config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's model {model_config} cannot be built: {exc}") from None
+    check_state_fits(checkpoint["model"], model.state_dict())
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device)

@@ -1,0 +1,428 @@
+"""gpucnn's command line: ``gpucnn train | evaluate | predict | summary``.
+
+Every expected failure (no GPU, missing data, a bad checkpoint, an invalid
+value, an unwritable folder) ends with one line on stderr and exit status 1;
+Click usage errors (an unknown option, a value out of range) exit with 2, also
+on one line. An interrupted ``train`` saves a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from gpucnn import __version__, backend, cli_viz
+from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from gpucnn.data import DATASETS, DataError, load_dataset, normalize
+from gpucnn.models import available_models, build_model
+from gpucnn.train import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainingError, evaluate
+
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_MOMENTUM = 0.9          # SGD only
+DEFAULT_ADAMW_WEIGHT_DECAY = 0.01
+STEP_GAMMA = 0.1                # --schedule step: lr x0.1 every third of the run
+EXIT_INTERRUPTED = 130
+# The run settings a resumed run takes from its checkpoint (option name -> config key).
+RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
+                    "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
+                    "schedule": "schedule", "seed": "seed"}
+EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError,
+                   ValueError, TypeError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+class _App(click.Group):
+    """A Click group that turns expected errors into one line on stderr instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED_ERRORS as exc:
+            raise click.ClickException(_one_line(exc)) from None
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name=prog_name, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {' '.join(exc.format_message().split())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C outside training (loading data, evaluating)
+            click.echo("Aborted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _device_option(func):
+    return click.option("--device", type=click.Choice(backend.DEVICES), default=None,
+                        help=f"Where to compute: gpu, cpu, or auto (the GPU when CuPy finds one). "
+                             f"[default: ${backend.DEVICE_ENV} or auto]")(func)
+
+
+def _resolve_device(device) -> str:
+    resolved = backend.resolve_device(device)
+    click.echo(f"device: {backend.describe(resolved)}")
+    return resolved
+
+
+@click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpucnn")
+def cli():
+    """gpucnn: train and run LeNet-5 on MNIST-style data, on an NVIDIA GPU (CuPy) or the CPU (NumPy)."""
+
+
+# --- train --------------------------------------------------------------------
+def _make_optimizer(name, params, lr, momentum, weight_decay):
+    from gpucnn import optim  # noqa: PLC0415 - kept out of the import path of summary/predict
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _make_scheduler(name, optimizer, epochs):
+    from gpucnn import optim  # noqa: PLC0415
+    if name == "step":
+        return optim.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=STEP_GAMMA)
+    if name == "cosine":
+        return optim.CosineAnnealingLR(optimizer, T_max=epochs)
+    return None
+
+
+def _check_out_dir(out: Path, resuming: bool) -> None:
+    """Create ``out`` and prove it writable now, not after the first epoch."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
+    if not resuming and ((out / CHECKPOINT_FILE).exists() or (out / METRICS_FILE).exists()):
+        raise ValueError(f"{out} already holds a run ({CHECKPOINT_FILE} or {METRICS_FILE}); choose another "
+                         f"--out, or continue that run with --resume {out / CHECKPOINT_FILE}.")
+
+
+def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
+    """The run settings stored in the checkpoint; refuses explicit options that contradict them."""
+    config = load_checkpoint(resume).get("config") or {}
+    missing = [key for key in RESUMED_SETTINGS.values() if key not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint {resume} lacks the run settings {', '.join(missing)}; "
+                              "it was not written by 'gpucnn train'.")
+    settings = {option: config[key] for option, key in RESUMED_SETTINGS.items()}
+    for option, value in given.items():
+        source = ctx.get_parameter_source(option)
+        explicit = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+        if explicit and value != settings[option]:
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(f"{flag} {value} differs from the checkpoint's {settings[option]}; a resumed run "
+                             f"keeps the settings it started with (drop {flag}).")
+    settings["planned_epochs"] = config.get("epochs")
+    return settings
+
+
+@cli.command()
+@_device_option
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True,
+              help="The data set to train on.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder holding the IDX files (or <folder>/<dataset>/); else $GPUCNN_DATA_DIR, the cache, "
+                   "/usr/share/datasets, then a download.")
+@click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
+              help="lenet5: ReLU + max-pool; lenet5-classic: tanh + average-pool (1998).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs in total (a resumed run counts the checkpoint's epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per training step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
+              help="sgd (with momentum), adam, or adamw (decoupled weight decay).")
+@click.option("--momentum", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help=f"SGD momentum (sgd only). [default: {DEFAULT_MOMENTUM}]")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help=f"L2 penalty (decoupled for adamw). [default: {DEFAULT_ADAMW_WEIGHT_DECAY} for adamw, else 0]")
+@click.option("--schedule", type=click.Choice(["none", "step", "cosine"]), default="cosine", show_default=True,
+              help="Per-epoch learning-rate schedule: cosine to 0 over the run, or x0.1 every third of it.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the initial weights and the batch order.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for checkpoint.npz, best.npz and metrics.jsonl. [default: runs/<dataset>-<timestamp>, "
+                   "or the checkpoint's folder with --resume]")
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Continue the run saved in this checkpoint, with its settings, up to --epochs.")
+@click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.pass_context
+def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimizer, momentum, weight_decay,
+          schedule, seed, out, resume, no_download, quiet):
+    """Train a model, writing metrics and checkpoints to --out.
+
+    Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
+    best.npz when the test accuracy improved). Ctrl-C saves checkpoint.npz after
+    the current step and exits with status 130; --resume continues exactly there.
+
+    \b
+    Examples:
+      gpucnn train --dataset fashion-mnist --epochs 5 --device cpu
+      gpucnn train --resume runs/fashion-mnist-20250101-120000/checkpoint.npz --epochs 10
+    """
+    given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+             "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed}
+    planned_epochs = epochs
+    if resume is not None:
+        settings = _settings_from_checkpoint(ctx, resume, given)
+        planned_epochs = settings.pop("planned_epochs") or epochs
+        dataset, model, batch_size, lr = settings["dataset"], settings["model"], settings["batch_size"], settings["lr"]
+        optimizer, momentum, weight_decay = settings["optimizer"], settings["momentum"], settings["weight_decay"]
+        schedule, seed = settings["schedule"], settings["seed"]
+        out = out if out is not None else resume.parent
+    else:
+        if momentum is not None and optimizer != "sgd":
+            raise ValueError(f"--momentum applies to --optimizer sgd only, not {optimizer}.")
+        lr = DEFAULT_LR[optimizer] if lr is None else lr
+        momentum = (DEFAULT_MOMENTUM if momentum is None else momentum) if optimizer == "sgd" else None
+        if weight_decay is None:
+            weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
+        out = out if out is not None else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    resolved = _resolve_device(device)
+    _check_out_dir(out, resuming=resume is not None)
+
+    spec = DATASETS[dataset]
+    train_images, train_labels = load_dataset(dataset, "train", data_dir=data_dir, download=not no_download,
+                                              progress=not quiet)
+    test_images, test_labels = load_dataset(dataset, "test", data_dir=data_dir, download=not no_download,
+                                            progress=not quiet)
+    if not quiet:
+        click.echo(f"data: {dataset}, {len(train_labels):,} training and {len(test_labels):,} test images")
+
+    network = build_model(model, num_classes=len(spec.classes), seed=seed).to(resolved)
+    opt = _make_optimizer(optimizer, list(network.parameters()), lr, momentum or 0.0, weight_decay)
+    scheduler = _make_scheduler(schedule, opt, planned_epochs)
+    config = {"dataset": dataset, "model_name": model, "optimizer": optimizer, "lr": lr, "momentum": momentum,
+              "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs}
+    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config)
+    if not quiet:
+        click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
+                   f"epochs {epochs}; writing to {out}")
+    history = trainer.fit((normalize(train_images, spec.mean, spec.std), train_labels),
+                          (normalize(test_images, spec.mean, spec.std), test_labels),
+                          epochs=epochs, batch_size=batch_size, resume=resume, progress=not quiet)
+    if trainer.interrupted:
+        click.echo(f"interrupted; continue with: gpucnn train --resume {trainer.checkpoint_path} --epochs {epochs}",
+                   err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    last = history[-1]
+    click.echo(f"done: epoch {last['epoch']} test accuracy {last['test_acc']:.2%} (best {trainer.best_accuracy:.2%}); "
+               f"checkpoint {out / CHECKPOINT_FILE}, metrics {out / METRICS_FILE}")
+
+
+# --- evaluate -----------------------------------------------------------------
+def _load_model(checkpoint, device):
+    """(model on the device, the checkpoint dict)."""
+    ckpt = load_checkpoint(checkpoint)
+    return model_from_checkpoint(ckpt, device), ckpt
+
+
+@cli.command(name="evaluate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
+              help="The data set whose test split to use. [default: the checkpoint's]")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder holding the IDX files (or <folder>/<dataset>/).")
+@_device_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Images per forward pass.")
+@click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
+def evaluate_command(checkpoint, dataset, data_dir, device, batch_size, no_download):
+    """Print a checkpoint's test loss and accuracy."""
+    resolved = _resolve_device(device)
+    network, ckpt = _load_model(checkpoint, resolved)
+    dataset = dataset or (ckpt.get("config") or {}).get("dataset")
+    if dataset is None:
+        raise ValueError(f"checkpoint {checkpoint} does not say which data set it was trained on; pass --dataset.")
+    spec = DATASETS[dataset]
+    images, labels = load_dataset(dataset, "test", data_dir=data_dir, download=not no_download)
+    x = backend.to_device(normalize(images, spec.mean, spec.std), resolved)
+    result = evaluate(network, x, backend.to_device(labels, resolved), batch_size)
+    click.echo(f"{dataset} test: loss {result['loss']:.4f}  accuracy {result['accuracy']:.2%}  "
+               f"({len(labels):,} images, epoch {ckpt.get('epoch')})")
+
+
+# --- predict ------------------------------------------------------------------
+def read_pgm(path) -> np.ndarray:
+    """A PGM image (P2 text or P5 binary) as float32 (H, W) intensities in [0, 1] (value / maxval)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:2] not in (b"P2", b"P5"):
+        raise ValueError(f"{path} is not a PGM image (it starts with {data[:2]!r}, not P2 or P5).")
+    fields, pos = [], 2
+    while len(fields) < 3:  # width, height, maxval; '#' starts a comment running to the end of the line
+        while pos < len(data) and (data[pos:pos + 1].isspace() or data[pos:pos + 1] == b"#"):
+            if data[pos:pos + 1] == b"#":
+                end = data.find(b"\n", pos)
+                pos = len(data) if end < 0 else end
+            pos += 1
+        start = pos
+        while pos < len(data) and data[pos:pos + 1].isdigit():
+            pos += 1
+        if start == pos:
+            raise ValueError(f"{path} has a malformed PGM header (expected width, height and maxval).")
+        fields.append(int(data[start:pos]))
+    width, height, maxval = fields
+    if width < 1 or height < 1 or not 1 <= maxval <= 65535:
+        raise ValueError(f"{path} has an invalid PGM header: {width}x{height}, maxval {maxval}.")
+    count = width * height
+    if data[:2] == b"P5":
+        dtype = np.dtype("u1") if maxval < 256 else np.dtype(">u2")
+        raster = data[pos + 1:pos + 1 + count * dtype.itemsize]  # one whitespace byte follows maxval
+        if len(raster) < count * dtype.itemsize:
+            raise ValueError(f"{path} is truncated: {width}x{height} pixels need {count * dtype.itemsize} bytes.")
+        values = np.frombuffer(raster, dtype=dtype).astype(np.float32)
+    else:
+        tokens = data[pos:].split()
+        if len(tokens) < count:
+            raise ValueError(f"{path} is truncated: {width}x{height} pixels, found {len(tokens)} values.")
+        try:
+            values = np.array([int(t) for t in tokens[:count]], dtype=np.float32)
+        except ValueError:
+            raise ValueError(f"{path} holds a non-integer pixel value.") from None
+    if values.max() > maxval:
+        raise ValueError(f"{path} holds a pixel value above its maxval {maxval}.")
+    return (values / np.float32(maxval)).reshape(height, width)
+
+
+def _read_images(path: Path, image_shape) -> tuple[np.ndarray, bool]:
+    """Images of a .npy or .pgm file as (N, H, W) plus whether they are uint8 (else floats in [0, 1])."""
+    if path.suffix.lower() == ".pgm":
+        return read_pgm(path)[None], False
+    if path.suffix.lower() != ".npy":
+        raise ValueError(f"{path}: predict reads .npy arrays and .pgm images, not {path.suffix or 'this file'}.")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a readable .npy array ({exc}).") from None
+    H, W = image_shape
+    if array.shape == (H, W):
+        array = array[None]
+    elif array.ndim == 4 and array.shape[1:] == (1, H, W):
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (H, W) or len(array) == 0:
+        raise ValueError(f"{path} holds an array of shape {array.shape}; predict takes ({H}, {W}), "
+                         f"(N, {H}, {W}) or (N, 1, {H}, {W}).")
+    if array.dtype == np.uint8:
+        return array, True
+    if array.dtype.kind != "f":
+        raise TypeError(f"{path} holds {array.dtype} values; predict takes uint8 pixels (0-255) or floats in [0, 1].")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{path} holds floats outside [0, 1]; scale them to [0, 1] or save uint8 pixels (0-255).")
+    return array.astype(np.float32), False
+
+
+def _softmax(logits):
+    xp = backend.get_array_module(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many of the most probable classes to print per image.")
+@_device_option
+def predict(checkpoint, files, top_k, device):
+    """Classify .npy or PGM images with a checkpoint.
+
+    FILE is a .npy array of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28) holding
+    uint8 pixels (0-255) or floats in [0, 1], or a PGM image (P2 or P5). Prints one
+    line per image: the most probable classes (label, name, probability).
+    """
+    resolved = _resolve_device(device)
+    network, ckpt = _load_model(checkpoint, resolved)
+    dataset = (ckpt.get("config") or {}).get("dataset")
+    if dataset not in DATASETS:
+        raise CheckpointError(f"checkpoint {checkpoint} does not name a known data set, so its pixel "
+                              "normalisation and class names are unknown.")
+    spec = DATASETS[dataset]
+    if top_k > len(spec.classes):
+        raise ValueError(f"--top-k {top_k} exceeds the {len(spec.classes)} classes of {dataset}.")
+    network.eval()
+    for path in files:
+        images, is_uint8 = _read_images(path, spec.image_shape)
+        if is_uint8:
+            x = normalize(images, spec.mean, spec.std)
+        else:
+            x = ((images - np.float32(spec.mean)) / np.float32(spec.std))[:, None].astype(np.float32)
+        probs = backend.to_numpy(_softmax(network(backend.to_device(x, resolved))))
+        for i, row in enumerate(probs):
+            name = f"{path}[{i}]" if len(probs) > 1 else str(path)
+            best = np.argsort(-row, kind="stable")[:top_k]
+            ranked = ", ".join(f"{k} {spec.classes[k]!r} {row[k]:.2%}" if spec.classes[k] != str(k)
+                               else f"{k} {row[k]:.2%}" for k in best)
+            click.echo(f"{name}: {ranked}")
+
+
+# --- summary ------------------------------------------------------------------
+def _pair_text(pair) -> str:
+    if pair is None:
+        return "-"
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+@cli.command()
+@click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
+              help="The model to describe.")
+def summary(model):
+    """Print the layers, parameters and receptive fields of a model.
+
+    Per layer: output shape, parameters ((KW*KH*Cin+1)*Cout for a convolution,
+    (IN+1)*OUT for a linear layer), receptive field (rf) and jump; then the total.
+
+    rf is how many input pixels (per axis) one output sees; jump is the distance in
+    input pixels between neighbouring outputs. From flatten on, every output sees
+    the whole image ("-").
+    """
+    from gpucnn.receptive import layer_geometry  # noqa: PLC0415
+    network = build_model(model)
+    rows = layer_geometry(network, tuple(network.input_shape))
+    header = f"{'layer':<8} {'type':<10} {'output shape':<14} {'params':>7} {'rf':>4} {'jump':>5}"
+    rule = "-" * len(header)
+    click.echo(f"{model} for input {tuple(network.input_shape)}")
+    click.echo(header)
+    click.echo(rule)
+    for row in rows:
+        shape = "(" + ", ".join(str(d) for d in row.output_shape) + ")"
+        click.echo(f"{row.name:<8} {row.type:<10} {shape:<14} {row.num_params:>7,} {_pair_text(row.rf):>4} "
+                   f"{_pair_text(row.jump):>5}")
+    click.echo(rule)
+    total = sum(row.num_params for row in rows)
+    spatial = [row for row in rows if row.spatial]
+    click.echo(f"total parameters: {total:,}")
+    if spatial:
+        click.echo(f"largest receptive field: {_pair_text(spatial[-1].rf)} pixels ({spatial[-1].name})")
+
+
+# visualize and features live in their own module (gpucnn.cli_viz); they join the app here.
+cli.add_command(cli_viz.visualize)
+cli.add_command(cli_viz.features)
+
+
+def main():
+    """Entry point of the ``gpucnn`` console script and of ``python cli.py``."""
+    cli(prog_name="gpucnn")

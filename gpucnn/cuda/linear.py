@@ -1,0 +1,145 @@
+"""Launchers for the matrix-product kernels in ``kernels/linear.cu``.
+
+``linear_forward`` / ``linear_backward`` have the signatures of gpucnn.ops.linear plus ``runtime``
+(None: the process-wide CupyRuntime); ``linear_forward`` also fuses ReLU. ``matmul`` is the general
+product behind them, for any (M, K) x (K, N) shapes. The code is the same for CuPy arrays on a GPU
+and NumPy arrays under the emulator. No cuBLAS is involved, so every launch can be captured in a
+CUDA graph, and every sum runs in a fixed order (bitwise reproducible).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+
+KERNEL_FILE = "linear.cu"
+TILE_M, TILE_N, TILE_K = 64, 64, 16   # as #defined in kernels/linear.cu
+TILE_BLOCK = (16, 16, 1)              # each thread computes 4 x 4 elements of a 64 x 64 tile
+COLSUM_ROWS = 8                       # COLSUM_ROWS in kernels/linear.cu
+THREADS_PER_BLOCK = 256               # 1-D launches
+MAX_GRID_YZ = 65535
+# Split-k: when the output has few tiles, the k axis is cut into slices summed by separate blocks
+# (then added in slice order), so that about TARGET_BLOCKS blocks keep the GPU busy. A slice spans
+# at least MIN_SLICE_TILES steps of TILE_K.
+TARGET_BLOCKS = 256
+MIN_SLICE_TILES = 4
+MAX_SLICES = 32
+
+
+def _matrix(rt, array, name):
+    array = kernel_array(rt, array, name, ndim=2)
+    if 0 in array.shape:
+        raise ValueError(f"{name} has a zero-length dimension (shape {tuple(array.shape)}); sizes must be positive.")
+    check_int32_count(name, array.size)
+    return array
+
+
+def split_k(m: int, n: int, k: int) -> tuple[int, int]:
+    """(slices, k_slice) for a product of these sizes: how many k slices and how long each is."""
+    tiles = ceil_div(m, TILE_M) * ceil_div(n, TILE_N)
+    k_tiles = ceil_div(k, TILE_K)
+    slices = max(1, min(k_tiles // MIN_SLICE_TILES, ceil_div(TARGET_BLOCKS, tiles), MAX_SLICES))
+    k_slice = ceil_div(k_tiles, slices) * TILE_K
+    return ceil_div(k, k_slice), k_slice
+
+
+def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime=None):
+    """c = op(a) @ op(b) [+ bias] [then max(0, .)], all float32.
+
+    op(a) is a (M, K), or a.T when ``trans_a`` (a stored (K, M)); op(b) is b (K, N), or b.T when
+    ``trans_b`` (b stored (N, K)); bias (N,) or None -> c (M, N).
+    """
+    rt = runtime if runtime is not None else default_runtime()
+    a = _matrix(rt, a, "a")
+    b = _matrix(rt, b, "b")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k_b != k:
+        raise ValueError(f"op(a) has {k} columns (a shape {tuple(a.shape)}, trans_a={bool(trans_a)}) but op(b) has "
+                         f"{k_b} rows (b shape {tuple(b.shape)}, trans_b={bool(trans_b)}); they must match.")
+    if bias is not None:
+        bias = kernel_array(rt, bias, "bias", ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape ({n},) to match the {n} output columns, not {tuple(bias.shape)}.")
+    m, n, k = int(m), int(n), int(k)
+    check_int32_count("c", m * n)
+    if ceil_div(m, TILE_M) > MAX_GRID_YZ:
+        raise ValueError(f"op(a) has {m} rows; at most {MAX_GRID_YZ * TILE_M} fit the kernel's grid.")
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else rt.zeros((1,), np.float32)
+
+    slices, k_slice = split_k(m, n, k)
+    check_int32_count("the split-k partial sums", slices * m * n)
+    grid = (ceil_div(n, TILE_N), ceil_div(m, TILE_M), slices)
+    c = rt.empty((m, n), np.float32)
+    flags = (np.int32(1 if trans_a else 0), np.int32(1 if trans_b else 0), np.int32(k_slice))
+    if slices == 1:
+        # writes c: one block per 64 x 64 tile, bias and ReLU applied in place
+        rt.function(KERNEL_FILE, "linear_matmul_tiled")(
+            grid, TILE_BLOCK, (a, b, bias_arg, c, np.int32(m), np.int32(n), np.int32(k), *flags,
+                               np.int32(has_bias), np.int32(1 if relu else 0)))
+        return c
+    partial = rt.empty((slices, m, n), np.float32)
+    # writes partial: slice z holds the product over k in [z*k_slice, (z+1)*k_slice)
+    rt.function(KERNEL_FILE, "linear_matmul_tiled")(
+        grid, TILE_BLOCK, (a, b, bias_arg, partial, np.int32(m), np.int32(n), np.int32(k), *flags,
+                           np.int32(0), np.int32(0)))
+    # writes c: the slices summed in slice order, then bias and ReLU
+    rt.function(KERNEL_FILE, "linear_reduce_slices")(
+        (ceil_div(m * n, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+        (partial, bias_arg, c, np.int32(m), np.int32(n), np.int32(slices), np.int32(has_bias),
+         np.int32(1 if relu else 0)))
+    return c
+
+
+def column_sums(g, *, runtime=None):
+    """The sum of each column: g (ROWS, COLS) float32 -> (COLS,), each summed in a fixed order."""
+    rt = runtime if runtime is not None else default_runtime()
+    g = _matrix(rt, g, "g")
+    rows, cols = (int(s) for s in g.shape)
+    out = rt.empty((cols,), np.float32)
+    # writes out: one block per 32 columns, COLSUM_ROWS threads per column, added in row-group order
+    rt.function(KERNEL_FILE, "linear_column_sums")(
+        (ceil_div(cols, 32), 1, 1), (32, COLSUM_ROWS, 1), (g, out, np.int32(rows), np.int32(cols)))
+    return out
+
+
+def _check_weight(x, weight):
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input features (shape {tuple(weight.shape)}) "
+                         f"but x has {x.shape[1]} (shape {tuple(x.shape)}).")
+
+
+def linear_forward(x, weight, bias, relu=False, *, runtime=None):
+    """y = x @ weight.T + bias, then max(0, .) when ``relu``.
+
+    x (N, IN), weight (OUT, IN) as in PyTorch, bias (OUT,) or None -> y (N, OUT), all float32.
+    """
+    rt = runtime if runtime is not None else default_runtime()
+    x = _matrix(rt, x, "x")
+    weight = _matrix(rt, weight, "weight")
+    _check_weight(x, weight)
+    if bias is not None:
+        bias = kernel_array(rt, bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, not {tuple(bias.shape)}.")
+    return matmul(x, weight, trans_b=True, bias=bias, relu=relu, runtime=rt)
+
+
+def linear_backward(grad_y, x, weight, with_bias=True, *, runtime=None):
+    """Gradients of linear_forward (without ReLU).
+
+    grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> (grad_x (N, IN), grad_weight (OUT, IN),
+    grad_bias (OUT,) or None when ``with_bias`` is False).
+    """
+    rt = runtime if runtime is not None else default_runtime()
+    grad_y = _matrix(rt, grad_y, "grad_y")
+    x = _matrix(rt, x, "x")
+    weight = _matrix(rt, weight, "weight")
+    _check_weight(x, weight)
+    if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")
+    grad_x = matmul(grad_y, weight, runtime=rt)
+    grad_weight = matmul(grad_y, x, trans_a=True, runtime=rt)
+    grad_bias = column_sums(grad_y, runtime=rt) if with_bias else None
+    return grad_x, grad_weight, grad_bias

@@ -1,0 +1,77 @@
+"""Launchers for the softmax cross-entropy kernels in ``kernels/loss.cu``.
+
+Same signatures as gpucnn.ops.loss plus ``runtime`` (None: the process-wide CupyRuntime) and
+``check_labels``. The code is the same for CuPy arrays on a GPU and NumPy arrays under the emulator.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+
+KERNEL_FILE = "loss.cu"
+XENT_ROWS = 8           # XENT_ROWS in kernels/loss.cu: rows (one warp each) per block
+MEAN_THREADS = 256      # MEAN_THREADS in kernels/loss.cu
+THREADS_PER_BLOCK = 256
+
+
+def _int32_labels(rt, labels, N: int, K: int, check_labels: bool):
+    """labels as a contiguous int32 array of shape (N,); with ``check_labels``, each in [0, K)."""
+    if not isinstance(labels, rt.xp.ndarray):
+        raise TypeError(f"labels must be a {rt.xp.__name__}.ndarray for this runtime, "
+                        f"not {type(labels).__module__}.{type(labels).__name__}.")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, not {labels.dtype.name}.")
+    if tuple(labels.shape) != (N,):
+        raise ValueError(f"labels must have shape ({N},) to match the batch, not {tuple(labels.shape)}.")
+    if check_labels:
+        # Waits for the device; pass check_labels=False where that matters (a bad label then gives NaN).
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= K:
+            raise ValueError(f"labels must lie in [0, {K}), but range over [{low}, {high}].")
+    return rt.xp.ascontiguousarray(labels.astype(np.int32, copy=False))
+
+
+def _matrix(rt, array, name):
+    array = kernel_array(rt, array, name, ndim=2)
+    if 0 in array.shape:
+        raise ValueError(f"{name} has a zero-length dimension (shape {tuple(array.shape)}); sizes must be positive.")
+    check_int32_count(name, array.size)
+    return array
+
+
+def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
+    """Mean cross-entropy of softmax(logits) against integer labels; returns (loss, probs).
+
+    logits (N, K) float32, labels (N,) ints in [0, K) -> loss a 0-d float32 array (the mean over
+    the batch, summed in a fixed order), probs (N, K) the softmax, kept for the backward pass.
+    ``check_labels=False`` skips the range check, which waits for the device; a label outside
+    [0, K) then makes the loss NaN.
+    """
+    rt = runtime if runtime is not None else default_runtime()
+    logits = _matrix(rt, logits, "logits")
+    N, K = (int(s) for s in logits.shape)
+    labels = _int32_labels(rt, labels, N, K, check_labels)
+    probs = rt.empty((N, K), np.float32)
+    row_loss = rt.empty((N,), np.float32)
+    # writes probs and row_loss: one warp per row
+    rt.function(KERNEL_FILE, "softmax_xent_forward")(
+        (ceil_div(N, XENT_ROWS), 1, 1), (32, XENT_ROWS, 1), (logits, labels, probs, row_loss, np.int32(N), np.int32(K)))
+    loss = rt.empty((1,), np.float32)
+    # writes loss[0]: one block sums row_loss in a fixed order and divides by N
+    rt.function(KERNEL_FILE, "softmax_xent_mean")((1, 1, 1), (MEAN_THREADS, 1, 1), (row_loss, loss, np.int32(N)))
+    return loss.reshape(()), probs
+
+
+def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=None):
+    """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
+    rt = runtime if runtime is not None else default_runtime()
+    probs = _matrix(rt, probs, "probs")
+    N, K = (int(s) for s in probs.shape)
+    labels = _int32_labels(rt, labels, N, K, check_labels)
+    grad_logits = rt.empty((N, K), np.float32)
+    # writes grad_logits: one thread per element
+    rt.function(KERNEL_FILE, "softmax_xent_backward")(
+        (ceil_div(N * K, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+        (probs, labels, grad_logits, np.int32(N), np.int32(K)))
+    return grad_logits

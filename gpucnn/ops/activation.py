@@ -1,0 +1,98 @@
+"""Element-wise activations and dropout, forward beside backward.
+
+Written against the array module of their input (``xp``: numpy or cupy), so the same
+code runs on the CPU and the GPU. The backward functions take the saved forward
+output ``y`` where it determines the derivative.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn import backend
+from gpucnn.ops import check_float_array, check_same_kind
+
+
+def _check_pair(grad_y, grad_name: str, saved, saved_name: str) -> None:
+    check_float_array(grad_y, grad_name, nonempty=False)
+    check_float_array(saved, saved_name, nonempty=False)
+    check_same_kind(saved, saved_name, **{grad_name: grad_y})
+    if tuple(grad_y.shape) != tuple(saved.shape):
+        raise ValueError(f"{grad_name} has shape {tuple(grad_y.shape)} but {saved_name} has "
+                         f"{tuple(saved.shape)}; they must match.")
+
+
+def relu_forward(x):
+    """y = max(x, 0), any shape; NaN stays NaN."""
+    check_float_array(x, "x", nonempty=False)
+    xp = backend.get_array_module(x)
+    return xp.maximum(x, 0)
+
+
+def relu_backward(grad_y, y):
+    """grad_x = grad_y * (y > 0) from the saved output y (the kink at 0 gets 0, like PyTorch).
+
+    Unlike PyTorch, a NaN in grad_y stays NaN where y <= 0.
+    """
+    _check_pair(grad_y, "grad_y", y, "y")
+    # A multiply, not xp.where: NumPy's where branches per element and is ~6x slower on random masks.
+    return grad_y * (y > 0)
+
+
+def tanh_forward(x):
+    """y = tanh(x), any shape."""
+    check_float_array(x, "x", nonempty=False)
+    xp = backend.get_array_module(x)
+    return xp.tanh(x)
+
+
+def tanh_backward(grad_y, y):
+    """grad_x = grad_y * (1 - y**2) from the saved output y."""
+    _check_pair(grad_y, "grad_y", y, "y")
+    return grad_y * (1 - y * y)
+
+
+def sigmoid_forward(x):
+    """y = 1 / (1 + exp(-x)), any shape, computed without overflow for large |x|."""
+    check_float_array(x, "x", nonempty=False)
+    xp = backend.get_array_module(x)
+    small = xp.exp(-xp.abs(x))  # in (0, 1], never overflows
+    return xp.where(x >= 0, 1 / (1 + small), small / (1 + small)).astype(x.dtype, copy=False)
+
+
+def sigmoid_backward(grad_y, y):
+    """grad_x = grad_y * y * (1 - y) from the saved output y."""
+    _check_pair(grad_y, "grad_y", y, "y")
+    return grad_y * y * (1 - y)
+
+
+def dropout_forward(x, p, rng, training):
+    """Inverted dropout: y = x * mask, mask 0 with probability p else 1/(1-p); returns (y, mask).
+
+    x any shape; p in [0, 1]; rng a numpy.random.Generator (the mask is drawn on the CPU,
+    so results do not depend on the device, then moved to x's device). When not training
+    or p == 0, y is x itself and mask is None.
+    """
+    check_float_array(x, "x", nonempty=False)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, not {type(rng).__name__}.")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) or not 0 <= p <= 1:
+        raise ValueError(f"the dropout probability p must be a number in [0, 1], not {p!r}.")
+    if not training or p == 0:
+        return x, None
+    keep = rng.random(tuple(x.shape)) >= p
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    mask = (keep * scale).astype(x.dtype)
+    mask = backend.to_device(mask, backend.device_of(x))
+    return x * mask, mask
+
+
+def dropout_backward(grad_y, mask):
+    """grad_x = grad_y * mask (the mask dropout_forward returned; None means dropout was off)."""
+    check_float_array(grad_y, "grad_y", nonempty=False)
+    if mask is None:
+        return grad_y
+    check_float_array(mask, "mask", nonempty=False)
+    check_same_kind(grad_y, "grad_y", mask=mask)
+    if tuple(mask.shape) != tuple(grad_y.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but grad_y has {tuple(grad_y.shape)}; they must match.")
+    return grad_y * mask

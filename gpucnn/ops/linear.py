@@ -1,0 +1,39 @@
+"""Fully connected layer op, forward beside backward; array-module generic (NumPy or CuPy)."""
+from __future__ import annotations
+
+from gpucnn.ops import check_float_array, check_same_kind
+
+
+def _check_linear(x, weight, bias) -> None:
+    check_float_array(x, "x", ndim=2)
+    check_float_array(weight, "weight", ndim=2)
+    check_same_kind(x, "x", weight=weight, bias=bias)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input features (shape {tuple(weight.shape)}) "
+                         f"but x has {x.shape[1]} (shape {tuple(x.shape)}).")
+    if bias is not None:
+        check_float_array(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, not {tuple(bias.shape)}.")
+
+
+def linear_forward(x, weight, bias):
+    """y = x @ weight.T + bias: x (N, IN), weight (OUT, IN) as in PyTorch, bias (OUT,) or None -> y (N, OUT)."""
+    _check_linear(x, weight, bias)
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(grad_y, x, weight, with_bias=True):
+    """grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> grad_x (N, IN), grad_weight (OUT, IN), grad_bias (OUT,) or None."""
+    _check_linear(x, weight, None)
+    check_float_array(grad_y, "grad_y", ndim=2)
+    check_same_kind(x, "x", grad_y=grad_y)
+    if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")
+    grad_x = grad_y @ weight
+    grad_weight = grad_y.T @ x
+    grad_bias = grad_y.sum(axis=0) if with_bias else None
+    return grad_x, grad_weight, grad_bias

@@ -1,0 +1,231 @@
+"""2-D max and average pooling: the public dispatchers and the NumPy reference.
+
+Max pooling keeps, for every output, the window-local index ``ky*KW + kx`` of its
+maximum (int32 ``argmax``): the FIRST maximum wins ties, a NaN wins over numbers (the
+first NaN), padding counts as -inf and is never chosen. Backward routes each output's
+gradient to that one input pixel, adding where windows overlap. Average pooling
+counts zero padding in the divisor, like PyTorch's default.
+
+The NumPy reference loops over the KH*KW kernel offsets, each step on whole
+(N, C, OH, OW) strided views; 2x2 stride-2 max pooling (LeNet's) has a faster path with
+identical results. Max-pool backward scatters through flat indices instead.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from gpucnn import backend
+from gpucnn.ops import check_float_array
+from gpucnn.utils import conv_output_size, pair
+
+
+class PoolGeometry(NamedTuple):
+    """Every size of one pooling, in the shared shape vocabulary."""
+    N: int
+    C: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    PH: int
+    PW: int
+    OH: int
+    OW: int
+
+
+def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
+    """Validate pooling sizes for an input of shape x_shape (N, C, H, W) and return them all.
+
+    stride None means kernel_size; padding must be at most half the kernel per axis.
+    """
+    shape = tuple(x_shape)
+    if len(shape) != 4 or not all(isinstance(s, (int, np.integer)) for s in shape):
+        raise ValueError(f"the input shape must be four ints (N, C, H, W), not {x_shape!r}.")
+    if min(shape) < 1:
+        raise ValueError(f"every input size must be positive, but the input shape is {shape}.")
+    N, C, H, W = (int(s) for s in shape)
+    KH, KW = pair(kernel_size, "kernel_size")
+    SH, SW = (KH, KW) if stride is None else pair(stride, "stride")
+    PH, PW = pair(padding, "padding")
+    if min(KH, KW) < 1:
+        raise ValueError(f"kernel_size must be positive, not {kernel_size!r}.")
+    if min(SH, SW) < 1:
+        raise ValueError(f"stride must be positive, not {stride!r}.")
+    if min(PH, PW) < 0 or PH > KH // 2 or PW > KW // 2:
+        raise ValueError(f"padding {padding!r} must be between 0 and half the kernel size {KH}x{KW}.")
+    if KH > H + 2 * PH or KW > W + 2 * PW:
+        raise ValueError(f"the pooling kernel {KH}x{KW} is larger than the padded input {H + 2 * PH}x{W + 2 * PW}.")
+    OH = conv_output_size(H, KH, SH, PH)
+    OW = conv_output_size(W, KW, SW, PW)
+    return PoolGeometry(N, C, H, W, KH, KW, SH, SW, PH, PW, OH, OW)
+
+
+def _check_grad_y(grad_y, g: PoolGeometry) -> None:
+    check_float_array(grad_y, "grad_y", ndim=4)
+    if tuple(grad_y.shape) != (g.N, g.C, g.OH, g.OW):
+        raise ValueError(f"grad_y must have the pooled shape {(g.N, g.C, g.OH, g.OW)}, not {tuple(grad_y.shape)}.")
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Max pooling: x (N, C, H, W) -> y (N, C, OH, OW), argmax (N, C, OH, OW) int32.
+
+    OH = (H + 2*PH - KH) // SH + 1 (OW likewise); stride None means kernel_size;
+    padding (at most kernel//2) counts as -inf. argmax holds ky*KW + kx of the first
+    maximum in each window; a NaN counts as the maximum (the first NaN).
+    """
+    check_float_array(x, "x", ndim=4)
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
+    if backend.is_gpu_array(x):
+        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
+        return cuda_pool.max_pool2d_forward(x, kernel_size, stride=stride, padding=padding)
+    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW) == (2, 2, 2, 2, 0, 0):
+        return _max_forward_2x2(x, g)
+    return _max_forward_numpy(x, g)
+
+
+def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
+    """Gradient of max pooling: grad_y, argmax (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W).
+
+    Each grad_y value goes to the input pixel its argmax names; overlapping windows add up.
+    """
+    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
+    _check_grad_y(grad_y, g)
+    if getattr(argmax, "dtype", None) is None or argmax.dtype.kind not in "iu":
+        raise TypeError(f"argmax must be an integer array, not {getattr(argmax, 'dtype', type(argmax).__name__)}.")
+    if tuple(argmax.shape) != tuple(grad_y.shape):
+        raise ValueError(f"argmax has shape {tuple(argmax.shape)} but grad_y has {tuple(grad_y.shape)}; they must match.")
+    if backend.is_gpu_array(argmax) != backend.is_gpu_array(grad_y):
+        raise ValueError("argmax and grad_y must be on the same device.")
+    if backend.is_gpu_array(grad_y):
+        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
+        return cuda_pool.max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=stride, padding=padding)
+    return _max_backward_numpy(grad_y, argmax, g)
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Average pooling: x (N, C, H, W) -> y (N, C, OH, OW), each the window sum / (KH*KW).
+
+    Zero padding (at most kernel//2) is counted in the divisor, like PyTorch's default.
+    """
+    check_float_array(x, "x", ndim=4)
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
+    if backend.is_gpu_array(x):
+        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
+        return cuda_pool.avg_pool2d_forward(x, kernel_size, stride=stride, padding=padding)
+    return _avg_forward_numpy(x, g)
+
+
+def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0):
+    """Gradient of average pooling: grad_y (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
+    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
+    _check_grad_y(grad_y, g)
+    if backend.is_gpu_array(grad_y):
+        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
+        return cuda_pool.avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=stride, padding=padding)
+    return _avg_backward_numpy(grad_y, g)
+
+
+# ---------------------------------------------------------------------------------------
+# NumPy reference
+
+
+def _window(padded, g: PoolGeometry, ky: int, kx: int):
+    """The (N, C, OH, OW) view of a padded (N, C, HP, WP) array at kernel offset (ky, kx)."""
+    return padded[:, :, ky: ky + g.SH * (g.OH - 1) + 1: g.SH, kx: kx + g.SW * (g.OW - 1) + 1: g.SW]
+
+
+def _pad(x, g: PoolGeometry, fill):
+    if g.PH == 0 and g.PW == 0:
+        return x
+    padded = np.full((g.N, g.C, g.H + 2 * g.PH, g.W + 2 * g.PW), fill, x.dtype)
+    padded[:, :, g.PH: g.PH + g.H, g.PW: g.PW + g.W] = x
+    return padded
+
+
+def _crop(padded, g: PoolGeometry):
+    if g.PH == 0 and g.PW == 0:
+        return padded
+    return np.ascontiguousarray(padded[:, :, g.PH: g.PH + g.H, g.PW: g.PW + g.W])
+
+
+def _first_inside_offset(g: PoolGeometry):
+    """(OH, OW) int32: ky*KW + kx of each window's first pixel inside the unpadded input."""
+    first_ky = np.maximum(g.PH - g.SH * np.arange(g.OH), 0)
+    first_kx = np.maximum(g.PW - g.SW * np.arange(g.OW), 0)
+    return (first_ky[:, None] * g.KW + first_kx[None, :]).astype(np.int32)
+
+
+def _max_forward_numpy(x, g: PoolGeometry):
+    padded = _pad(x, g, -np.inf)
+    # Start below every number at the first pixel inside the input, then take strictly
+    # greater values (first maximum wins) and a NaN only over a non-NaN (first NaN wins).
+    y = np.full((g.N, g.C, g.OH, g.OW), -np.inf, x.dtype)
+    argmax = np.empty((g.N, g.C, g.OH, g.OW), np.int32)
+    argmax[...] = _first_inside_offset(g)
+    has_nan = bool(np.isnan(x).any())
+    for ky in range(g.KH):
+        for kx in range(g.KW):
+            values = _window(padded, g, ky, kx)
+            take = values > y
+            if has_nan:
+                take |= np.isnan(values) & ~np.isnan(y)
+            # Branch-free updates (masked copies are slow on random masks): np.maximum equals
+            # "values where take, else y", NaN included; argmax moves to k where take.
+            np.maximum(y, values, out=y)
+            argmax -= take * (argmax - np.int32(ky * g.KW + kx))
+    return y, argmax
+
+
+def _max_forward_2x2(x, g: PoolGeometry):
+    """LeNet's 2x2 stride-2 unpadded pooling: a pairwise tournament, same results as the general loop."""
+    top_left, top_right = _window(x, g, 0, 0), _window(x, g, 0, 1)
+    bottom_left, bottom_right = _window(x, g, 1, 0), _window(x, g, 1, 1)
+    top = np.maximum(top_left, top_right)  # np.maximum propagates NaN
+    bottom = np.maximum(bottom_left, bottom_right)
+    y = np.maximum(top, bottom)
+    if np.isnan(y).any():  # comparisons below ignore NaN; the general loop handles it
+        return _max_forward_numpy(x, g)
+    # Strict comparisons keep the earlier candidate on ties: left before right, top before bottom.
+    use_bottom = bottom > top
+    right_wins = (use_bottom & (bottom_right > bottom_left)) | (~use_bottom & (top_right > top_left))
+    argmax = np.add(right_wins, use_bottom * np.int32(2), dtype=np.int32)
+    return y, argmax
+
+
+def _max_backward_numpy(grad_y, argmax, g: PoolGeometry):
+    HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
+    # Flat index, in the padded (N, C, HP, WP) gradient, of the pixel each output's maximum came from.
+    ky, kx = np.divmod(argmax, g.KW)
+    window_corner = (np.arange(g.OH) * g.SH)[:, None] * WP + (np.arange(g.OW) * g.SW)[None, :]  # (OH, OW)
+    plane_start = (np.arange(g.N * g.C, dtype=np.int64) * (HP * WP)).reshape(g.N, g.C, 1, 1)
+    source = (plane_start + window_corner + ky * WP + kx).reshape(-1)
+    grad_padded = np.zeros(g.N * g.C * HP * WP, grad_y.dtype)
+    if g.SH >= g.KH and g.SW >= g.KW:  # disjoint windows: every pixel is named at most once
+        grad_padded[source] = grad_y.reshape(-1)
+    else:  # overlapping windows: a pixel may be the maximum of several and must sum them
+        np.add.at(grad_padded, source, grad_y.reshape(-1))
+    return _crop(grad_padded.reshape(g.N, g.C, HP, WP), g)
+
+
+def _avg_forward_numpy(x, g: PoolGeometry):
+    padded = _pad(x, g, 0)
+    y = np.zeros((g.N, g.C, g.OH, g.OW), x.dtype)
+    for ky in range(g.KH):
+        for kx in range(g.KW):
+            np.add(y, _window(padded, g, ky, kx), out=y)
+    y *= x.dtype.type(1.0 / (g.KH * g.KW))
+    return y
+
+
+def _avg_backward_numpy(grad_y, g: PoolGeometry):
+    share = grad_y * grad_y.dtype.type(1.0 / (g.KH * g.KW))
+    grad_padded = np.zeros((g.N, g.C, g.H + 2 * g.PH, g.W + 2 * g.PW), grad_y.dtype)
+    for ky in range(g.KH):
+        for kx in range(g.KW):
+            target = _window(grad_padded, g, ky, kx)
+            np.add(target, share, out=target)
+    return _crop(grad_padded, g)

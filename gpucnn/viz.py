@@ -1,0 +1,242 @@
+"""Figures: learned filters, top-activating input patches, training curves (PNG via matplotlib).
+
+matplotlib is an optional extra (``pip install 'gpucnn[viz]'``) and is imported
+only when a figure is drawn. Figures are drawn on matplotlib's Agg canvas
+directly, without pyplot, so no global backend is switched and nothing opens a
+window. Every layout is fixed in pixels at ``DPI``, so the size of each PNG
+follows from its contents (documented per function).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gpucnn.features import TopPatches
+
+DPI = 100
+INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
+OUTSIDE_COLOR = "#5b84c4"   # receptive-field pixels beyond the image border (zero padding)
+METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+
+# filter grid layout, pixels
+FILTER_LEFT, FILTER_TOP, FILTER_BOTTOM, FILTER_COLORBAR = 60, 60, 10, 80
+# patch figure layout, pixels
+PATCH_LEFT, PATCH_TOP, PATCH_BOTTOM, PATCH_RIGHT, PATCH_CAPTION = 70, 70, 10, 10, 16
+# training curves, pixels
+CURVES_SIZE = (1000, 420)
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional dependency (matplotlib) is not installed."""
+
+
+def require_matplotlib() -> None:
+    """Raise MissingDependencyError with the install command when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401, PLC0415 - optional extra
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+
+
+def _figure_class():
+    """A factory of matplotlib Figures of a given pixel size, with the Agg canvas attached."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional extra
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    def make(width_px: int, height_px: int):
+        fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+        FigureCanvasAgg(fig)
+        return fig
+    return make
+
+
+def _axes_at(fig, left_px, top_px, width_px, height_px):
+    """Axes placed by pixel rectangle measured from the figure's top-left corner."""
+    W, H = fig.get_size_inches() * DPI
+    return fig.add_axes((left_px / W, 1 - (top_px + height_px) / H, width_px / W, height_px / H))
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _check_cell(cell_px) -> int:
+    if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 16:
+        raise ValueError(f"cell_px must be an int of at least 16 pixels, got {cell_px!r}.")
+    return cell_px
+
+
+# --- filters -------------------------------------------------------------------
+def filter_grid_size(OC: int, C: int, cell_px: int = 96) -> tuple[int, int]:
+    """(width, height) in pixels of ``filter_grid`` for OC filters of C input channels."""
+    return (FILTER_LEFT + OC * cell_px + FILTER_COLORBAR, FILTER_TOP + C * cell_px + FILTER_BOTTOM)
+
+
+def filter_grid(weight, path, title: str | None = None, cell_px: int = 96) -> Path:
+    """Draw convolution filters weight (OC, C, KH, KW) as a grid: one column per filter, one row per input channel.
+
+    A diverging colormap (blue negative, white zero, red positive), symmetric
+    about zero and shared by all tiles, with a colour bar. The PNG is
+    ``filter_grid_size(OC, C, cell_px)`` pixels. Returns the path written.
+    """
+    weight = np.asarray(weight)
+    if weight.ndim != 4:
+        raise ValueError(f"filter weights must have shape (OC, C, KH, KW), got shape {weight.shape}.")
+    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
+        raise ValueError("filter weights must be finite floating-point numbers.")
+    cell_px = _check_cell(cell_px)
+    OC, C, KH, KW = weight.shape
+    make = _figure_class()
+    width, height = filter_grid_size(OC, C, cell_px)
+    fig = make(width, height)
+    limit = float(np.abs(weight).max()) or 1.0
+    gap = max(2, cell_px // 12)
+    image = None
+    for c in range(C):
+        for oc in range(OC):
+            ax = _axes_at(fig, FILTER_LEFT + oc * cell_px + gap / 2, FILTER_TOP + c * cell_px + gap / 2,
+                          cell_px - gap, cell_px - gap)
+            image = ax.imshow(weight[oc, c], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+            _bare(ax)
+            if c == 0:
+                ax.set_title(f"filter {oc}", fontsize=8, pad=3)
+            if oc == 0 and C > 1:
+                ax.set_ylabel(f"in {c}", fontsize=8)
+    bar = _axes_at(fig, width - FILTER_COLORBAR + 12, FILTER_TOP, 14, C * cell_px - gap)
+    fig.colorbar(image, cax=bar).ax.tick_params(labelsize=7)
+    fig.suptitle(title or f"{OC} filters, {KH}x{KW}", fontsize=11, y=1 - 14 / height, va="top")
+    return _save(fig, path)
+
+
+# --- top patches ---------------------------------------------------------------
+def patch_figure_size(channels: int, k: int, cell_px: int = 80) -> tuple[int, int]:
+    """(width, height) in pixels of ``patch_figure`` for ``channels`` rows of k patches."""
+    return (PATCH_LEFT + k * cell_px + PATCH_RIGHT,
+            PATCH_TOP + channels * (cell_px + PATCH_CAPTION) + PATCH_BOTTOM)
+
+
+def _patch_pixels(crop, low: float, high: float):
+    """A crop (C, RH, RW) with NaN padding -> what imshow draws: grey (RH, RW) masked, or RGBA (RH, RW, 4)."""
+    if crop.shape[0] == 1:
+        return np.ma.masked_invalid(crop[0])
+    from matplotlib.colors import to_rgba  # noqa: PLC0415 - optional extra, already imported by now
+    rgb = np.clip((np.moveaxis(crop, 0, -1) - low) / max(high - low, 1e-12), 0, 1)
+    outside = np.isnan(rgb).any(axis=-1)
+    rgba = np.concatenate([np.nan_to_num(rgb), np.ones(rgb.shape[:2] + (1,))], axis=-1)
+    rgba[outside] = to_rgba(OUTSIDE_COLOR)
+    return rgba
+
+
+def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: int = 80) -> Path:
+    """The lecture's figure: one row per channel, its k strongest input patches left to right.
+
+    Each patch is the channel's receptive field in the input, drawn with
+    nearest-neighbour upscaling; pixels of the field beyond the image border
+    (zero padding) are drawn in blue. Under each patch: the image index and the
+    activation. Grey (C=1) or RGB (C=3) inputs, one intensity scale for the
+    whole figure. The PNG is ``patch_figure_size(channels, k, cell_px)`` pixels.
+    """
+    if not isinstance(patches, TopPatches):
+        raise TypeError(f"patch_figure needs a TopPatches (from gpucnn.features.top_patches), "
+                        f"not {type(patches).__name__}.")
+    cell_px = _check_cell(cell_px)
+    OC, k, C = patches.crops.shape[:3]
+    if C not in (1, 3):
+        raise ValueError(f"patch_figure draws grey (1 channel) or RGB (3 channel) inputs, not {C} channels.")
+    make = _figure_class()
+    width, height = patch_figure_size(OC, k, cell_px)
+    fig = make(width, height)
+    inside = patches.crops[np.isfinite(patches.crops)]
+    low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
+    gap = max(2, cell_px // 16)
+    row_px = cell_px + PATCH_CAPTION
+    for c in range(OC):
+        for r in range(k):
+            ax = _axes_at(fig, PATCH_LEFT + r * cell_px + gap / 2, PATCH_TOP + c * row_px + gap / 2,
+                          cell_px - gap, cell_px - gap)
+            ax.set_facecolor(OUTSIDE_COLOR)
+            ax.imshow(_patch_pixels(patches.crops[c, r], low, high), cmap="gray", vmin=low, vmax=high,
+                      interpolation="nearest")
+            _bare(ax)
+            ax.set_xlabel(f"#{patches.image[c, r]}  {patches.values[c, r]:.2f}", fontsize=7, labelpad=1)
+            if r == 0:
+                ax.set_ylabel(f"ch {c}", fontsize=9, rotation=0, ha="right", va="center", labelpad=6)
+    RH, RW = patches.rf
+    heading = title or f"{patches.layer}: top {k} input patches per channel"
+    fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=11)
+    fig.text(0.5, 1 - 32 / height, f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
+             "blue = beyond the image border", ha="center", va="top", fontsize=7.5, color="#444444")
+    return _save(fig, path)
+
+
+# --- training curves -------------------------------------------------------------
+def read_metrics(path) -> list[dict]:
+    """The per-epoch records of a ``metrics.jsonl`` written by the trainer, sorted by epoch.
+
+    Each record must hold epoch, train_loss, test_loss, train_acc and test_acc;
+    when an epoch appears more than once (a run resumed over itself) the last wins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {path} does not exist.")
+    by_epoch = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path} line {number} is not JSON.") from None
+            missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise ValueError(f"{path} line {number} lacks {', '.join(missing)}; is it a gpucnn metrics.jsonl?")
+            by_epoch[int(record["epoch"])] = record
+    if not by_epoch:
+        raise ValueError(f"metrics file {path} holds no epochs yet.")
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def training_curves(records, path, title: str | None = None) -> Path:
+    """Loss (left) and accuracy (right) per epoch, train and test lines; the PNG is CURVES_SIZE pixels.
+
+    ``records`` is what ``read_metrics`` returns (dicts with epoch, train_loss,
+    test_loss, train_acc, test_acc; accuracies as fractions).
+    """
+    if not isinstance(records, (list, tuple)) or not records:
+        raise ValueError("training_curves needs a non-empty list of per-epoch metric records.")
+    for i, record in enumerate(records):
+        missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ValueError(f"metric record {i} lacks {', '.join(missing)}.")
+    make = _figure_class()
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - optional extra
+    fig = make(*CURVES_SIZE)
+    epochs = [r["epoch"] for r in records]
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.86, wspace=0.22)
+    marker = "o" if len(records) <= 30 else None
+    for ax, key, scale, label in ((loss_ax, "loss", 1.0, "loss (cross-entropy)"),
+                                  (acc_ax, "acc", 100.0, "accuracy (%)")):
+        ax.plot(epochs, [r[f"train_{key}"] * scale for r in records], marker=marker, label="train")
+        ax.plot(epochs, [r[f"test_{key}"] * scale for r in records], marker=marker, label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    last = records[-1]
+    fig.suptitle(title or f"training curves: {len(records)} epochs, final test accuracy "
+                 f"{last['test_acc']:.2%}", fontsize=12)
+    return _save(fig, path)
+

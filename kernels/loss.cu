@@ -1,0 +1,89 @@
+// Softmax cross-entropy (mean over the batch): forward and backward.
+//
+// Layout: C-contiguous, row-major. logits and probs (n, k) float32, labels (n) int32, row_loss (n)
+// float32, loss (1) float32, grad_logits (n, k) float32.
+// The same formulas as gpucnn/ops/loss.py:
+//   shifted = logits - max_j logits ; lse = log(sum_j exp(shifted))
+//   probs = exp(shifted - lse) ; row_loss = lse - shifted[label] ; loss = sum(row_loss) / n
+//   grad_logits = (probs - onehot(label)) / n
+// Labels are not checked on the host (that would wait for the device); a label outside [0, k) makes
+// its row's loss, and so the mean, NaN, and its row of grad_logits NaN.
+//
+// Kernels and what they write:
+//   softmax_xent_forward   probs and row_loss. One warp per row (block 32 x XENT_ROWS threads, row
+//                          blockIdx.x * XENT_ROWS + threadIdx.y); lane l handles columns l, l + 32, ...
+//                          and the warp combines its lanes with butterfly shuffles, which leave the
+//                          same value in every lane. A warp whose row is past n skips everything, so
+//                          every shuffle has all 32 lanes of its warp present.
+//   softmax_xent_mean      loss[0]: one block of MEAN_THREADS threads; thread t sums rows t,
+//                          t + MEAN_THREADS, ..., then a fixed tree in shared memory adds the threads.
+//   softmax_xent_backward  grad_logits: one thread per element.
+// No atomics, and every sum runs in an order fixed by n and k: results are bitwise reproducible.
+
+#define XENT_ROWS 8       // rows (warps) per block of softmax_xent_forward; gpucnn/cuda/loss.py agrees
+#define MEAN_THREADS 256  // blockDim.x of softmax_xent_mean; gpucnn/cuda/loss.py agrees
+#define FULL_WARP 0xffffffffu
+
+extern "C" __global__ void softmax_xent_forward(
+    const float* logits, const int* labels, float* probs, float* row_loss, int n, int k)
+{
+    const int lane = (int)threadIdx.x;
+    const int row = (int)blockIdx.x * XENT_ROWS + (int)threadIdx.y;
+    if (row >= n) return;  // the whole warp leaves together
+    const float* x = logits + row * k;
+
+    // Row maximum; a NaN wins, so a NaN logit makes the row NaN as in the reference.
+    float row_max = __int_as_float(0xff800000);  // -inf: lanes past k contribute nothing
+    for (int j = lane; j < k; j += 32) {
+        const float v = x[j];
+        if (v > row_max || isnan(v)) row_max = v;
+    }
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other = __shfl_xor_sync(FULL_WARP, row_max, offset);
+        if (other > row_max || isnan(other)) row_max = other;
+    }
+
+    float sum = 0.0f;
+    for (int j = lane; j < k; j += 32) sum += expf(x[j] - row_max);
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(FULL_WARP, sum, offset);
+    const float lse = logf(sum);
+
+    for (int j = lane; j < k; j += 32) probs[row * k + j] = expf((x[j] - row_max) - lse);
+    if (lane == 0) {
+        const int label = labels[row];
+        row_loss[row] = (label >= 0 && label < k) ? lse - (x[label] - row_max) : __int_as_float(0x7fc00000);
+    }
+}
+
+extern "C" __global__ void softmax_xent_mean(const float* row_loss, float* loss, int n)
+{
+    __shared__ float partial[MEAN_THREADS];
+    const int t = (int)threadIdx.x;
+    float acc = 0.0f;
+    for (int r = t; r < n; r += MEAN_THREADS) acc += row_loss[r];
+    partial[t] = acc;
+    __syncthreads();
+    for (int stride = MEAN_THREADS / 2; stride > 0; stride >>= 1) {
+        if (t < stride) partial[t] += partial[t + stride];
+        __syncthreads();
+    }
+    if (t == 0) loss[0] = partial[0] / (float)n;
+}
+
+extern "C" __global__ void softmax_xent_backward(
+    const float* probs, const int* labels, float* grad_logits, int n, int k)
+{
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * k) return;
+    const int row = idx / k;
+    const int label = labels[row];
+    float g = probs[idx];
+    if (label < 0 || label >= k) {
+        g = __int_as_float(0x7fc00000);
+    } else if (idx - row * k == label) {
+        g -= 1.0f;
+    }
+    grad_logits[idx] = g / (float)n;
+}

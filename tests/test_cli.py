@@ -1,0 +1,252 @@
+"""The command line through real subprocesses: summary, train, evaluate, predict, resume, and clean errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpucnn.checkpoint import load_checkpoint
+from gpucnn.data import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, check=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUCNN_")}
+    env["GPUCNN_CACHE_DIR"] = "/nonexistent-gpucnn-cache"  # never pick up (or write) a real cache
+    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def quadrant_images(n, seed):
+    """uint8 (n, 28, 28) images whose label (0-3) is the quadrant holding a bright square."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for image, label in zip(images, labels):
+        top, left = divmod(int(label), 2)
+        y, x = 2 + 14 * top + rng.integers(0, 5), 2 + 14 * left + rng.integers(0, 5)
+        image[y:y + 7, x:x + 7] = 250
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "mnist"
+    folder.mkdir()
+    for split, prefix, n in (("train", "train", 320), ("test", "t10k", 80)):
+        images, labels = quadrant_images(n, seed=0 if split == "train" else 1)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = run_cli("train", "--device", "cpu", "--dataset", "mnist", "--data-dir", data_dir, "--no-download",
+                     "--epochs", 1, "--batch-size", 32, "--lr", 3e-3, "--out", out)
+    return out, result
+
+
+def test_summary_prints_layers_parameters_and_receptive_fields():
+    out = run_cli("summary").stdout
+    assert "total parameters: 61,706" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+            ("conv1", "pool1", "conv2", "pool2", "fc1", "fc3")}
+    # name type shape... params rf jump: rf/jump are the last two columns
+    assert rows["conv1"][-3:] == ["156", "5", "1"]
+    assert rows["pool1"][-3:] == ["0", "6", "2"]
+    assert rows["conv2"][-3:] == ["2,416", "14", "2"]
+    assert rows["pool2"][-3:] == ["0", "16", "4"]
+    assert rows["fc1"][-3:] == ["48,120", "-", "-"]
+    assert rows["fc3"][-3:] == ["850", "-", "-"]
+    assert "(16, 5, 5)" in out
+    classic = run_cli("summary", "--model", "lenet5-classic").stdout
+    assert "AvgPool2d" in classic and "total parameters: 61,706" in classic
+
+
+def test_train_writes_checkpoints_and_metrics(trained):
+    out, result = trained
+    assert result.stdout.startswith("device: cpu (NumPy")
+    assert "epoch 1/1  train loss" in result.stdout
+    assert "Traceback" not in result.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+    assert (out / "checkpoint.npz").is_file() and (out / "best.npz").is_file()
+
+
+def test_evaluate_reports_the_trained_accuracy(trained, data_dir):
+    out, _ = trained
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    result = run_cli("evaluate", out / "checkpoint.npz", "--data-dir", data_dir, "--no-download",
+                     "--device", "cpu", "--batch-size", 17)
+    assert result.stdout.startswith("device: cpu")
+    assert f"accuracy {metrics['test_acc']:.2%}" in result.stdout
+    assert f"loss {metrics['test_loss']:.4f}" in result.stdout
+    assert "80 images" in result.stdout
+
+
+def write_pgm(path, image, binary):
+    height, width = image.shape
+    if binary:
+        path.write_bytes(f"P5\n# a comment\n{width} {height}\n255\n".encode() + image.astype(np.uint8).tobytes())
+    else:
+        rows = "\n".join(" ".join(str(v) for v in row) for row in image)
+        path.write_text(f"P2\n{width} {height}\n# comment between fields\n255\n{rows}\n")
+
+
+def test_predict_npy_and_pgm_agree(trained, tmp_path):
+    out, _ = trained
+    images, labels = quadrant_images(3, seed=7)
+    np.save(tmp_path / "batch.npy", images)                                  # (N, 28, 28) uint8
+    np.save(tmp_path / "one.npy", images[0].astype(np.float32) / 255)        # (28, 28) floats in [0, 1]
+    np.save(tmp_path / "nchw.npy", images[:2, None])                         # (N, 1, 28, 28)
+    write_pgm(tmp_path / "p5.pgm", images[0], binary=True)
+    write_pgm(tmp_path / "p2.pgm", images[0], binary=False)
+    result = run_cli("predict", out / "checkpoint.npz", tmp_path / "batch.npy", tmp_path / "one.npy",
+                     tmp_path / "nchw.npy", tmp_path / "p5.pgm", tmp_path / "p2.pgm", "--device", "cpu")
+    lines = result.stdout.splitlines()[1:]
+    assert len(lines) == 3 + 1 + 2 + 1 + 1
+    predictions = {line.split(": ")[0]: line.split(": ")[1] for line in lines}
+    first = predictions[f"{tmp_path / 'batch.npy'}[0]"]
+    # the same image as uint8, as floats, as NCHW, as P5 and as P2 gives the same class and probability
+    assert first == predictions[str(tmp_path / "one.npy")] == predictions[f"{tmp_path / 'nchw.npy'}[0]"]
+    assert first == predictions[str(tmp_path / "p5.pgm")] == predictions[str(tmp_path / "p2.pgm")]
+    label, probability = first.split()
+    assert 0 <= int(label) <= 9 and probability.endswith("%")
+
+    top3 = run_cli("predict", out / "checkpoint.npz", tmp_path / "p5.pgm", "--top-k", 3).stdout.splitlines()[1]
+    ranked = top3.split(": ")[1].split(", ")
+    assert len(ranked) == 3 and ranked[0] == first
+    probabilities = [float(r.split()[1].rstrip("%")) for r in ranked]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_resume_continues_the_run(trained, data_dir, tmp_path):
+    out, _ = trained
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint.npz", "metrics.jsonl"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    result = run_cli("train", "--resume", copy / "checkpoint.npz", "--epochs", 2, "--data-dir", data_dir,
+                     "--no-download", "--device", "cpu", "--quiet")
+    assert "done: epoch 2" in result.stdout
+    epochs = [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    conflicting = run_cli("train", "--resume", copy / "checkpoint.npz", "--epochs", 3, "--lr", 0.5,
+                          "--data-dir", data_dir, "--no-download", check=False)
+    assert conflicting.returncode == 1
+    assert "--lr 0.5 differs from the checkpoint's 0.003" in conflicting.stderr
+
+
+def assert_clean_failure(result, code, fragment):
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["train", "--epochs", "0"], 2, "--epochs"),
+    (["train", "--dataset", "cifar-10"], 2, "--dataset"),
+    (["train", "--optimizer", "adam", "--momentum", "0.9", "--device", "cpu"], 1, "--momentum applies to"),
+    (["train", "--bogus-option"], 2, "--bogus-option"),
+    (["evaluate", "/nonexistent/checkpoint.npz", "--device", "cpu"], 1, "does not exist"),
+    (["predict", "/nonexistent/checkpoint.npz", "x.npy", "--device", "cpu"], 1, "does not exist"),
+], ids=["epochs-0", "unknown-dataset", "momentum-with-adam", "unknown-option", "evaluate-missing",
+        "predict-missing"])
+def test_bad_inputs_fail_on_one_line(args, code, fragment):
+    assert_clean_failure(run_cli(*args, check=False), code, fragment)
+
+
+def test_gpu_without_a_gpu_fails_cleanly():
+    from gpucnn import backend
+    if backend.gpu_available():
+        pytest.skip("this machine has a GPU")
+    assert_clean_failure(run_cli("train", "--device", "gpu", check=False), 1, "GPU")
+
+
+def test_missing_data_dir_without_download_fails_cleanly(tmp_path):
+    result = run_cli("train", "--device", "cpu", "--data-dir", tmp_path / "absent", "--no-download",
+                     "--out", tmp_path / "out", check=False)
+    assert_clean_failure(result, 1, "does not exist")
+
+
+def test_data_dir_without_the_files_fails_cleanly(tmp_path):
+    result = run_cli("train", "--device", "cpu", "--dataset", "mnist", "--data-dir", tmp_path,
+                     "--no-download", "--out", tmp_path / "out", check=False)
+    assert_clean_failure(result, 1, "no mnist train files")
+
+
+def test_unwritable_out_fails_cleanly_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("train", "--device", "cpu", "--out", blocker / "run", check=False)
+    assert_clean_failure(result, 1, str(blocker))
+
+
+def test_out_holding_a_run_is_not_overwritten(trained, data_dir):
+    out, _ = trained
+    result = run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--no-download", "--out", out, check=False)
+    assert_clean_failure(result, 1, "already holds a run")
+
+
+def test_predict_refuses_bad_images(trained, tmp_path):
+    out, _ = trained
+    np.save(tmp_path / "big.npy", np.full((28, 28), 3.0, dtype=np.float32))
+    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "big.npy", check=False), 1,
+                         "outside [0, 1]")
+    np.save(tmp_path / "shape.npy", np.zeros((2, 32, 32), dtype=np.uint8))
+    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "shape.npy", check=False), 1,
+                         "shape (2, 32, 32)")
+    (tmp_path / "bad.pgm").write_bytes(b"P5\n28 28\n255\n" + bytes(100))
+    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "bad.pgm", check=False), 1,
+                         "truncated")
+    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "big.npy", "--top-k", 11,
+                                 check=False), 1, "--top-k 11 exceeds")
+
+
+def test_help_texts():
+    top = run_cli("--help").stdout
+    for command in ("train", "evaluate", "predict", "summary"):
+        assert command in top
+    train_help = run_cli("train", "--help").stdout
+    for option in ("--device", "--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr",
+                   "--optimizer", "--momentum", "--weight-decay", "--schedule", "--seed", "--out", "--resume",
+                   "--no-download", "--quiet"):
+        assert option in train_help
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUCNN_")}
+    out = tmp_path / "run"
+    # batch 1 and many epochs, so the interrupt lands while training, wherever the machine's speed puts it
+    process = subprocess.Popen([sys.executable, "cli.py", "train", "--device", "cpu", "--data-dir", str(data_dir),
+                                "--no-download", "--epochs", "50", "--batch-size", "1", "--out", str(out)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("run:"):  # printed just before training starts
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"continue with: gpucnn train --resume {out / 'checkpoint.npz'} --epochs 50" in stderr
+    saved = load_checkpoint(out / "checkpoint.npz")
+    assert 0 <= saved["epoch"] < 50 and 0 <= saved["step"] < 320
+    target = saved["epoch"] + 1
+    resumed = run_cli("train", "--resume", out / "checkpoint.npz", "--epochs", target, "--data-dir", data_dir,
+                      "--no-download", "--device", "cpu", "--quiet")
+    assert f"done: epoch {target}" in resumed.stdout
