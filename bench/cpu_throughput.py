@@ -89,7 +89,7 @@ def main():
             loss = lossf(model(xt), yt)
             loss.backward()
             opt.step()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     def time_round(step, batch_size):
