@@ -1,0 +1,36 @@
+"""LeNet-5 training steps on the GPU against the CPU from the same weights (skipped without a GPU)."""
+import numpy as np
+import pytest
+
+from gpucnn import backend, ops, optim
+from gpucnn.models import LeNet5
+
+pytestmark = pytest.mark.gpu
+
+
+def train_steps(device, steps=5, batch_size=64):
+    """Weights (name -> numpy array) after `steps` Adam steps on fixed random batches."""
+    rng = np.random.default_rng(7)
+    model = LeNet5(seed=0).to(device)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = backend.to_device(rng.standard_normal((batch_size, 1, 28, 28), dtype=np.float32), device)
+        y = backend.to_device(rng.integers(0, 10, batch_size), device)
+        opt.zero_grad()
+        loss, probs = ops.softmax_cross_entropy(model(x), y)
+        model.backward(ops.softmax_cross_entropy_backward(probs, y))
+        opt.step()
+    return model.state_dict()
+
+
+def test_lenet5_steps_on_gpu_match_cpu():
+    cpu, gpu = train_steps("cpu"), train_steps("gpu")
+    for name, expected in cpu.items():
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(gpu[name], expected, rtol=0, atol=1e-4 * scale, err_msg=name)
+
+
+def test_two_gpu_runs_give_bitwise_identical_weights():
+    first, second = train_steps("gpu"), train_steps("gpu")
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
