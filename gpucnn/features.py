@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gpucnn import backend, nn
-from gpucnn.receptive import LayerGeometry, _flatten_layers, input_region, layer_geometry
+from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry
+from gpucnn.utils import check_int
 
 DEFAULT_BATCH_SIZE = 500
 PATCH_FORMAT = "gpucnn-top-patches"
@@ -31,7 +32,7 @@ def named_layers(model) -> list[tuple[str, nn.Module]]:
     """(name, layer) for each leaf layer of a Sequential model, in forward order (nested names dotted)."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"the model must be a gpucnn Sequential (such as LeNet5), not {type(model).__name__}.")
-    return list(_flatten_layers(model))
+    return list(flatten_layers(model))
 
 
 def _check_images(images, name: str = "images"):
@@ -44,14 +45,6 @@ def _check_images(images, name: str = "images"):
         raise TypeError(f"{name} must be float32 or float64 (normalised pixels), not {images.dtype}.")
     if images.shape[0] < 1:
         raise ValueError(f"{name} holds no images (shape {tuple(images.shape)}).")
-
-
-def _check_count(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, not {value!r}.")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {int(value)}.")
-    return int(value)
 
 
 def conv_layer_names(model) -> list[str]:
@@ -69,7 +62,7 @@ def iter_activations(model, images, layers, batch_size: int = DEFAULT_BATCH_SIZE
     """
     leaves = named_layers(model)
     _check_images(images)
-    batch_size = _check_count(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size", 1)
     names = [name for name, _ in leaves]
     wanted = list(dict.fromkeys(layers))
     if not wanted:
@@ -247,8 +240,8 @@ def top_patches(model, images, k: int = 9, layers=None, batch_size: int = DEFAUL
     """
     leaves = named_layers(model)
     _check_images(images)
-    k = _check_count(k, "k")
-    batch_size = _check_count(batch_size, "batch_size")
+    k = check_int(k, "k", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     N, C, H, W = images.shape
     rows = {row.name: row for row in layer_geometry(model, (C, H, W))}
     if layers is None:

@@ -57,12 +57,12 @@ class LayerGeometry:
         return self.rf is not None
 
 
-def _flatten_layers(model, prefix=""):
+def flatten_layers(model, prefix=""):
     """(name, layer) for each leaf layer of a (possibly nested) Sequential, in forward order."""
     for name, layer in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         if isinstance(layer, nn.Sequential):
-            yield from _flatten_layers(layer, full)
+            yield from flatten_layers(layer, full)
         else:
             yield full, layer
 
@@ -96,7 +96,7 @@ def layer_geometry(model, input_shape) -> list[LayerGeometry]:
     rf, jump, first = (1, 1), (1, 1), (0, 0)
     start = (0.0, 0.0)
     rows = []
-    for name, layer in _flatten_layers(model):
+    for name, layer in flatten_layers(model):
         window = None
         if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             if len(shape) != 3:

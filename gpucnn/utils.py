@@ -6,6 +6,8 @@ OH/OW output height/width.
 """
 from __future__ import annotations
 
+import operator
+
 
 def pair(value, name: str = "value") -> tuple[int, int]:
     """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``. Refuses anything else with a clear message."""
@@ -29,3 +31,16 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, 
     The same formula serves convolution and pooling (pooling has dilation 1).
     """
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; bools, floats and other types are refused with TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {value!r}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}.") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {value}.")
+    return value

@@ -137,7 +137,7 @@ def test_start_batch_at_the_end_yields_nothing():
 
 def test_batch_iterator_validates_its_arguments():
     images, labels = indexed_data(6)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, not 0"):
+    with pytest.raises(ValueError, match="batch_size must be at least 1, not 0"):
         BatchIterator(images, labels, 0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         BatchIterator(images, labels, 2.5)
@@ -147,9 +147,9 @@ def test_batch_iterator_validates_its_arguments():
         BatchIterator(images, list(labels), 2)
     with pytest.raises(ValueError, match="at least one dimension"):
         BatchIterator(np.float32(1.0), labels, 2)
-    with pytest.raises(ValueError, match="seed must be >= 0"):
+    with pytest.raises(ValueError, match="seed must be at least 0"):
         BatchIterator(images, labels, 2, seed=-1)
-    with pytest.raises(ValueError, match="epoch must be >= 0"):
+    with pytest.raises(ValueError, match="epoch must be at least 0"):
         BatchIterator(images, labels, 2).set_epoch(-1)
 
 

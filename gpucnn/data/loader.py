@@ -5,31 +5,18 @@ checkpoint, and every rank of a distributed run, see exactly the same batches.
 """
 from __future__ import annotations
 
-import operator
 
 import numpy as np
 
 from gpucnn import backend
-
-
-def _index(value, name: str, minimum: int) -> int:
-    """``value`` as an int >= minimum, refusing bools, floats and anything else."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {value!r}.")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}.") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, not {value}.")
-    return value
+from gpucnn.utils import check_int
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """A permutation of ``range(n)`` (int64, shape (n,)) that depends only on (seed, epoch)."""
-    n = _index(n, "n", 0)
-    seed = _index(seed, "seed", 0)
-    epoch = _index(epoch, "epoch", 0)
+    n = check_int(n, "n", 0)
+    seed = check_int(seed, "seed", 0)
+    epoch = check_int(epoch, "epoch", 0)
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
@@ -59,9 +46,9 @@ class BatchIterator:
                              f"(on {backend.device_of(labels)}) must be on the same device.")
         self.images = images
         self.labels = labels
-        self.batch_size = _index(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
         self.shuffle = bool(shuffle)
-        self.seed = _index(seed, "seed", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start_batch = 0
@@ -79,8 +66,8 @@ class BatchIterator:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch (and so the order) of the next iteration, starting at batch ``start_batch``."""
-        epoch = _index(epoch, "epoch", 0)
-        start_batch = _index(start_batch, "start_batch", 0)
+        epoch = check_int(epoch, "epoch", 0)
+        start_batch = check_int(start_batch, "start_batch", 0)
         if start_batch > len(self):
             raise ValueError(f"start_batch {start_batch} is past the end of an epoch of {len(self)} batches.")
         self.epoch = epoch

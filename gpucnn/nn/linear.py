@@ -5,7 +5,8 @@ import numpy as np
 
 from gpucnn import ops
 from gpucnn.nn.init import make_rng, uniform_weight
-from gpucnn.nn.module import Module, Parameter, check_int
+from gpucnn.nn.module import Module, Parameter
+from gpucnn.utils import check_int
 
 
 class Linear(Module):

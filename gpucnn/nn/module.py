@@ -26,15 +26,6 @@ def _is_array(x) -> bool:
     return isinstance(x, np.ndarray) or backend.is_gpu_array(x)
 
 
-def check_int(value, name: str, minimum: int) -> int:
-    """``value`` as an int, refusing bools, non-integers and values below ``minimum``."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, not {value!r}.")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {int(value)}.")
-    return int(value)
-
-
 def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
     """``pair(value)`` with both entries at least ``minimum``."""
     a, b = pair(value, name)
