@@ -69,6 +69,16 @@ def cupy_module():
     return _cupy
 
 
+def nccl_module():
+    """CuPy's NCCL binding (``cupy.cuda.nccl``, a submodule ``import cupy`` does not load).
+
+    Raises DeviceError when the GPU is unusable and ImportError when CuPy cannot import it.
+    """
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module(f"{cupy_module().__name__}.cuda.nccl")
+
+
 def default_device() -> str:
     """The device named by GPUCNN_DEVICE, or ``"auto"``."""
     name = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
@@ -129,6 +139,21 @@ def to_numpy(x):
     if is_gpu_array(x):
         return _cupy.asnumpy(x)
     return np.asarray(x)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` says an allocation failed: host memory (MemoryError) or GPU memory.
+
+    On the GPU that is CuPy's ``cupy.cuda.memory.OutOfMemoryError`` or a CUDA runtime error
+    ``cudaErrorMemoryAllocation``. The CuPy class is matched by module and name, so this
+    works (and can be tested) without importing CuPy.
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    for cls in type(exc).__mro__:
+        if cls.__name__ == "OutOfMemoryError" and cls.__module__.split(".")[0] == "cupy":
+            return True
+    return "cudaErrorMemoryAllocation" in str(exc) and type(exc).__module__.split(".")[0].startswith("cupy")
 
 
 def synchronize(device: str = "gpu") -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from gpucnn.models import build_model
 FORMAT = "gpucnn-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "__gpucnn__"
+# A temporary file of a save that has not been renamed for this long belongs to a killed process.
+STALE_TEMP_S = 600.0
 # Single-key dicts with these names mark encoded values inside the JSON structure.
 _MARKERS = ("__array__", "__scalar__", "__tuple__", "__items__")
 
@@ -105,7 +108,8 @@ def save_checkpoint(path, **parts) -> Path:
     The file is written to a temporary file in the same folder, flushed to disk
     and moved over ``path`` with ``os.replace``: a reader (or a crash) never sees a
     half-written checkpoint, and a failed write leaves the previous file intact.
-    Returns the path.
+    A temporary file left by a killed process is deleted by a later save once it
+    is older than STALE_TEMP_S. Returns the path.
     """
     path = Path(path)
     if not parts:
@@ -131,7 +135,19 @@ def save_checkpoint(path, **parts) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
+    _remove_stale_temporaries(directory, path.name)
     return path
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    """Delete ``.<name>.*.tmp`` files left by saves that were killed (never read, only clutter)."""
+    cutoff = time.time() - STALE_TEMP_S
+    for tmp in directory.glob(f".{name}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass  # removed by someone else meanwhile
 
 
 def load_checkpoint(path) -> dict:

@@ -7,15 +7,17 @@ on one line. An interrupted ``train`` saves a checkpoint and exits with 130.
 """
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import click
 import numpy as np
 
-from gpucnn import __version__, backend, cli_viz
+from gpucnn import __version__, backend, cli_viz, distributed
 from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from gpucnn.data import DATASETS, DataError, load_dataset, normalize
 from gpucnn.models import available_models, build_model
@@ -30,7 +32,7 @@ EXIT_INTERRUPTED = 130
 RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
                     "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
                     "schedule": "schedule", "seed": "seed"}
-EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError,
+EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,
                    ValueError, TypeError, OSError)
 
 
@@ -42,14 +44,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _rank_error_text(exc: BaseException) -> str:
+    """What a rank of a distributed run writes about the error that aborts the job."""
+    if isinstance(exc, EXPECTED_ERRORS):
+        return f"Error: {_one_line(exc)}"
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
 class _App(click.Group):
     """A Click group that turns expected errors into one line on stderr instead of a traceback."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            # Overflow in a diverging run is reported once, as a NaN/Inf loss, not as NumPy warnings.
+            with np.errstate(all="ignore"):
+                return super().invoke(ctx)
         except EXPECTED_ERRORS as exc:
             raise click.ClickException(_one_line(exc)) from None
+        except Exception as exc:  # CuPy's OutOfMemoryError, NumPy's MemoryError
+            if not backend.is_out_of_memory(exc):
+                raise
+            raise click.ClickException(f"out of memory ({_one_line(exc)}); try a smaller --batch-size.") from None
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs.pop("standalone_mode", None)
@@ -66,6 +81,16 @@ class _App(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its range comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
 
 
 def _device_option(func):
@@ -147,13 +172,13 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
               help="Epochs in total (a resumed run counts the checkpoint's epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per training step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
               help="sgd (with momentum), adam, or adamw (decoupled weight decay).")
-@click.option("--momentum", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+@click.option("--momentum", type=FiniteFloatRange(min=0, max=1, max_open=True), default=None,
               help=f"SGD momentum (sgd only). [default: {DEFAULT_MOMENTUM}]")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
               help=f"L2 penalty (decoupled for adamw). [default: {DEFAULT_ADAMW_WEIGHT_DECAY} for adamw, else 0]")
 @click.option("--schedule", type=click.Choice(["none", "step", "cosine"]), default="cosine", show_default=True,
               help="Per-epoch learning-rate schedule: cosine to 0 over the run, or x0.1 every third of it.")
@@ -166,9 +191,14 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
               help="Continue the run saved in this checkpoint, with its settings, up to --epochs.")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--distributed", "data_parallel", is_flag=True,
+              help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
+                   "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
+                   "Needs gpucnn[mpi].")
 @click.pass_context
+@distributed.abort_on_error(describe=_rank_error_text, passthrough=(click.exceptions.Exit,))
 def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimizer, momentum, weight_decay,
-          schedule, seed, out, resume, no_download, quiet):
+          schedule, seed, out, resume, no_download, quiet, data_parallel):
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
@@ -199,14 +229,24 @@ def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimiz
             weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
         out = out if out is not None else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    resolved = _resolve_device(device)
-    _check_out_dir(out, resuming=resume is not None)
+    comm = distributed.init(device) if data_parallel else distributed.Communicator()
+    main_rank = comm.rank == 0  # the only rank that prints and writes files
+    quiet = quiet or not main_rank
+    resolved = _resolve_device(device) if main_rank else backend.resolve_device(device)
+    if data_parallel and main_rank:
+        click.echo(f"distributed: {comm.describe()}; batch {batch_size} per rank, {batch_size * comm.size} per step")
+    if main_rank:
+        _check_out_dir(out, resuming=resume is not None)
 
     spec = DATASETS[dataset]
+    if not main_rank:
+        comm.barrier()  # rank 0 reads the data first, so that a download happens once
     train_images, train_labels = load_dataset(dataset, "train", data_dir=data_dir, download=not no_download,
                                               progress=not quiet)
     test_images, test_labels = load_dataset(dataset, "test", data_dir=data_dir, download=not no_download,
                                             progress=not quiet)
+    if main_rank:
+        comm.barrier()
     if not quiet:
         click.echo(f"data: {dataset}, {len(train_labels):,} training and {len(test_labels):,} test images")
 
@@ -215,7 +255,7 @@ def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimiz
     scheduler = _make_scheduler(schedule, opt, planned_epochs)
     config = {"dataset": dataset, "model_name": model, "optimizer": optimizer, "lr": lr, "momentum": momentum,
               "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs}
-    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config)
+    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config, comm=comm)
     if not quiet:
         click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
                    f"epochs {epochs}; writing to {out}")
@@ -223,12 +263,16 @@ def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimiz
                           (normalize(test_images, spec.mean, spec.std), test_labels),
                           epochs=epochs, batch_size=batch_size, resume=resume, progress=not quiet)
     if trainer.interrupted:
-        click.echo(f"interrupted; continue with: gpucnn train --resume {trainer.checkpoint_path} --epochs {epochs}",
-                   err=True)
+        if main_rank:
+            command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
+            click.echo(f"interrupted; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
+                       err=True)
         ctx.exit(EXIT_INTERRUPTED)
     last = history[-1]
-    click.echo(f"done: epoch {last['epoch']} test accuracy {last['test_acc']:.2%} (best {trainer.best_accuracy:.2%}); "
-               f"checkpoint {out / CHECKPOINT_FILE}, metrics {out / METRICS_FILE}")
+    if main_rank:
+        click.echo(f"done: epoch {last['epoch']} test accuracy {last['test_acc']:.2%} "
+                   f"(best {trainer.best_accuracy:.2%}); checkpoint {out / CHECKPOINT_FILE}, "
+                   f"metrics {out / METRICS_FILE}")
 
 
 # --- evaluate -----------------------------------------------------------------

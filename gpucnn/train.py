@@ -23,12 +23,17 @@ Ctrl-C: the first SIGINT during ``fit`` asks the loop to stop after the
 current step; it writes ``checkpoint.npz`` (mid-epoch, resumable exactly) and
 returns with ``trainer.interrupted`` set. A second Ctrl-C interrupts at once
 without saving.
+
+Data-parallel (``Trainer(comm=distributed.init(device))`` on every rank of an
+MPI job, see ``gpucnn.distributed``): rank 0's weights are broadcast at the
+start, each step averages the gradients over the ranks, the epoch sums are
+reduced over the ranks at every refresh (with any rank's stop request), and
+only rank 0 writes the files above and shows progress.
 """
 from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import signal
 import threading
@@ -38,11 +43,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpucnn import backend
+from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_state_fits, load_checkpoint, save_checkpoint
 from gpucnn.data import BatchIterator
 from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
+from gpucnn.utils import check_int
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -52,20 +58,7 @@ EVAL_BATCH_SIZE = 500
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on: the loss became NaN or infinite."""
-
-
-def _count(value, name: str, minimum: int) -> int:
-    """``value`` as an int >= minimum (bools and floats refused)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {value!r}.")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}.") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, not {value}.")
-    return value
+    """Training cannot go on: the loss became NaN or infinite, or memory ran out."""
 
 
 def _check_data(data, name: str):
@@ -86,6 +79,12 @@ def _check_data(data, name: str):
         raise ValueError(f"{name} has {len(images)} images but {len(labels)} labels.")
     if len(images) == 0:
         raise ValueError(f"{name} is empty.")
+    # Checked once per call here, not in every layer: layers let NaN propagate (see docs/faults.md).
+    finite = backend.get_array_module(images).isfinite(images).all(axis=(1, 2, 3))
+    if not bool(finite.all()):
+        bad = np.flatnonzero(~backend.to_numpy(finite))
+        raise ValueError(f"{name} images hold NaN or infinite values ({len(bad)} of {len(images)} images, "
+                         f"the first at index {int(bad[0])}); clean the data before training.")
     return images, labels
 
 
@@ -119,6 +118,16 @@ class _StopRequest:
         return False
 
 
+def _metrics_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a blank line or one torn by a killed run."""
+    if not line.endswith("\n") or not line.strip():
+        return math.inf
+    try:
+        return json.loads(line).get("epoch", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 def describe_epoch(record: dict, epochs: int) -> str:
     """One console line for an epoch's metrics record."""
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
@@ -134,7 +143,7 @@ def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     stay on the device and are read back once.
     """
     images, labels = _check_data((images, labels), "evaluation data")
-    batch_size = _count(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     xp = backend.get_array_module(images)
     was_training = model.training
     model.eval()
@@ -164,9 +173,16 @@ class Trainer:
     (optional) receives metrics and checkpoints; ``seed`` fixes the batch order;
     ``config`` is a JSON-able dict stored in checkpoints (dataset, lr, ...), to
     which the trainer adds the model's ``config``, the batch size and the seed.
+
+    ``comm`` (optional) is a ``gpucnn.distributed`` communicator, e.g.
+    ``distributed.init(device)`` in every rank of ``mpirun -n N``: ``fit`` then
+    trains data-parallel (``batch_size`` per rank, gradients averaged every
+    step, metrics over all ranks, files and progress from rank 0 only). None: one
+    process, as without ``gpucnn.distributed``.
     """
 
-    def __init__(self, model, optimizer, scheduler=None, device="cpu", out_dir=None, seed=0, config=None):
+    def __init__(self, model, optimizer, scheduler=None, device="cpu", out_dir=None, seed=0, config=None,
+                 comm=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a gpucnn.nn.Module, not {type(model).__name__}.")
         for name, obj, methods in (("optimizer", optimizer, ("step", "zero_grad", "state_dict", "load_state_dict")),
@@ -178,12 +194,18 @@ class Trainer:
                 raise TypeError(f"{name} {type(obj).__name__} lacks {', '.join(missing)}().")
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict or None, not {type(config).__name__}.")
+        if comm is not None and not isinstance(comm, distributed.Communicator):
+            raise TypeError(f"comm must be a gpucnn.distributed.Communicator or None, not {type(comm).__name__}.")
         self.device = backend.resolve_device(device)
+        if comm is not None and comm.device not in (None, self.device):
+            raise ValueError(f"comm was made for the {comm.device} but the trainer runs on the {self.device}.")
+        self.comm = distributed.Communicator() if comm is None else comm
+        self._averager = None  # packs the gradients for the allreduce of distributed steps
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.seed = _count(seed, "seed", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.config = dict(config or {})
         self.xp = backend.xp_for(self.device)
         self.interrupted = False
@@ -202,9 +224,16 @@ class Trainer:
             raise ValueError(f"train_step needs x (N, C, H, W) and y (N,) of the same N, "
                              f"not {tuple(x.shape)} and {tuple(y.shape)}.")
         self.optimizer.zero_grad()
+        if self.comm.distributed and len(y) == 0:
+            # A short last batch can leave this rank without images: it adds nothing but takes the average.
+            self._average_gradients(0)
+            self.optimizer.step()
+            return self.xp.zeros((), dtype=np.float32), self.xp.zeros((), dtype=np.int64)
         logits = self.model(x)
         loss, probs = softmax_cross_entropy(logits, y)
         self.model.backward(softmax_cross_entropy_backward(probs, y))
+        if self.comm.distributed:
+            self._average_gradients(len(y))
         self.optimizer.step()
         correct = (logits.argmax(axis=1) == y).sum()
         return loss, correct
@@ -218,6 +247,23 @@ class Trainer:
         images, labels = self._to_device(_check_data(data, "data"))
         return evaluate(self.model, images, labels, batch_size)
 
+    def _average_gradients(self, count: int) -> None:
+        if self._averager is None:
+            self._averager = distributed.GradientAverager(self.model.parameters(), self.comm)
+        self._averager.average(count)
+
+    def _evaluate_over_ranks(self, images, labels) -> dict:
+        """``evaluate`` on the whole test set; distributed, each rank takes a slice and the sums are reduced."""
+        if not self.comm.distributed:
+            return evaluate(self.model, images, labels, batch_size=EVAL_BATCH_SIZE)
+        start, stop = distributed.shard_bounds(len(labels), self.comm.rank, self.comm.size)
+        sums = np.zeros(2)  # loss sum, correct count
+        if stop > start:
+            part = evaluate(self.model, images[start:stop], labels[start:stop], batch_size=EVAL_BATCH_SIZE)
+            sums[:] = part["loss"] * (stop - start), part["accuracy"] * (stop - start)
+        self.comm.allreduce_sum(sums)
+        return {"loss": float(sums[0]) / len(labels), "accuracy": round(sums[1]) / len(labels)}
+
     # --- the loop -----------------------------------------------------------
     def fit(self, train_data, test_data, epochs: int, batch_size: int, resume=None, progress: bool = True) -> list:
         """Train until ``epochs`` epochs are complete (counting those of a resumed checkpoint).
@@ -227,13 +273,25 @@ class Trainer:
         with the same seed and batch size. Returns the per-epoch metric records
         of this call. Raises TrainingError when the loss becomes NaN or infinite
         (the last good checkpoint stays as it was).
+
+        Distributed (``comm``), ``batch_size`` is per rank and a step trains on
+        ``comm.size * batch_size`` images; every rank passes the same data, and
+        resumes from the same checkpoint (written by rank 0) on as many ranks.
+        A stop request (Ctrl-C, SIGINT) on any rank takes effect on all ranks at
+        the next metrics refresh (every REFRESH_STEPS steps, and at epoch end).
         """
         train_images, train_labels = self._to_device(_check_data(train_data, "train_data"))
         test_images, test_labels = self._to_device(_check_data(test_data, "test_data"))
-        epochs = _count(epochs, "epochs", 1)
-        batch_size = _count(batch_size, "batch_size", 1)
-        batches = BatchIterator(train_images, train_labels, batch_size, shuffle=True, seed=self.seed)
-        if self.out_dir is not None:
+        epochs = check_int(epochs, "epochs", 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
+        if self.comm.distributed:
+            batches = distributed.ShardedBatchIterator(train_images, train_labels, batch_size, self.comm.rank,
+                                                       self.comm.size, seed=self.seed)
+        else:
+            batches = BatchIterator(train_images, train_labels, batch_size, shuffle=True, seed=self.seed)
+        main_rank = self.comm.rank == 0  # the one that writes files and shows progress
+        progress = progress and main_rank
+        if self.out_dir is not None and main_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
         start_epoch, start_step, partial = 0, 0, None
@@ -243,7 +301,12 @@ class Trainer:
             if start_epoch >= epochs:
                 raise ValueError(f"the checkpoint {resume} has already completed {start_epoch} epochs; "
                                  f"ask for more than {start_epoch} epochs to continue it.")
-            self._trim_metrics(start_epoch)
+            if main_rank:
+                self._trim_metrics(start_epoch)
+        self.comm.check_same("the run (training images, test images, batch size, seed, epochs, start epoch, step)",
+                             (len(train_labels), len(test_labels), batch_size, self.seed, epochs, start_epoch,
+                              start_step))
+        self.comm.broadcast_parameters(self.model.parameters())
 
         history = []
         with _StopRequest() as stop:
@@ -251,7 +314,7 @@ class Trainer:
                 batches.set_epoch(epoch, start_batch=start_step if epoch == start_epoch else 0)
                 sums = self._train_epoch(batches, epoch, epochs, partial if epoch == start_epoch else None,
                                          batch_size, stop, progress)
-                if stop.requested and sums["steps"] < len(batches):
+                if sums["stopped"] and sums["steps"] < len(batches):
                     self._save_latest(epoch, sums["steps"], sums, batch_size)
                     self._stopped(progress)
                     return history
@@ -259,7 +322,7 @@ class Trainer:
                 history.append(record)
                 if progress:
                     tqdm.write(describe_epoch(record, epochs))
-                if stop.requested:
+                if self.comm.any(stop.requested):
                     self._stopped(progress)
                     return history
         return history
@@ -275,6 +338,10 @@ class Trainer:
                     "correct": xp.asarray(partial["correct"], dtype=np.int64),
                     "seen": int(partial["seen"]), "steps": int(partial["steps"]),
                     "seconds": float(partial["seconds"])}
+        sums["stopped"] = False  # the loop ended on a stop request
+        # loss, correct and seen as every rank had them at the last synchronisation (distributed runs)
+        sums["synced"] = (np.zeros(3) if partial is None else
+                          np.array([float(partial["loss"]), int(partial["correct"]), int(partial["seen"])], float))
         self.model.train()
         started = time.perf_counter()
         seconds_before = sums["seconds"]
@@ -282,29 +349,59 @@ class Trainer:
                    disable=not progress, dynamic_ncols=True, leave=False)
         try:
             for x, y in batches:
-                loss, correct = self.train_step(x, y)
+                try:
+                    loss, correct = self.train_step(x, y)
+                except Exception as exc:
+                    if not backend.is_out_of_memory(exc):
+                        raise
+                    raise TrainingError(self._out_of_memory_text(exc, batch_size)) from None
                 sums["loss"] += loss * len(y)
                 sums["correct"] += correct
                 sums["seen"] += len(y)
                 sums["steps"] += 1
                 bar.update(1)
                 last = sums["steps"] == len(batches)
-                if sums["steps"] % REFRESH_STEPS == 0 or last or stop.requested:
+                # Distributed ranks look at stop requests only when they synchronise, so they stop together.
+                stopping = stop.requested and not self.comm.distributed
+                if sums["steps"] % REFRESH_STEPS == 0 or last or stopping:
+                    stopping = self._sync_sums(sums, stop)
                     mean_loss = float(sums["loss"]) / sums["seen"]  # the host round trip of this refresh
                     self._check_finite(mean_loss, "training", epoch, sums["steps"])
                     sums["seconds"] = seconds_before + time.perf_counter() - started
                     bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(sums['correct']) / sums['seen']:.2%}",
                                     img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):,.0f}", refresh=False)
-                if stop.requested:
+                if stopping:
+                    sums["stopped"] = True
                     break
         finally:
             bar.close()
         return sums
 
+    def _sync_sums(self, sums, stop) -> bool:
+        """Make the epoch sums of every rank the sums over all ranks; returns whether any rank asked to stop.
+
+        One process: nothing changes, and the answer is its own stop request.
+        Distributed: each rank contributes what it added since the last
+        synchronisation (one small MPI allreduce), so all ranks then hold the
+        same sums, the ones the metrics and checkpoints report.
+        """
+        if not self.comm.distributed:
+            return stop.requested
+        local = np.array([float(sums["loss"]), int(sums["correct"]), sums["seen"]], dtype=np.float64)
+        change = np.append(local - sums["synced"], float(stop.requested))
+        self.comm.allreduce_sum(change)
+        total = sums["synced"] + change[:3]
+        total[1:] = np.round(total[1:])  # counts
+        sums["loss"] = self.xp.asarray(total[0], dtype=np.float64)
+        sums["correct"] = self.xp.asarray(int(total[1]), dtype=np.int64)
+        sums["seen"] = int(total[2])
+        sums["synced"] = total
+        return bool(change[3] > 0)
+
     def _finish_epoch(self, epoch, sums, test_data, batch_size) -> dict:
         """Evaluate, step the scheduler, write checkpoints and the metrics line; returns the record."""
         evaluated = time.perf_counter()
-        test = evaluate(self.model, *test_data, batch_size=EVAL_BATCH_SIZE)
+        test = self._evaluate_over_ranks(*test_data)
         self._check_finite(test["loss"], "test", epoch, sums["steps"])
         lr = self._current_lr()
         if self.scheduler is not None:
@@ -323,10 +420,13 @@ class Trainer:
             "seconds": sums["seconds"] + time.perf_counter() - evaluated,
         }
         if self.out_dir is not None:
+            # checkpoint.npz last: a run killed before it resumes from the previous epoch, which
+            # drops this metrics line and rewrites best.npz with the same bits, so nothing is lost.
+            if self.comm.rank == 0:
+                self._append_metrics(record)
+                if improved:
+                    self._save(self.out_dir / BEST_FILE, epoch + 1, 0, None, batch_size)
             self._save_latest(epoch + 1, 0, None, batch_size)
-            if improved:
-                self._save(self.out_dir / BEST_FILE, epoch + 1, 0, None, batch_size)
-            self._append_metrics(record)
         return record
 
     def _stopped(self, progress) -> None:
@@ -344,6 +444,13 @@ class Trainer:
             kept = "no checkpoint had been written yet"
         raise TrainingError(f"the {phase} loss became {value} in epoch {epoch + 1} (by step {step}); "
                             f"training stopped and {kept}; try a smaller learning rate.")
+
+    def _out_of_memory_text(self, exc, batch_size) -> str:
+        kept = (f"the last good checkpoint, {self.checkpoint_path}, is unchanged" if self.checkpoint_path
+                else "no checkpoint had been written yet")
+        return (f"training on the {self.device} ran out of memory at batch size {batch_size} "
+                f"({type(exc).__name__}: {exc}); "
+                f"training stopped and {kept}; try a smaller batch size (--batch-size {max(1, batch_size // 2)}).")
 
     # --- state ----------------------------------------------------------------
     def _to_device(self, data):
@@ -380,7 +487,8 @@ class Trainer:
             epoch=epoch,
             step=step,
             rng={name: gen.bit_generator.state for name, gen in self._generators().items()},
-            trainer={"seed": self.seed, "batch_size": batch_size, "best_accuracy": self.best_accuracy,
+            trainer={"seed": self.seed, "batch_size": batch_size, "ranks": self.comm.size,
+                     "best_accuracy": self.best_accuracy,
                      "partial": partial, "optimizer_class": type(self.optimizer).__name__,
                      "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__},
             config=config,
@@ -388,7 +496,9 @@ class Trainer:
 
     def _save_latest(self, epoch, step, sums, batch_size) -> None:
         if self.out_dir is not None:
-            self.checkpoint_path = self._save(self.out_dir / CHECKPOINT_FILE, epoch, step, sums, batch_size)
+            path = self.out_dir / CHECKPOINT_FILE
+            # Only rank 0 writes; every rank knows the path (for messages and resuming).
+            self.checkpoint_path = self._save(path, epoch, step, sums, batch_size) if self.comm.rank == 0 else path
 
     def _restore(self, path, batch_size: int, steps_per_epoch: int):
         """Load a checkpoint into the model, optimizer, scheduler and generators; returns (epoch, step, partial)."""
@@ -398,11 +508,20 @@ class Trainer:
         if missing:
             raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)}.")
         check_state_fits(ckpt["model"], {name: p.data for name, p in self.model.named_parameters()})
+        # Same shapes do not make the same model (lenet5 and lenet5-classic share every shape).
+        stored_name = ((ckpt.get("config") or {}).get("model") or {}).get("name")
+        own_name = (getattr(self.model, "config", None) or {}).get("name")
+        if stored_name is not None and own_name is not None and stored_name != own_name:
+            raise CheckpointError(f"checkpoint {path} holds a {stored_name} model, but this run trains {own_name}.")
         state = ckpt["trainer"]
         if state["seed"] != self.seed or state["batch_size"] != batch_size:
             raise ValueError(f"checkpoint {path} was trained with seed {state['seed']} and batch size "
                              f"{state['batch_size']}; resume with the same (got seed {self.seed}, "
                              f"batch size {batch_size}) so the batch order continues.")
+        ranks = state.get("ranks", 1)  # checkpoints from before distributed training: one process
+        if ranks != self.comm.size:
+            raise ValueError(f"checkpoint {path} was trained on {ranks} rank(s) with batch size {batch_size} each; "
+                             f"resume it on {ranks} (got {self.comm.size}) so the batch order continues.")
         for part, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             stored = state[f"{part}_class"]
             current = None if obj is None else type(obj).__name__
@@ -435,7 +554,7 @@ class Trainer:
         if path is None or not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= completed_epochs]
+        kept = [line for line in lines if _metrics_epoch(line) <= completed_epochs]
         if len(kept) != len(lines):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(kept), encoding="utf-8")

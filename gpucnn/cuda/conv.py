@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, default_runtime, kernel_array
 from gpucnn.ops.conv import conv2d_geometry
 
 KERNEL_FILE = "conv2d.cu"
@@ -25,6 +25,10 @@ def _geometry(x, weight, bias, stride, padding, dilation):
     for name, count in (("x", g.N * g.C * g.H * g.W), ("weight", g.OC * g.C * g.KH * g.KW),
                         ("y", g.N * g.OC * g.OH * g.OW)):
         check_int32_count(name, count)
+    # Every coordinate the kernels form (oy*SH - PH + ky*DH, iy + PH - ky*DH, ...) lies below these sums.
+    check_int32_extent("the padded height plus the stride, H + 2*PH + SH,", g.H + 2 * g.PH + g.SH)
+    check_int32_extent("the padded width plus the stride, W + 2*PW + SW,", g.W + 2 * g.PW + g.SW)
+    check_int32_extent("the dilation", max(g.DH, g.DW))  # unbounded by the above for a 1-wide kernel
     return g
 
 
@@ -107,19 +111,18 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
         raise ValueError(f"grad_y must have shape {(g.N, g.OC, g.OH, g.OW)} for these inputs, "
                          f"not {tuple(grad_y.shape)}.")
     geometry = _int32_args(g)
-
-    grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
-    # writes grad_x: one thread per input element, gathering over the outputs that read it
-    rt.function(KERNEL_FILE, "conv2d_backward_data")(
-        (ceil_div(grad_x.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-        (grad_y, weight, grad_x, *geometry))
-
     positions = g.N * g.OH * g.OW
     slices = min(ceil_div(positions, MIN_SLICE_LEN), MAX_SLICES)
     slice_len = ceil_div(positions, slices)
     slices = ceil_div(positions, slice_len)
     w_count = g.OC * g.C * g.KH * g.KW
     check_int32_count("the weight-gradient scratch buffer", slices * w_count)
+
+    grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
+    # writes grad_x: one thread per input element, gathering over the outputs that read it
+    rt.function(KERNEL_FILE, "conv2d_backward_data")(
+        (ceil_div(grad_x.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+        (grad_y, weight, grad_x, *geometry))
 
     partial = rt.empty((slices, w_count), np.float32)
     # writes partial: row s holds each weight element's sum over output positions of slice s

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, default_runtime, kernel_array
 from gpucnn.ops.pool import pool2d_geometry
 
 KERNEL_FILE = "pool2d.cu"
@@ -19,6 +19,10 @@ def _geometry(x_shape, kernel_size, stride, padding):
     g = pool2d_geometry(x_shape, kernel_size, stride, padding)
     check_int32_count("x", g.N * g.C * g.H * g.W)
     check_int32_count("y", g.N * g.C * g.OH * g.OW)
+    # Coordinates such as iy + PH - KH + 1 + SH - 1 (the backward's first window) stay below these sums.
+    check_int32_extent("the padded height plus the stride, H + 2*PH + SH,", g.H + 2 * g.PH + g.SH)
+    check_int32_extent("the padded width plus the stride, W + 2*PW + SW,", g.W + 2 * g.PW + g.SW)
+    check_int32_extent("the window size KH*KW (argmax holds ky*KW + kx)", g.KH * g.KW)
     return g
 
 

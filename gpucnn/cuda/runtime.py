@@ -112,3 +112,10 @@ def check_int32_count(name: str, count: int) -> None:
         raise ValueError(f"{name} would hold {count} elements, more than the {MAX_INT32_ELEMENTS} "
                          "that the kernels' int32 indexing allows.")
 
+
+def check_int32_extent(what: str, value: int) -> None:
+    """Refuse a size or coordinate sum (e.g. ``H + 2*PH + SH``) that the kernels' int32 arithmetic would overflow."""
+    if value > MAX_INT32_ELEMENTS:
+        raise ValueError(f"{what} is {value}, more than the {MAX_INT32_ELEMENTS} that the kernels' int32 "
+                         "arithmetic allows; use smaller padding, stride, dilation or kernel sizes.")
+

@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import os
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ DEFAULT_CACHE_ROOT = Path("~/.cache/gpucnn")
 SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
 DOWNLOAD_TIMEOUT_S = 30.0
 DOWNLOAD_CHUNK_BYTES = 1 << 16
+# A .part file unchanged for this long (and for twice the download timeout) belongs to a download that
+# died (a killed process cannot delete it); the next download into that folder removes it.
+STALE_PART_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,17 @@ def _fetch(url: str, part: Path, file_spec: FileSpec, progress, timeout: float) 
                         "(the mirror served a different or damaged file)")
 
 
+def _remove_stale_parts(directory: Path, timeout: float) -> None:
+    """Delete ``*.part`` files of dead downloads; a live one writes at least every ``timeout`` seconds."""
+    cutoff = time.time() - max(STALE_PART_S, 2 * timeout)
+    for part in directory.glob("*.part"):
+        try:
+            if part.is_file() and part.stat().st_mtime < cutoff:
+                part.unlink()
+        except OSError:
+            pass  # gone already, or not ours to delete: it is never read either way
+
+
 def _download_file(file_spec: FileSpec, directory: Path, mirrors, progress, timeout: float) -> Path:
     """Fetch one file into ``directory`` from the first mirror that delivers the right bytes."""
     target = directory / file_spec.filename
@@ -260,7 +275,9 @@ def download_dataset(name: str, split: str | None = None, mirrors=None, cache_di
 
     Each file goes to a ``.part`` file in the cache folder, is checked against
     its MD5, then moved into place; on any failure the partial is deleted and the
-    next mirror is tried. ``progress`` is a bool or a text stream for the tqdm bar.
+    next mirror is tried. A ``.part`` file is never read; one left by a killed
+    process is deleted by a later download once it is stale (STALE_PART_S).
+    ``progress`` is a bool or a text stream for the tqdm bar.
     """
     spec = get_spec(name)
     if split is not None:
@@ -276,6 +293,7 @@ def download_dataset(name: str, split: str | None = None, mirrors=None, cache_di
     except OSError as exc:
         raise DataError(f"cannot create the cache folder {directory} ({exc}); set {CACHE_DIR_ENV} to a "
                         "writable folder.") from None
+    _remove_stale_parts(directory, timeout)
     for s in SPLITS if split is None else (split,):
         for file_spec in spec.split_files(s):
             if _local_file(directory, file_spec) is None:
@@ -300,7 +318,7 @@ def load_dataset(name: str, split: str = "train", data_dir=None, download: bool 
     for directory in searched:
         paths = _split_paths(directory, spec, split)
         if paths is not None:
-            return _load_split(*paths, spec)
+            return _load_checked(paths, spec, cached=directory == cache_root(cache_dir) / spec.name)
     if not download:
         images_file, labels_file = (f.filename for f in spec.split_files(split))
         package = f", install the Debian package {spec.system_package}" if spec.system_package else ""
@@ -308,7 +326,18 @@ def load_dataset(name: str, split: str = "train", data_dir=None, download: bool 
                         f"{', '.join(str(d) for d in searched)}; pass a folder holding them as data_dir "
                         f"(--data-dir), set {DATA_DIR_ENV}{package}, or allow downloading.")
     directory = download_dataset(spec.name, split, mirrors=mirrors, cache_dir=cache_dir, progress=progress)
-    return _load_split(*_split_paths(directory, spec, split), spec)
+    return _load_checked(_split_paths(directory, spec, split), spec, cached=True)
+
+
+def _load_checked(paths: tuple[Path, Path], spec: DatasetSpec, cached: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``_load_split``; a damaged file in the download cache gets the way out added to the message."""
+    try:
+        return _load_split(*paths, spec)
+    except DataError as exc:
+        if not cached:
+            raise
+        raise DataError(f"{exc} These files are gpucnn's cached download: delete {paths[0]} and {paths[1]} "
+                        "and run again to download them afresh.") from None
 
 
 def normalize(images, mean: float, std: float):

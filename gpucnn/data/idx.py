@@ -8,6 +8,7 @@ C order, big-endian. Compression is recognised by the gzip magic bytes
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import tempfile
 import zlib
@@ -93,7 +94,11 @@ def read_idx(path) -> np.ndarray:
                         f"bytes, found {len(data)}.")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # NumPy refuses shapes whose nonzero sizes multiply past its index range, even with a zero size.
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise DataError(f"IDX file {path} declares shape {shape}, too large for any array; it is not a valid "
+                        "IDX file.")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a forged header cannot overflow this
     found = len(data) - header_len
     if found < expected:
         raise DataError(f"IDX file {path} is truncated: expected {expected} bytes of data, found {found}; "

@@ -147,7 +147,7 @@ class Module:
                              f"but the last forward produced shape {expected}.")
 
     def _check_input(self, x, ndim: int | None = None, channels: int | None = None, channels_name="channels"):
-        """Validate an input array: type, float dtype, ndim, size of axis 1, device.
+        """Validate an input array: type, ndim, no zero-length axis, size of axis 1, float dtype, device.
 
         Layers with parameters require the input dtype to equal the parameter
         dtype (float32 unless ``double()`` was called); inputs are never
@@ -158,6 +158,8 @@ class Module:
         shape = tuple(x.shape)
         if ndim is not None and x.ndim != ndim:
             raise ValueError(f"{self!r} expected a {ndim}-D input, got shape {shape}.")
+        if 0 in shape:
+            raise ValueError(f"{self!r} got an empty input of shape {shape}; every dimension must be at least 1.")
         if channels is not None and shape[1] != channels:
             raise ValueError(f"{self!r} expected input with {channels} {channels_name}, got shape {shape}.")
         own = list(self._parameters.values())
@@ -169,7 +171,8 @@ class Module:
             x_device, p_device = backend.device_of(x), own[0].device
             if x_device != p_device:
                 raise ValueError(f"input is on {x_device} but {type(self).__name__}'s parameters are on "
-                                 f"{p_device}; call model.to({x_device!r}) or move the input.")
+                                 f"{p_device} ({self!r}, input shape {shape}); call model.to({x_device!r}) "
+                                 "or move the input.")
         elif np.dtype(x.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"{self!r} expected float32 or float64 input, got {x.dtype}; "
                             "convert the input with x.astype(np.float32).")
