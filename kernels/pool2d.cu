@@ -18,6 +18,15 @@
 //   avg_pool2d_backward  grad_x, as a gather: the sum of grad_y / (kh*kw) over the windows that
 //                        contain the element.
 
+// Output windows along one axis that contain input index i: [*begin, *end). Window o covers
+// input indexes o*s - p .. o*s - p + k - 1.
+__device__ __forceinline__ void windows_containing(int i, int k, int s, int p, int o, int* begin, int* end)
+{
+    const int t = i + p - k + 1;
+    *begin = t <= 0 ? 0 : (t + s - 1) / s;
+    *end = min((i + p) / s + 1, o);
+}
+
 extern "C" __global__ void max_pool2d_forward(
     const float* x, float* y, int* argmax,
     int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
@@ -60,13 +69,9 @@ extern "C" __global__ void max_pool2d_backward(
     const int iy = (idx / w) % h;
     const int plane = idx / (w * h);
 
-    // Output row oy covers input rows oy*sh - ph .. oy*sh - ph + kh - 1.
-    const int ty = iy + ph - kh + 1;
-    const int tx = ix + pw - kw + 1;
-    const int oy_begin = ty <= 0 ? 0 : (ty + sh - 1) / sh;
-    const int ox_begin = tx <= 0 ? 0 : (tx + sw - 1) / sw;
-    const int oy_end = min((iy + ph) / sh + 1, oh);
-    const int ox_end = min((ix + pw) / sw + 1, ow);
+    int oy_begin, oy_end, ox_begin, ox_end;
+    windows_containing(iy, kh, sh, ph, oh, &oy_begin, &oy_end);
+    windows_containing(ix, kw, sw, pw, ow, &ox_begin, &ox_end);
     float acc = 0.0f;
     for (int oy = oy_begin; oy < oy_end; ++oy) {
         const int ky = iy + ph - oy * sh;
@@ -115,12 +120,9 @@ extern "C" __global__ void avg_pool2d_backward(
     const int iy = (idx / w) % h;
     const int plane = idx / (w * h);
 
-    const int ty = iy + ph - kh + 1;
-    const int tx = ix + pw - kw + 1;
-    const int oy_begin = ty <= 0 ? 0 : (ty + sh - 1) / sh;
-    const int ox_begin = tx <= 0 ? 0 : (tx + sw - 1) / sw;
-    const int oy_end = min((iy + ph) / sh + 1, oh);
-    const int ox_end = min((ix + pw) / sw + 1, ow);
+    int oy_begin, oy_end, ox_begin, ox_end;
+    windows_containing(iy, kh, sh, ph, oh, &oy_begin, &oy_end);
+    windows_containing(ix, kw, sw, pw, ow, &ox_begin, &ox_end);
     float acc = 0.0f;
     for (int oy = oy_begin; oy < oy_end; ++oy) {
         for (int ox = ox_begin; ox < ox_end; ++ox) {

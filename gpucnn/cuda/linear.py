@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array, kernel_matrix
 
 KERNEL_FILE = "linear.cu"
 TILE_M, TILE_N, TILE_K = 64, 64, 16   # as #defined in kernels/linear.cu
@@ -24,14 +24,6 @@ MAX_GRID_YZ = 65535
 TARGET_BLOCKS = 256
 MIN_SLICE_TILES = 4
 MAX_SLICES = 32
-
-
-def _matrix(rt, array, name):
-    array = kernel_array(rt, array, name, ndim=2)
-    if 0 in array.shape:
-        raise ValueError(f"{name} has a zero-length dimension (shape {tuple(array.shape)}); sizes must be positive.")
-    check_int32_count(name, array.size)
-    return array
 
 
 def split_k(m: int, n: int, k: int) -> tuple[int, int]:
@@ -50,8 +42,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime
     ``trans_b`` (b stored (N, K)); bias (N,) or None -> c (M, N).
     """
     rt = runtime if runtime is not None else default_runtime()
-    a = _matrix(rt, a, "a")
-    b = _matrix(rt, b, "b")
+    a = kernel_matrix(rt, a, "a")
+    b = kernel_matrix(rt, b, "b")
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k_b != k:
@@ -95,7 +87,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime
 def column_sums(g, *, runtime=None):
     """The sum of each column: g (ROWS, COLS) float32 -> (COLS,), each summed in a fixed order."""
     rt = runtime if runtime is not None else default_runtime()
-    g = _matrix(rt, g, "g")
+    g = kernel_matrix(rt, g, "g")
     rows, cols = (int(s) for s in g.shape)
     out = rt.empty((cols,), np.float32)
     # writes out: one block per 32 columns, COLSUM_ROWS threads per column, added in row-group order
@@ -116,8 +108,8 @@ def linear_forward(x, weight, bias, relu=False, *, runtime=None):
     x (N, IN), weight (OUT, IN) as in PyTorch, bias (OUT,) or None -> y (N, OUT), all float32.
     """
     rt = runtime if runtime is not None else default_runtime()
-    x = _matrix(rt, x, "x")
-    weight = _matrix(rt, weight, "weight")
+    x = kernel_matrix(rt, x, "x")
+    weight = kernel_matrix(rt, weight, "weight")
     _check_weight(x, weight)
     if bias is not None:
         bias = kernel_array(rt, bias, "bias", ndim=1)
@@ -133,9 +125,9 @@ def linear_backward(grad_y, x, weight, with_bias=True, *, runtime=None):
     grad_bias (OUT,) or None when ``with_bias`` is False).
     """
     rt = runtime if runtime is not None else default_runtime()
-    grad_y = _matrix(rt, grad_y, "grad_y")
-    x = _matrix(rt, x, "x")
-    weight = _matrix(rt, weight, "weight")
+    grad_y = kernel_matrix(rt, grad_y, "grad_y")
+    x = kernel_matrix(rt, x, "x")
+    weight = kernel_matrix(rt, weight, "weight")
     _check_weight(x, weight)
     if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
         raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")

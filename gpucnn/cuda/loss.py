@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, default_runtime, kernel_matrix
 
 KERNEL_FILE = "loss.cu"
 XENT_ROWS = 8           # XENT_ROWS in kernels/loss.cu: rows (one warp each) per block
@@ -32,14 +32,6 @@ def _int32_labels(rt, labels, N: int, K: int, check_labels: bool):
     return rt.xp.ascontiguousarray(labels.astype(np.int32, copy=False))
 
 
-def _matrix(rt, array, name):
-    array = kernel_array(rt, array, name, ndim=2)
-    if 0 in array.shape:
-        raise ValueError(f"{name} has a zero-length dimension (shape {tuple(array.shape)}); sizes must be positive.")
-    check_int32_count(name, array.size)
-    return array
-
-
 def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
     """Mean cross-entropy of softmax(logits) against integer labels; returns (loss, probs).
 
@@ -49,7 +41,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
     [0, K) then makes the loss NaN.
     """
     rt = runtime if runtime is not None else default_runtime()
-    logits = _matrix(rt, logits, "logits")
+    logits = kernel_matrix(rt, logits, "logits")
     N, K = (int(s) for s in logits.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)
     probs = rt.empty((N, K), np.float32)
@@ -66,7 +58,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
 def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=None):
     """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
     rt = runtime if runtime is not None else default_runtime()
-    probs = _matrix(rt, probs, "probs")
+    probs = kernel_matrix(rt, probs, "probs")
     N, K = (int(s) for s in probs.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)
     grad_logits = rt.empty((N, K), np.float32)

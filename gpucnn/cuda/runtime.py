@@ -106,6 +106,15 @@ def kernel_array(runtime, array, name: str, dtype=np.float32, ndim: int | None =
     return runtime.xp.ascontiguousarray(array)
 
 
+def kernel_matrix(runtime, array, name: str):
+    """A non-empty 2-D float32 kernel argument (see kernel_array) small enough for int32 indexing."""
+    array = kernel_array(runtime, array, name, ndim=2)
+    if 0 in array.shape:
+        raise ValueError(f"{name} has a zero-length dimension (shape {tuple(array.shape)}); sizes must be positive.")
+    check_int32_count(name, array.size)
+    return array
+
+
 def check_int32_count(name: str, count: int) -> None:
     """Refuse an element count too large for the kernels' int32 indexing."""
     if count > MAX_INT32_ELEMENTS:
