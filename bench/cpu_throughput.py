@@ -28,6 +28,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4096, help="random images to draw batches from")
+    parser.add_argument("--libraries", default="gpucnn,pytorch",
+                        help="which to time (one alone shows what sharing the process with the other costs)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args()
 
@@ -100,7 +102,8 @@ def main():
 
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        steppers = {"gpucnn": gpucnn_stepper(batch_size), "pytorch": torch_stepper(batch_size)}
+        makers = {"gpucnn": gpucnn_stepper, "pytorch": torch_stepper}
+        steppers = {name: makers[name](batch_size) for name in args.libraries.split(",")}
         for step in steppers.values():
             for _ in range(args.warmup):
                 step()
@@ -109,19 +112,25 @@ def main():
             for name, step in steppers.items():
                 rates[name].append(time_round(step, batch_size))
         med = {name: float(np.median(r)) for name, r in rates.items()}
-        results.append({"batch_size": batch_size, "gpucnn_images_per_s": med["gpucnn"],
-                        "pytorch_images_per_s": med["pytorch"], "ratio": med["gpucnn"] / med["pytorch"],
-                        "gpucnn_rounds": rates["gpucnn"], "pytorch_rounds": rates["pytorch"]})
+        row = {"batch_size": batch_size}
+        for name in steppers:
+            row[f"{name}_images_per_s"] = med[name]
+            row[f"{name}_rounds"] = rates[name]
+        if len(steppers) == 2:
+            row["ratio"] = med["gpucnn"] / med["pytorch"]
+        results.append(row)
 
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
            "numpy": np.__version__, "torch": torch.__version__, "steps_per_round": args.steps,
            "rounds": args.rounds, "optimizer": "Adam(lr=1e-3)", "model": "LeNet-5 (modern)"}
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"{'batch':>6} {'gpucnn img/s':>13} {'pytorch img/s':>14} {'gpucnn/pytorch':>15}")
+    names = args.libraries.split(",")
+    print(f"{'batch':>6}" + "".join(f" {name + ' img/s':>14}" for name in names)
+          + (f" {'gpucnn/pytorch':>15}" if len(names) == 2 else ""))
     for r in results:
-        print(f"{r['batch_size']:>6} {r['gpucnn_images_per_s']:>13.0f} {r['pytorch_images_per_s']:>14.0f} "
-              f"{r['ratio']:>15.2f}")
+        print(f"{r['batch_size']:>6}" + "".join(f" {r[name + '_images_per_s']:>14.0f}" for name in names)
+              + (f" {r['ratio']:>15.2f}" if "ratio" in r else ""))
     if args.json:
         args.json.write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
 
