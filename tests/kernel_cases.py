@@ -219,3 +219,24 @@ def check_avg_pool(case: PoolCase, runtime=None, to_device=np.asarray, to_host=n
     grad_x = to_host(cuda_pool.avg_pool2d_backward(to_device(grad_y), x.shape, runtime=runtime, **window))
     assert_close("grad_x", grad_x, ops_pool.avg_pool2d_backward(grad_y, x.shape, **window), GRAD_X_TOL)
     return y, grad_x
+
+
+class NoLaunchRuntime:
+    """A runtime (see gpucnn.cuda.runtime) on NumPy whose kernels must never be reached: the launcher
+    has to refuse invalid inputs before it asks for a kernel."""
+
+    xp = np
+
+    def __init__(self):
+        self.launched = []
+
+    def function(self, file, name):
+        self.launched.append(name)
+        raise AssertionError(f"kernel {name} was launched although the inputs were invalid")
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+

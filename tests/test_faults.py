@@ -35,6 +35,7 @@ from gpucnn.data import DATASETS, DataError, DatasetSpec, FileSpec, datasets, lo
 from gpucnn.data.datasets import download_dataset
 from gpucnn.models import LeNet5, build_model
 from gpucnn.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainingError
+from tests.kernel_cases import NoLaunchRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 30       # per CLI run below; an epoch takes about 80 ms on the tiny data set
@@ -299,27 +300,6 @@ def test_input_on_the_wrong_device_with_a_real_gpu():
     model = LeNet5().to("gpu")
     with pytest.raises(ValueError, match=r"input is on cpu but Conv2d's parameters are on gpu"):
         model(np.zeros((2, 1, 28, 28), np.float32))
-
-
-class NoLaunchRuntime:
-    """A CUDA runtime (see gpucnn.cuda.runtime) on NumPy that fails the test if any kernel is launched."""
-
-    xp = np
-
-    def __init__(self):
-        self.launched = []
-
-    def function(self, file, name):
-        def launch(*args, **kwargs):
-            self.launched.append(name)
-            raise AssertionError(f"kernel {name} was launched")
-        return launch
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype)
 
 
 def f32(*shape):

@@ -17,7 +17,7 @@ from gpucnn.cuda import runtime as cuda_runtime
 from gpucnn.ops import conv as ops_conv
 from gpucnn.ops import pool as ops_pool
 from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
-from tests.kernel_cases import (CONV_CASES, POOL_CASES, ConvCase, PoolCase, case_id, check_avg_pool, check_conv,
+from tests.kernel_cases import (NoLaunchRuntime, CONV_CASES, POOL_CASES, ConvCase, PoolCase, case_id, check_avg_pool, check_conv,
                                 check_max_pool, conv_inputs)
 
 ORDERS = ("forward", "reverse", "random")
@@ -175,20 +175,6 @@ def test_unmutated_copy_is_not_flagged(tmp_path):
 
 # Launcher checks that need no kernel run.
 
-class _NoLaunchRuntime:
-    """A runtime whose kernels must never be reached: the launcher has to refuse first."""
-    xp = np
-
-    def function(self, file, name):
-        raise AssertionError(f"{name} was launched although the inputs were invalid")
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype)
-
-
 def _f32(*shape):
     return np.zeros(shape, np.float32)
 
@@ -220,7 +206,7 @@ def _f32(*shape):
 ])
 def test_launchers_refuse_bad_inputs_before_launch(call, error, words):
     with pytest.raises(error, match=words):
-        call(_NoLaunchRuntime())
+        call(NoLaunchRuntime())
 
 
 def test_check_int32_count_limit():

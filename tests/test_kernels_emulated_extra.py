@@ -21,7 +21,7 @@ from gpucnn.models import LeNet5
 from gpucnn.nn import Parameter
 from gpucnn.ops import loss as ops_loss
 from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
-from tests.kernel_cases import assert_close
+from tests.kernel_cases import NoLaunchRuntime, assert_close
 from tests.kernel_cases_extra import (LINEAR_CASES, LOSS_CASES, MATMUL_CASES, OPTIM_CASES, OPTIM_TOL, RELU_SHAPES,
                                       LinearCase, LossCase, case_id, check_fused_optimizer, check_linear, check_loss,
                                       check_matmul, check_relu, loss_inputs)
@@ -347,20 +347,6 @@ def test_unmutated_copies_are_not_flagged(tmp_path, file):
 
 # ---- launcher checks that need no kernel run -----------------------------------------------------
 
-class _NoLaunchRuntime:
-    """A runtime whose kernels must never be reached: the launcher has to refuse first."""
-    xp = np
-
-    def function(self, file, name):
-        raise AssertionError(f"{name} was launched although the inputs were invalid")
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return np.zeros(shape, dtype)
-
-
 def _f32(*shape):
     return np.zeros(shape, np.float32)
 
@@ -398,11 +384,11 @@ def _f32(*shape):
 ])
 def test_launchers_refuse_bad_inputs_before_launch(call, error, words):
     with pytest.raises(error, match=words):
-        call(_NoLaunchRuntime())
+        call(NoLaunchRuntime())
 
 
 def test_fused_optimizers_validate_like_the_reference():
-    rt = _NoLaunchRuntime()
+    rt = NoLaunchRuntime()
     with pytest.raises(ValueError, match="empty parameter list"):
         cuda_optim.FusedAdam([], runtime=rt)
     with pytest.raises(ValueError, match="betas"):
