@@ -12,6 +12,7 @@ import pytest
 
 from gpucnn.checkpoint import load_checkpoint
 from gpucnn.data import write_idx
+from tests.synthetic_data import quadrant_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,18 +25,6 @@ def run_cli(*args, check=True):
     if check:
         assert result.returncode == 0, result.stderr
     return result
-
-
-def quadrant_images(n, seed):
-    """uint8 (n, 28, 28) images whose label (0-3) is the quadrant holding a bright square."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n).astype(np.uint8)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for image, label in zip(images, labels):
-        top, left = divmod(int(label), 2)
-        y, x = 2 + 14 * top + rng.integers(0, 5), 2 + 14 * left + rng.integers(0, 5)
-        image[y:y + 7, x:x + 7] = 250
-    return images, labels
 
 
 @pytest.fixture(scope="module")

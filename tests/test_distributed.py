@@ -20,6 +20,7 @@ from gpucnn.checkpoint import load_checkpoint
 from gpucnn.data import BatchIterator, write_idx
 from gpucnn.distributed import Communicator, DistributedError, GradientAverager, ShardedBatchIterator, shard_bounds
 from gpucnn.train import Trainer
+from tests.synthetic_data import quadrant_images
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun")
@@ -244,18 +245,6 @@ def run_job(args, ranks=None, timeout=JOB_TIMEOUT, **env):
             job.communicate()
         pytest.fail(f"{' '.join(command)} was still running after {timeout} s (a rank hangs?)")
     return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
-
-
-def quadrant_images(n, seed):
-    """uint8 (n, 28, 28) images whose label (0-3) is the quadrant holding a bright square."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n).astype(np.uint8)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for image, label in zip(images, labels):
-        top, left = divmod(int(label), 2)
-        y, x = 2 + 14 * top + rng.integers(0, 5), 2 + 14 * left + rng.integers(0, 5)
-        image[y:y + 7, x:x + 7] = 250
-    return images, labels
 
 
 def _data_dir(root, n_train, n_test):
