@@ -1,0 +1,183 @@
+"""Fast 2-D convolution on NumPy arrays: the signatures and results of gpucnn.ops.conv.
+
+im2col + matmul like the reference, but in chunks that threads share:
+- forward and the weight gradient cut the OUTPUT ROWS into chunks; in the CHWN layout
+  the rows [oh0, oh1) of every channel are one (OC, rows*OW*N) matrix with a row stride,
+  which BLAS reads (grad_y) or writes (y) in place: no transposing copy of y or grad_y;
+- the input gradient cuts the BATCH into chunks, which touch disjoint input pixels.
+Every chunk's columns stay near COLUMN_CHUNK_BYTES, so they live in cache.
+x and grad_y may come in any memory order; y and grad_x are returned as (N, C, H, W)
+views of CHWN-ordered arrays, which the fast pooling, ReLU and the next convolution
+read as long contiguous runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn.cpu.activation import relu_inplace
+from gpucnn.cpu.threads import chwn, even_ranges, run_chunks, scratch
+from gpucnn.ops.conv import ConvGeometry, conv2d_geometry
+
+COLUMN_CHUNK_BYTES = 2 << 20
+# Fewest chunks an op is cut into (when it has that many rows), so that every thread has work.
+MIN_CHUNKS = 4
+
+
+def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False):
+    """y = conv2d(x, weight) + bias [then ReLU]: x (N, C, H, W) -> y (N, OC, OH, OW) (a CHWN-ordered view)."""
+    g = conv2d_geometry(x, weight, bias, stride, padding, dilation)
+    K = g.C * g.KH * g.KW
+    weight_matrix = weight.reshape(g.OC, K)
+    if bias is not None:  # the bias rides on a row of ones in the columns
+        weight_matrix = np.concatenate([weight_matrix, bias.reshape(g.OC, 1)], axis=1)
+    rows = weight_matrix.shape[1]
+    padded = _padded_chwn(x, g)
+    y_chwn = np.empty((g.OC, g.OH, g.OW, g.N), x.dtype)
+    row_ranges = _row_chunks(g, rows, x.itemsize)
+
+    def work(i):
+        oh0, oh1 = row_ranges[i]
+        col = _im2col_rows(padded, g, oh0, oh1, bias is not None)
+        out = y_chwn[:, oh0:oh1].reshape(g.OC, -1)
+        np.matmul(weight_matrix, col, out=out)
+        if relu:
+            relu_inplace(out)
+
+    run_chunks(work, len(row_ranges), _work(g, rows, row_ranges))
+    return y_chwn.transpose(3, 0, 1, 2)
+
+
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True):
+    """(grad_x | None, grad_weight, grad_bias | None) of conv2d_forward, as gpucnn.ops.conv.conv2d_backward.
+
+    with_grad_x=False skips the input gradient entirely (the first layer's case).
+    """
+    g = conv2d_geometry(x, weight, None, stride, padding, dilation)
+    K = g.C * g.KH * g.KW
+    rows = K + with_bias
+    grad_y_chwn = _as_chwn(grad_y)
+    padded = _padded_chwn(x, g)
+    row_ranges = _row_chunks(g, rows, x.itemsize)
+    partial = np.empty((len(row_ranges), g.OC, rows), x.dtype)
+
+    def weight_work(i):
+        oh0, oh1 = row_ranges[i]
+        col = _im2col_rows(padded, g, oh0, oh1, with_bias)
+        np.matmul(grad_y_chwn[:, oh0:oh1].reshape(g.OC, -1), col.T, out=partial[i])
+
+    run_chunks(weight_work, len(row_ranges), _work(g, rows, row_ranges))
+    grad_weight_matrix = partial[0].copy()
+    for i in range(1, len(row_ranges)):  # chunk order: the same sum on every run
+        grad_weight_matrix += partial[i]
+    grad_weight = np.ascontiguousarray(grad_weight_matrix[:, :K]).reshape(weight.shape)
+    grad_bias = grad_weight_matrix[:, K].copy() if with_bias else None
+    grad_x = _input_gradient(grad_y_chwn, weight, g) if with_grad_x else None
+    return grad_x, grad_weight, grad_bias
+
+
+
+
+def _as_chwn(a):
+    """The (C, H, W, N) layout of an (N, C, H, W) array: a view when its memory has that order, else a copy."""
+    view = chwn(a)
+    if view is not None:
+        return view
+    out = np.empty(a.shape[1:] + a.shape[:1], a.dtype)
+    source = a.transpose(1, 2, 3, 0)
+    run_chunks(lambda i: np.copyto(out[i], source[i]), out.shape[0], out[0].size)
+    return out
+
+
+def _padded_chwn(x, g: ConvGeometry):
+    """x as a zero-padded (C, HP, WP, N) array (x's own memory when it is CHWN-ordered and unpadded)."""
+    if g.PH == 0 and g.PW == 0:
+        return _as_chwn(x)
+    HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
+    padded = np.empty((g.C, HP, WP, g.N), x.dtype)
+    source = x.transpose(1, 2, 3, 0)
+
+    def work(i):  # one channel's plane: borders zeroed, the inside copied
+        plane = padded[i]
+        plane[: g.PH] = 0
+        plane[g.PH + g.H:] = 0
+        plane[g.PH: g.PH + g.H, : g.PW] = 0
+        plane[g.PH: g.PH + g.H, g.PW + g.W:] = 0
+        plane[g.PH: g.PH + g.H, g.PW: g.PW + g.W] = source[i]
+
+    if g.C == 1:  # one plane: cut its rows instead, so both threads copy
+        bands = even_ranges(g.H, 4)
+        padded[:, : g.PH] = 0
+        padded[:, g.PH + g.H:] = 0
+        padded[:, :, : g.PW] = 0
+        padded[:, :, g.PW + g.W:] = 0
+        run_chunks(lambda i: np.copyto(padded[0, g.PH + bands[i][0]: g.PH + bands[i][1], g.PW: g.PW + g.W],
+                                       source[0, bands[i][0]: bands[i][1]]),
+                   len(bands), x.size // len(bands))
+    else:
+        run_chunks(work, g.C, x.size // g.C)
+    return padded
+
+
+def _row_chunks(g: ConvGeometry, rows: int, itemsize: int):
+    """(oh0, oh1) ranges of output rows whose columns fit COLUMN_CHUNK_BYTES, at least MIN_CHUNKS of them."""
+    per_row = rows * g.OW * g.N * itemsize
+    step = max(1, min(COLUMN_CHUNK_BYTES // per_row, -(-g.OH // MIN_CHUNKS)))
+    return [(start, min(start + step, g.OH)) for start in range(0, g.OH, step)]
+
+
+def _work(g: ConvGeometry, rows: int, ranges) -> float:
+    """Multiply-adds per chunk (how much a thread gets for one hand-over)."""
+    return g.OC * rows * g.OW * g.N * (g.OH / len(ranges))
+
+
+def _window(padded, g: ConvGeometry, ky: int, kx: int, oh0: int, oh1: int):
+    """The (C, oh1-oh0, OW, N) view of a padded (C, HP, WP, N) array that kernel offset (ky, kx) reads."""
+    top = oh0 * g.SH + ky * g.DH
+    left = kx * g.DW
+    return padded[:, top: top + g.SH * (oh1 - oh0 - 1) + 1: g.SH, left: left + g.SW * (g.OW - 1) + 1: g.SW]
+
+
+def _im2col_rows(padded, g: ConvGeometry, oh0: int, oh1: int, ones_row: bool):
+    """Columns (C*KH*KW [+1], (oh1-oh0)*OW*N) of output rows [oh0, oh1): rows (c, ky, kx), columns (oh, ow, n).
+
+    A per-thread scratch buffer; with ones_row its last row is ones (for the bias).
+    """
+    K = g.C * g.KH * g.KW
+    col = scratch("col", (K + ones_row, oh1 - oh0, g.OW, g.N), padded.dtype)
+    col_by_offset = col[:K].reshape(g.C, g.KH, g.KW, oh1 - oh0, g.OW, g.N)
+    for ky in range(g.KH):
+        for kx in range(g.KW):
+            col_by_offset[:, ky, kx] = _window(padded, g, ky, kx, oh0, oh1)
+    if ones_row:
+        col[K] = 1
+    return col.reshape(K + ones_row, -1)
+
+
+def _input_gradient(grad_y_chwn, weight, g: ConvGeometry):
+    """grad_x (N, C, H, W), a CHWN-ordered view: per batch chunk, columns W^T grad_y, then col2im."""
+    K = g.C * g.KH * g.KW
+    weight_t = weight.reshape(g.OC, K).T  # (K, OC)
+    grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
+    per_image = K * g.OH * g.OW * weight.itemsize
+    step = max(1, min(COLUMN_CHUNK_BYTES // per_image, -(-g.N // MIN_CHUNKS)))
+    batch_ranges = [(start, min(start + step, g.N)) for start in range(0, g.N, step)]
+    HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
+
+    def work(i):
+        start, stop = batch_ranges[i]
+        n = stop - start
+        grad_y_part = scratch("grad_y", (g.OC, g.OH, g.OW, n), weight.dtype)
+        np.copyto(grad_y_part, grad_y_chwn[..., start:stop])
+        grad_col = scratch("grad_col", (g.C, g.KH, g.KW, g.OH, g.OW, n), weight.dtype)
+        np.matmul(weight_t, grad_y_part.reshape(g.OC, -1), out=grad_col.reshape(K, -1))
+        grad_padded = scratch("grad_padded", (g.C, HP, WP, n), weight.dtype)
+        grad_padded.fill(0)
+        # col2im: every offset adds its columns back onto the pixels it read.
+        for ky in range(g.KH):
+            for kx in range(g.KW):
+                target = _window(grad_padded, g, ky, kx, 0, g.OH)
+                np.add(target, grad_col[:, ky, kx], out=target)
+        grad_x_chwn[..., start:stop] = grad_padded[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W]
+
+    run_chunks(work, len(batch_ranges), g.OC * K * g.OH * g.OW * step)
+    return grad_x_chwn.transpose(3, 0, 1, 2)

@@ -1,0 +1,93 @@
+"""Fast max pooling on NumPy arrays: the signatures and results of gpucnn.ops.pool's max-pool functions.
+
+LeNet's 2x2 stride-2 unpadded pooling runs as a pairwise tournament on strided views,
+in the input's own memory order (CHWN from the fast convolution: runs of N contiguous
+numbers), cut along the outermost axis into chunks the threads share. Other window
+shapes, and inputs holding NaN, use the reference, whose results these equal exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order, run_chunks
+from gpucnn.ops import pool as reference
+from gpucnn.ops.pool import pool2d_geometry
+
+CHUNKS = 8
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (ky, kx) of window-local index ky*2 + kx
+
+
+def _is_2x2(g) -> bool:
+    return (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW) == (2, 2, 2, 2, 0, 0)
+
+
+def _outer_slices(shape, order):
+    """Index tuples cutting the outermost memory axis (N or C) into CHUNKS pieces."""
+    axis = order[0] if order[0] in (0, 1) else 0
+    slices = []
+    for start, stop in even_ranges(shape[axis], CHUNKS):
+        index = [slice(None)] * 4
+        index[axis] = slice(start, stop)
+        slices.append(tuple(index))
+    return slices
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Max pooling: x (N, C, H, W) -> (y, argmax int32 window-local index), as the reference."""
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
+    if not _is_2x2(g):
+        return reference.max_pool2d_forward(x, kernel_size, stride, padding)
+    order = memory_order(x)
+    y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
+    argmax = empty_in_order((g.N, g.C, g.OH, g.OW), np.int32, order)
+    parts = _outer_slices(x.shape, order)
+    rows, cols = slice(0, 2 * g.OH - 1, 2), slice(0, 2 * g.OW - 1, 2)
+    rows1, cols1 = slice(1, 2 * g.OH, 2), slice(1, 2 * g.OW, 2)
+
+    def work(i):
+        part = parts[i]
+        x_part = x[part]
+        top_left, top_right = x_part[:, :, rows, cols], x_part[:, :, rows, cols1]
+        bottom_left, bottom_right = x_part[:, :, rows1, cols], x_part[:, :, rows1, cols1]
+        top = np.maximum(top_left, top_right)
+        bottom = np.maximum(bottom_left, bottom_right)
+        np.maximum(top, bottom, out=y[part])
+        # Strict comparisons keep the earlier candidate on ties: left before right, top before bottom.
+        use_bottom = bottom > top
+        right_wins = np.where(use_bottom, bottom_right > bottom_left, top_right > top_left)
+        out = argmax[part]
+        np.add(right_wins, use_bottom, out=out, dtype=np.int32)
+        np.add(out, use_bottom, out=out)
+
+    run_chunks(work, len(parts), x.size / len(parts))
+    if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
+        return reference.max_pool2d_forward(x, kernel_size, stride, padding)
+    return y, argmax
+
+
+def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
+    """Gradient of max pooling, as the reference: grad_x in argmax's memory order (CHWN after the fast forward)."""
+    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
+    if not _is_2x2(g):
+        return reference.max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride, padding)
+    order = memory_order(argmax)
+    if memory_order(grad_y) != order:  # one memory order for every operand of the loop below
+        grad_y_ordered = empty_in_order(grad_y.shape, grad_y.dtype, order)
+        grad_y_ordered[...] = grad_y
+        grad_y = grad_y_ordered
+    grad_x = empty_in_order(tuple(x_shape), grad_y.dtype, order)
+    if g.H % 2:
+        grad_x[:, :, -1] = 0
+    if g.W % 2:
+        grad_x[:, :, :, -1] = 0
+    parts = _outer_slices(grad_x.shape, order)
+
+    def work(i):
+        part = parts[i]
+        grad_y_part, argmax_part, grad_x_part = grad_y[part], argmax[part], grad_x[part]
+        for k, (ky, kx) in enumerate(_CORNERS):
+            target = grad_x_part[:, :, ky: ky + 2 * g.OH - 1: 2, kx: kx + 2 * g.OW - 1: 2]
+            np.multiply(grad_y_part, np.equal(argmax_part, k).view(np.uint8), out=target)
+
+    run_chunks(work, len(parts), grad_x.size / len(parts))
+    return grad_x
