@@ -1,11 +1,24 @@
-"""LeNet-5 training throughput on the CPU: gpucnn (NumPy) against PyTorch's CPU build, side by side.
+"""LeNet-5 on the CPU: gpucnn (NumPy) against PyTorch's CPU build, each library in its own process.
 
-    python bench/cpu_throughput.py [--threads 2] [--batch-sizes 64,256] [--rounds 7] [--steps 20]
+    python bench/cpu_throughput.py [--threads 2] [--batch-sizes 64,256,1000] [--rounds 7] [--steps 20]
+                                   [--modes train,infer] [--rss] [--epochs 1] [--cli-epochs 5] [--json PATH]
 
-Both libraries train the same LeNet-5 (modern form) with Adam 1e-3 on float32 images held in memory,
-each batch gathered by fresh random indices from a pool of random images. Rounds alternate between
-the two libraries so machine noise falls on both; each round times `--steps` steps after warm-up, and
-the table reports the median images/s over rounds and the ratio gpucnn / PyTorch.
+Every library runs in a worker process of its own (a library's thread pool never meets the other's);
+the parent alternates the rounds between the workers (ABBA...), so machine noise falls on both, and
+only one works at a time. Training: Adam 1e-3, the same LeNet-5 (modern form), float32 images held
+in memory, each batch gathered by fresh random indices from a pool of random images. Inference: eval
+mode, no gradients. Each round times --steps steps after --warmup steps at the first round; the
+table gives the median images/s over rounds and the ratio gpucnn / PyTorch.
+
+--rss: peak resident memory (VmHWM) of a fresh process doing batch-1000 inference, per library, and
+its growth over the process after imports and model set-up.
+--epochs E: E real Fashion-MNIST epochs (batch 64, Adam 1e-3, cosine schedule, test set evaluated
+after every epoch): gpucnn's Trainer.fit against the same loop in PyTorch, in fresh processes, data
+loading excluded. --cli-epochs E: the wall time of `python cli.py train --device cpu --dataset
+fashion-mnist --epochs E --quiet` against a fresh process running the PyTorch loop (imports and data
+loading included on both sides). Epoch runs alternate libraries over --epoch-repeats repeats.
+
+The load averages of the machine (`uptime`) are recorded before and after every part.
 """
 from __future__ import annotations
 
@@ -13,126 +26,459 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("gpucnn", "pytorch")
+MODES = ("train", "infer")
 
 
-def parse_args():
+def _positive_ints(text):
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, not {text!r}")
+    return values
+
+
+def _choices(allowed):
+    def parse(text):
+        values = text.split(",")
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(allowed)}")
+        return values
+    return parse
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--batch-sizes", default="64,256")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=_positive_ints, default=[64, 256, 1000])
+    parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4096, help="random images to draw batches from")
-    parser.add_argument("--libraries", default="gpucnn,pytorch",
-                        help="which to time (one alone shows what sharing the process with the other costs)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    return parser.parse_args()
+    parser.add_argument("--libraries", type=_choices(LIBRARIES), default=list(LIBRARIES))
+    parser.add_argument("--cpu-path", choices=("fast", "reference"), default="fast",
+                        help="gpucnn's CPU implementation: gpucnn.cpu (fast) or the NumPy reference")
+    parser.add_argument("--rss", action="store_true", help="also measure peak memory of batch-1000 inference")
+    parser.add_argument("--epochs", type=int, default=0, help="also time this many real Fashion-MNIST epochs")
+    parser.add_argument("--cli-epochs", type=int, default=0, help="also time the CLI run of this many epochs")
+    parser.add_argument("--epoch-repeats", type=int, default=2)
+    parser.add_argument("--no-throughput", action="store_true", help="only the --rss/--epochs/--cli-epochs parts")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--task", default="serve", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("threads", "rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
 
 
-def main():
-    args = parse_args()
-    # Thread counts must be fixed before NumPy's BLAS starts its pool.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    sys.path.insert(0, str(ROOT))
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` prints them."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
-    import numpy as np
-    import torch
 
-    from gpucnn import models, ops, optim
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
-    torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    pool_x = rng.standard_normal((args.pool, 1, 28, 28), dtype=np.float32)
-    pool_y = rng.integers(0, 10, args.pool)
 
-    def batches(batch_size):
-        while True:
-            idx = rng.integers(0, args.pool, batch_size)
-            yield pool_x[idx], pool_y[idx]
+def _worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    # Thread counts must be fixed before NumPy's BLAS or PyTorch's OpenMP start their pools.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPUCNN_CPU_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
-    # gpucnn
-    def gpucnn_stepper(batch_size):
-        model = models.LeNet5(seed=0)
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one library, one process
+
+
+def _set_cpu_path(path: str):
+    """Select gpucnn's CPU implementation (the dispatch's cpu_path), kept for the whole process."""
+    try:
+        from gpucnn import dispatch  # noqa: PLC0415
+    except ImportError:  # TEMPORARY until the dispatch lands on main: route the ops by hand
+        return _route_by_hand(path)
+    context = dispatch.cpu_path(path)
+    context.__enter__()
+    return context
+
+
+def _route_by_hand(path):
+    if path == "reference":
+        return None
+    from gpucnn import ops  # noqa: PLC0415
+    from gpucnn.cpu import activation, conv, pool  # noqa: PLC0415
+    from gpucnn.nn import activation as nn_activation  # noqa: PLC0415
+    for module in (conv, pool, activation):
+        for name in ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
+                     "relu_forward", "relu_backward"):
+            if hasattr(module, name):
+                setattr(ops, name, getattr(module, name))
+    nn_activation.ReLU._forward_op = staticmethod(activation.relu_forward)
+    nn_activation.ReLU._backward_op = staticmethod(activation.relu_backward)
+    return None
+
+
+def _gpucnn_model(seed=0):
+    from gpucnn import models  # noqa: PLC0415
+    return models.LeNet5(seed=seed)
+
+
+def _torch_model(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+class _Steppers:
+    """The worker's step functions, one per (mode, batch size), built on first use."""
+
+    def __init__(self, library, pool):
+        import numpy as np  # noqa: PLC0415
+        self.library = library
+        self.rng = np.random.default_rng(0)
+        self.images = self.rng.standard_normal((pool, 1, 28, 28), dtype=np.float32)
+        self.labels = self.rng.integers(0, 10, pool)
+        self.made = {}
+        if library == "pytorch":
+            import torch  # noqa: PLC0415
+            self.torch = torch
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+    def batch(self, batch_size):
+        index = self.rng.integers(0, len(self.images), batch_size)
+        return self.images[index], self.labels[index]
+
+    def get(self, mode, batch_size):
+        key = (mode, batch_size)
+        if key not in self.made:
+            self.made[key] = (self._gpucnn if self.library == "gpucnn" else self._torch)(mode, batch_size)
+        return self.made[key]
+
+    def _gpucnn(self, mode, batch_size):
+        from gpucnn import ops, optim  # noqa: PLC0415
+        model = _gpucnn_model()
+        if mode == "infer":
+            model.eval()
+            return lambda: model(self.batch(batch_size)[0])
         opt = optim.Adam(model.parameters(), lr=1e-3)
-        source = batches(batch_size)
 
         def step():
-            x, y = next(source)
+            x, y = self.batch(batch_size)
             opt.zero_grad()
-            logits = model(x)
-            loss, probs = ops.softmax_cross_entropy(logits, y)
+            loss, probs = ops.softmax_cross_entropy(model(x), y)
             model.backward(ops.softmax_cross_entropy_backward(probs, y))
             opt.step()
             return float(loss)
         return step
 
-    # PyTorch, the same network
-    def torch_stepper(batch_size):
+    def _torch(self, mode, batch_size):
+        torch = self.torch
         torch.manual_seed(0)
-        nn = torch.nn
-        model = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+        model = _torch_model(torch)
+        if mode == "infer":
+            model.eval()
+
+            def infer():
+                with torch.no_grad():
+                    return model(torch.from_numpy(self.batch(batch_size)[0]))
+            return infer
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        lossf = nn.CrossEntropyLoss()
-        source = batches(batch_size)
+        loss_fn = torch.nn.CrossEntropyLoss()
 
         def step():
-            x, y = next(source)
-            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+            x, y = self.batch(batch_size)
             opt.zero_grad()
-            loss = lossf(model(xt), yt)
+            loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(y))
             loss.backward()
             opt.step()
             return float(loss.detach())
         return step
 
-    def time_round(step, batch_size):
+
+def _serve(args):
+    """Answer the parent's round requests (one JSON line each) until stdin closes."""
+    steppers = _Steppers(args.worker, args.pool)
+    warmed = set()
+    for line in sys.stdin:
+        request = json.loads(line)
+        mode, batch_size = request["mode"], request["batch_size"]
+        step = steppers.get(mode, batch_size)
+        if (mode, batch_size) not in warmed:
+            for _ in range(args.warmup):
+                step()
+            warmed.add((mode, batch_size))
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
-        return args.steps * batch_size / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"images_per_s": args.steps * batch_size / seconds}), flush=True)
 
-    results = []
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        makers = {"gpucnn": gpucnn_stepper, "pytorch": torch_stepper}
-        steppers = {name: makers[name](batch_size) for name in args.libraries.split(",")}
-        for step in steppers.values():
-            for _ in range(args.warmup):
-                step()
-        rates = {name: [] for name in steppers}
-        for _ in range(args.rounds):
-            for name, step in steppers.items():
-                rates[name].append(time_round(step, batch_size))
-        med = {name: float(np.median(r)) for name, r in rates.items()}
-        row = {"batch_size": batch_size}
-        for name in steppers:
-            row[f"{name}_images_per_s"] = med[name]
-            row[f"{name}_rounds"] = rates[name]
-        if len(steppers) == 2:
-            row["ratio"] = med["gpucnn"] / med["pytorch"]
-        results.append(row)
 
-    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-           "numpy": np.__version__, "torch": torch.__version__, "steps_per_round": args.steps,
-           "rounds": args.rounds, "optimizer": "Adam(lr=1e-3)", "model": "LeNet-5 (modern)"}
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
-    names = args.libraries.split(",")
-    print(f"{'batch':>6}" + "".join(f" {name + ' img/s':>14}" for name in names)
-          + (f" {'gpucnn/pytorch':>15}" if len(names) == 2 else ""))
-    for r in results:
-        print(f"{r['batch_size']:>6}" + "".join(f" {r[name + '_images_per_s']:>14.0f}" for name in names)
-              + (f" {r['ratio']:>15.2f}" if "ratio" in r else ""))
+def _peak_rss(args):
+    """Batch-1000 inference in this fresh process: VmHWM (peak) and VmRSS before inference, in MiB."""
+    steppers = _Steppers(args.worker, 1000)
+    step = steppers.get("infer", 1000)
+    before = _status_mib("VmRSS")
+    for _ in range(5):
+        step()
+    return {"peak_rss_mib": _status_mib("VmHWM"), "rss_before_inference_mib": before}
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _fashion_mnist():
+    from gpucnn.data import DATASETS, load_dataset, normalize  # noqa: PLC0415
+    spec = DATASETS["fashion-mnist"]
+    data = {}
+    for split in ("train", "test"):
+        images, labels = load_dataset("fashion-mnist", split, download=False, progress=False)
+        data[split] = (normalize(images, spec.mean, spec.std), labels)
+    return data
+
+
+def _epochs(args, epochs):
+    """`epochs` Fashion-MNIST epochs, batch 64, Adam 1e-3, cosine schedule; seconds and test accuracy."""
+    import numpy as np  # noqa: PLC0415
+    data = _fashion_mnist()
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    if args.worker == "gpucnn":
+        from gpucnn import optim  # noqa: PLC0415
+        from gpucnn.train import Trainer  # noqa: PLC0415
+        model = _gpucnn_model(seed=0)
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        trainer = Trainer(model, opt, optim.CosineAnnealingLR(opt, T_max=epochs), device="cpu", seed=0)
+        start = time.perf_counter()
+        history = trainer.fit((train_x, train_y), (test_x, test_y), epochs=epochs, batch_size=64, progress=False)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "test_accuracy": [r["test_acc"] for r in history]}
+    import torch  # noqa: PLC0415
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.manual_seed(0)
+    model = _torch_model(torch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_x, test_x = torch.from_numpy(train_x), torch.from_numpy(test_x)
+    train_y, test_y = torch.from_numpy(train_y), torch.from_numpy(test_y)
+    rng = np.random.default_rng(0)
+    accuracy = []
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(train_y)))
+        for first in range(0, len(order), 64):
+            index = order[first: first + 64]
+            opt.zero_grad()
+            loss = loss_fn(model(train_x[index]), train_y[index])
+            loss.backward()
+            opt.step()
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for first in range(0, len(test_y), 500):
+                logits = model(test_x[first: first + 500])
+                correct += int((logits.argmax(1) == test_y[first: first + 500]).sum())
+        accuracy.append(correct / len(test_y))
+    return {"seconds": time.perf_counter() - start, "test_accuracy": accuracy}
+
+
+def worker_main(args):
+    if args.worker == "gpucnn":
+        _set_cpu_path(args.cpu_path)
+    if args.task == "serve":
+        _serve(args)
+        return
+    if args.task == "rss":
+        result = _peak_rss(args)
+    elif args.task.startswith("epochs="):
+        result = _epochs(args, int(args.task.split("=")[1]))
+    else:
+        raise SystemExit(f"unknown worker task {args.task!r}")
+    print(json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+
+
+def _worker_command(args, library, task):
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", library, "--task", task,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--pool", str(args.pool),
+            "--cpu-path", args.cpu_path]
+
+
+def _run_once(args, library, task) -> dict:
+    """A fresh worker process for one task; its JSON answer."""
+    result = subprocess.run(_worker_command(args, library, task), env=_worker_env(args.threads),
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"the {library} worker failed ({task}):\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def throughput(args) -> list:
+    workers = {name: subprocess.Popen(_worker_command(args, name, "serve"), env=_worker_env(args.threads),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for name in args.libraries}
+    rows = []
+    try:
+        for mode in args.modes:
+            for batch_size in args.batch_sizes:
+                rates = {name: [] for name in args.libraries}
+                load_before = load_average()
+                for round_index in range(args.rounds):
+                    order = args.libraries if round_index % 2 == 0 else args.libraries[::-1]
+                    for name in order:
+                        worker = workers[name]
+                        worker.stdin.write(json.dumps({"mode": mode, "batch_size": batch_size}) + "\n")
+                        worker.stdin.flush()
+                        answer = worker.stdout.readline()
+                        if not answer:
+                            raise SystemExit(f"the {name} worker stopped (exit code {worker.wait()})")
+                        rates[name].append(json.loads(answer)["images_per_s"])
+                        time.sleep(0.05)  # let the other library's idle threads go to sleep
+                row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
+                       "load_after": load_average()}
+                for name in args.libraries:
+                    row[f"{name}_images_per_s"] = median(rates[name])
+                    row[f"{name}_rounds"] = [round(r) for r in rates[name]]
+                if len(args.libraries) == 2:
+                    row["ratio"] = row["gpucnn_images_per_s"] / row["pytorch_images_per_s"]
+                rows.append(row)
+                print(format_row(row, args.libraries), flush=True)
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+    return rows
+
+
+def format_row(row, libraries) -> str:
+    text = f"{row['mode']:>6} {row['batch_size']:>6}" + "".join(
+        f" {row[name + '_images_per_s']:>14.0f}" for name in libraries)
+    if "ratio" in row:
+        text += f" {row['ratio']:>15.2f}"
+    return text + f"   load {row['load_before']} -> {row['load_after']}"
+
+
+def alternating(args, task, libraries) -> list:
+    """task in a fresh process per library, libraries alternating over --epoch-repeats repeats."""
+    runs = []
+    for repeat in range(args.epoch_repeats):
+        order = libraries if repeat % 2 == 0 else libraries[::-1]
+        for name in order:
+            load_before = load_average()
+            result = _run_once(args, name, task)
+            result.update(library=name, repeat=repeat, load_before=load_before, load_after=load_average())
+            runs.append(result)
+            print(f"{task} {name}: " + json.dumps(result), flush=True)
+    return runs
+
+
+def cli_run(args, repeat) -> dict:
+    """Wall time of the CLI's Fashion-MNIST run in a fresh process; its final test accuracy."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(ROOT / "cli.py"), "train", "--device", "cpu", "--dataset", "fashion-mnist",
+                   "--epochs", str(args.cli_epochs), "--quiet", "--no-download", "--out", out]
+        load_before = load_average()
+        start = time.perf_counter()
+        result = subprocess.run(command, env=_worker_env(args.threads), capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"the CLI run failed:\n{result.stderr[-2000:]}")
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {"library": "gpucnn-cli", "repeat": repeat, "wall_seconds": seconds,
+            "test_accuracy": [r["test_acc"] for r in records], "load_before": load_before,
+            "load_after": load_average(), "command": " ".join(command[1:])}
+
+
+def cli_comparison(args) -> list:
+    runs = []
+    for repeat in range(args.epoch_repeats):
+        parts = ["cli", "pytorch"] if repeat % 2 == 0 else ["pytorch", "cli"]
+        for part in parts:
+            if part == "cli":
+                result = cli_run(args, repeat)
+            else:
+                load_before = load_average()
+                start = time.perf_counter()
+                result = _run_once(args, "pytorch", f"epochs={args.cli_epochs}")
+                result.update(library="pytorch", repeat=repeat, wall_seconds=time.perf_counter() - start,
+                              load_before=load_before, load_after=load_average())
+            runs.append(result)
+            print(f"cli-epochs={args.cli_epochs} {part}: " + json.dumps(result), flush=True)
+    return runs
+
+
+def environment(args) -> dict:
+    import numpy  # noqa: PLC0415
+    versions = {"numpy": numpy.__version__}
+    try:
+        import torch  # noqa: PLC0415
+        versions["torch"] = torch.__version__
+    except ImportError:
+        versions["torch"] = None
+    try:
+        import threadpoolctl  # noqa: PLC0415
+        versions["openblas"] = [lib.get("version") for lib in threadpoolctl.threadpool_info()
+                                if lib.get("internal_api") == "openblas"]
+    except ImportError:
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+            **versions, "gpucnn_cpu_path": args.cpu_path, "steps_per_round": args.steps, "rounds": args.rounds,
+            "warmup_steps": args.warmup, "optimizer": "Adam(lr=1e-3)", "model": "LeNet-5 (modern)",
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    env = environment(args)
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    report = {"env": env}
+    if not args.no_throughput:
+        print(f"{'mode':>6} {'batch':>6}" + "".join(f" {name + ' img/s':>14}" for name in args.libraries)
+              + (f" {'gpucnn/pytorch':>15}" if len(args.libraries) == 2 else ""), flush=True)
+        report["throughput"] = throughput(args)
+    if args.rss:
+        report["peak_rss_batch_1000_inference"] = alternating(args, "rss", args.libraries)
+    if args.epochs:
+        report["fashion_mnist_epochs"] = alternating(args, f"epochs={args.epochs}", args.libraries)
+    if args.cli_epochs:
+        report["cli"] = cli_comparison(args)
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.json.with_name(args.json.name + ".tmp")
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+        temporary.replace(args.json)
 
 
 if __name__ == "__main__":
