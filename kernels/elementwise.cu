@@ -22,3 +22,72 @@ extern "C" __global__ void relu_backward(const float* grad_y, const float* y, fl
         grad_x[i] = y[i] > 0.0f ? grad_y[i] : 0.0f;
     }
 }
+
+// The activations of LeNet-5's classic variant, dropout's mask product and the two helpers a
+// training step needs on the device (gradient accumulation, zeroing), all with 64-bit
+// grid-stride loops:
+//   tanh_forward      y = tanh(x)
+//   tanh_backward     grad_x = grad_y * (1 - y*y) from the saved output y
+//   sigmoid_forward   y = 1 / (1 + exp(-x)), without overflow for large |x|
+//   sigmoid_backward  grad_x = grad_y * y * (1 - y) from the saved output y
+//   multiply          out = a * b (dropout: the input times its mask)
+//   add_into          out += x (a gradient added into a parameter's .grad)
+//   fill              out = value
+
+extern "C" __global__ void tanh_forward(const float* x, float* y, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = tanhf(x[i]);
+    }
+}
+
+extern "C" __global__ void tanh_backward(const float* grad_y, const float* y, float* grad_x, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        grad_x[i] = grad_y[i] * (1.0f - y[i] * y[i]);
+    }
+}
+
+extern "C" __global__ void sigmoid_forward(const float* x, float* y, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        const float small = expf(-fabsf(v));  // in (0, 1]: never overflows
+        y[i] = v >= 0.0f ? 1.0f / (1.0f + small) : small / (1.0f + small);
+    }
+}
+
+extern "C" __global__ void sigmoid_backward(const float* grad_y, const float* y, float* grad_x, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        grad_x[i] = grad_y[i] * y[i] * (1.0f - y[i]);
+    }
+}
+
+extern "C" __global__ void multiply(const float* a, const float* b, float* out, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = a[i] * b[i];
+    }
+}
+
+extern "C" __global__ void add_into(float* out, const float* x, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] += x[i];
+    }
+}
+
+extern "C" __global__ void fill(float* out, float value, long long count)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        out[i] = value;
+    }
+}

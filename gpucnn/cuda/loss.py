@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, default_runtime, kernel_matrix
+from gpucnn.cuda.runtime import ceil_div, active_runtime, kernel_matrix
 
 KERNEL_FILE = "loss.cu"
 XENT_ROWS = 8           # XENT_ROWS in kernels/loss.cu: rows (one warp each) per block
@@ -40,7 +40,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
     ``check_labels=False`` skips the range check, which waits for the device; a label outside
     [0, K) then makes the loss NaN.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     logits = kernel_matrix(rt, logits, "logits")
     N, K = (int(s) for s in logits.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)
@@ -57,7 +57,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
 
 def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=None):
     """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     probs = kernel_matrix(rt, probs, "probs")
     N, K = (int(s) for s in probs.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)

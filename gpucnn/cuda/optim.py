@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn import backend, optim
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, active_runtime, kernel_array
 from gpucnn.nn.module import Parameter
 
 KERNEL_FILE = "optim.cu"
@@ -46,7 +46,7 @@ def _device_scalars(rt, step, lr):
 
 def advance_step(step, *, runtime=None):
     """step[0] += 1 on the device; step (1,) int32. Launch it before each update."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     step = kernel_array(rt, step, "step", dtype=np.int32, ndim=1)
     if step.shape != (1,):
         raise ValueError(f"step must hold one element, not shape {tuple(step.shape)}.")
@@ -61,7 +61,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr, betas=(0.9, 0.999), 
     param, grad, exp_avg, exp_avg_sq (COUNT,) float32; step (1,) int32, the step count t >= 1 of
     this update (advance_step first); lr (1,) float64. Writes param, exp_avg and exp_avg_sq.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     param = _flat(rt, param, "param")
     count = param.shape[0]
     grad, exp_avg, exp_avg_sq = (_flat(rt, a, n, count) for a, n in
@@ -84,7 +84,7 @@ def sgd_update(param, grad, momentum_buffer, step, lr, momentum=0.0, nesterov=Fa
     momentum is 0); step (1,) int32, the step count t >= 1 of this update (t == 1 starts the
     momentum buffer from the gradient); lr (1,) float64. Writes param and momentum_buffer.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     param = _flat(rt, param, "param")
     count = param.shape[0]
     grad = _flat(rt, grad, "grad", count)

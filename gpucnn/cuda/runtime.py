@@ -9,6 +9,8 @@ CuPy is never imported here: gpucnn.backend hands the module over.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 from gpucnn import backend
 
 COMPILE_OPTIONS = ("-std=c++17",)
+EMULATOR_ORDER_ENV = "GPUCNN_EMULATOR_ORDER"
 # Thread ids of the last block run past the element count, so counts stay this far below 2**31.
 MAX_INT32_ELEMENTS = 2**31 - 1 - 1024
 
@@ -72,6 +75,8 @@ class CupyRuntime:
 
 _default = None
 _default_lock = threading.Lock()
+_emulator = None
+_active = []  # the wrapping runtimes in force (a recording step's), innermost last
 
 
 def default_runtime() -> CupyRuntime:
@@ -81,6 +86,61 @@ def default_runtime() -> CupyRuntime:
         if _default is None:
             _default = CupyRuntime()
         return _default
+
+
+def emulator_runtime():
+    """The process-wide runtime of the ``"emulator"`` device: gpucnn.testing's emulator, outputs as EmulatorArray.
+
+    The thread order comes from ``$GPUCNN_EMULATOR_ORDER`` (forward, reverse or random; default forward).
+    """
+    global _emulator
+    with _default_lock:
+        if _emulator is None:
+            from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415 - only the emulator device needs it
+
+            class EmulatorDeviceRuntime(EmulatorRuntime):
+                """EmulatorRuntime whose allocations live on the emulator device (EmulatorArray)."""
+
+                def empty(self, shape, dtype):
+                    return super().empty(shape, dtype).view(backend.EmulatorArray)
+
+                def zeros(self, shape, dtype):
+                    return super().zeros(shape, dtype).view(backend.EmulatorArray)
+
+            _emulator = EmulatorDeviceRuntime(order=os.environ.get(EMULATOR_ORDER_ENV, "forward").strip() or "forward")
+        return _emulator
+
+
+def active_runtime(runtime=None):
+    """The runtime a launcher uses: ``runtime`` (None: the CupyRuntime), or the wrapper in force around it.
+
+    A recording training step wraps the runtime of its device (see gpucnn.cuda.graph); every
+    launcher asks here, so the launches of the layers, the loss and the optimizer all go through it.
+    """
+    base = runtime if runtime is not None else default_runtime()
+    for wrapper in reversed(_active):
+        if wrapper.base is base:
+            return wrapper
+    return base
+
+
+def runtime_for(device: str):
+    """The runtime that runs the kernels for arrays on ``device`` (``"gpu"`` or ``"emulator"``)."""
+    if device == "gpu":
+        return active_runtime(default_runtime())
+    if device == "emulator":
+        return active_runtime(emulator_runtime())
+    raise ValueError(f"the {device!r} device runs no CUDA kernels; kernel devices are gpu and emulator.")
+
+
+@contextlib.contextmanager
+def wrapping(wrapper):
+    """Route every launch on ``wrapper.base`` through ``wrapper`` while the block runs."""
+    _active.append(wrapper)
+    try:
+        yield wrapper
+    finally:
+        _active.remove(wrapper)
 
 
 # Launch helpers shared by the launchers.
@@ -103,7 +163,8 @@ def kernel_array(runtime, array, name: str, dtype=np.float32, ndim: int | None =
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, not {array.dtype.name}.")
     if ndim is not None and array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, not {array.ndim} (shape {tuple(array.shape)}).")
-    return runtime.xp.ascontiguousarray(array)
+    # Only a strided array is copied: an ascontiguousarray call would be a NumPy/CuPy op of its own.
+    return array if array.flags.c_contiguous else runtime.xp.ascontiguousarray(array)
 
 
 def kernel_matrix(runtime, array, name: str):
