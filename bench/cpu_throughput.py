@@ -110,29 +110,10 @@ def _worker_env(threads: int) -> dict:
 
 def _set_cpu_path(path: str):
     """Select gpucnn's CPU implementation (the dispatch's cpu_path), kept for the whole process."""
-    try:
-        from gpucnn import dispatch  # noqa: PLC0415
-    except ImportError:  # TEMPORARY until the dispatch lands on main: route the ops by hand
-        return _route_by_hand(path)
+    from gpucnn import dispatch  # noqa: PLC0415
     context = dispatch.cpu_path(path)
     context.__enter__()
     return context
-
-
-def _route_by_hand(path):
-    if path == "reference":
-        return None
-    from gpucnn import ops  # noqa: PLC0415
-    from gpucnn.cpu import activation, conv, pool  # noqa: PLC0415
-    from gpucnn.nn import activation as nn_activation  # noqa: PLC0415
-    for module in (conv, pool, activation):
-        for name in ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
-                     "relu_forward", "relu_backward"):
-            if hasattr(module, name):
-                setattr(ops, name, getattr(module, name))
-    nn_activation.ReLU._forward_op = staticmethod(activation.relu_forward)
-    nn_activation.ReLU._backward_op = staticmethod(activation.relu_backward)
-    return None
 
 
 def _gpucnn_model(seed=0):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpucnn import models, ops
+from gpucnn import dispatch, models, ops
 from gpucnn.cpu import activation as fast_activation
 from gpucnn.cpu import conv as fast_conv
 from gpucnn.cpu import pool as fast_pool
 from gpucnn.cpu import threads
+from gpucnn.ops import activation as reference_activation
+from gpucnn.ops import conv as reference_conv
+from gpucnn.ops import pool as reference_pool
 
 
 @pytest.fixture
@@ -49,13 +52,13 @@ def test_conv_matches_reference(case, dtype, threaded):
     bias = rng.standard_normal(OC).astype(dtype)
     tol = {"rtol": 1e-11, "atol": 1e-11} if dtype == np.float64 else {"rtol": 2e-4, "atol": 2e-4}
     for relu in (False, True):
-        expected = ops.conv2d_forward(x, weight, bias, stride, padding, dilation, relu=relu)
+        expected = reference_conv.conv2d_forward_reference(x, weight, bias, stride, padding, dilation, relu=relu)
         for x_in in (x, _chwn(x)):
             y = fast_conv.conv2d_forward(x_in, weight, bias, stride, padding, dilation, relu=relu)
             assert y.shape == expected.shape and y.dtype == dtype
             np.testing.assert_allclose(y, expected, **tol)
     grad_y = rng.standard_normal(expected.shape).astype(dtype)
-    expected = ops.conv2d_backward(grad_y, x, weight, stride, padding, dilation)
+    expected = reference_conv.conv2d_backward_reference(grad_y, x, weight, stride, padding, dilation)
     for grad_y_in, x_in in ((grad_y, x), (_chwn(grad_y), _chwn(x))):
         grads = fast_conv.conv2d_backward(grad_y_in, x_in, weight, stride, padding, dilation)
         for got, want in zip(grads, expected):
@@ -72,10 +75,10 @@ def test_conv_without_bias_and_a_batch_larger_than_one_chunk(threaded):
     x = rng.standard_normal((300, 6, 14, 14)).astype(np.float32)
     weight = rng.standard_normal((16, 6, 5, 5)).astype(np.float32)
     y = fast_conv.conv2d_forward(x, weight, None)
-    np.testing.assert_allclose(y, ops.conv2d_forward(x, weight, None), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, reference_conv.conv2d_forward_reference(x, weight, None), rtol=1e-4, atol=1e-4)
     grad_y = rng.standard_normal(y.shape).astype(np.float32)
     for got, want in zip(fast_conv.conv2d_backward(grad_y, x, weight, with_bias=False),
-                         ops.conv2d_backward(grad_y, x, weight, with_bias=False)):
+                         reference_conv.conv2d_backward_reference(grad_y, x, weight, with_bias=False)):
         if want is None:
             assert got is None
         else:
@@ -97,9 +100,9 @@ def _pool_inputs(rng, shape, dtype):
 def test_max_pool_matches_reference_exactly(shape, kernel, stride, padding, threaded):
     rng = np.random.default_rng(3)
     for x in _pool_inputs(rng, shape, np.float32):
-        y_ref, argmax_ref = ops.max_pool2d_forward(x, kernel, stride, padding)
+        y_ref, argmax_ref = reference_pool.max_pool2d_forward_reference(x, kernel, stride, padding)
         grad_y = rng.standard_normal(y_ref.shape).astype(np.float32)
-        grad_ref = ops.max_pool2d_backward(grad_y, argmax_ref, x.shape, kernel, stride, padding)
+        grad_ref = reference_pool.max_pool2d_backward_reference(grad_y, argmax_ref, x.shape, kernel, stride, padding)
         for x_in in (x, _chwn(x)):
             y, argmax = fast_pool.max_pool2d_forward(x_in, kernel, stride, padding)
             assert argmax.dtype == np.int32
@@ -118,25 +121,22 @@ def test_relu_matches_reference_exactly_and_keeps_the_memory_order(threaded):
     grad_y[1, 1, 1, 1] = np.nan
     for x_in, grad_in in ((x, grad_y), (_chwn(x), _chwn(grad_y)), (x[:, :, ::2], grad_y[:, :, ::2])):
         y = fast_activation.relu_forward(x_in)
-        np.testing.assert_array_equal(y, ops.relu_forward(x_in))
+        np.testing.assert_array_equal(y, reference_activation.relu_forward_reference(x_in))
         grad_x = fast_activation.relu_backward(grad_in, y)
-        np.testing.assert_array_equal(grad_x, ops.relu_backward(grad_in, ops.relu_forward(x_in)))
+        np.testing.assert_array_equal(grad_x, reference_activation.relu_backward_reference(grad_in, reference_activation.relu_forward_reference(x_in)))
         if x_in.flags.c_contiguous or _chwn(x_in) is x_in:
             assert y.strides == x_in.strides
     flat = rng.standard_normal(1000).astype(np.float64)
     np.testing.assert_array_equal(fast_activation.relu_forward(flat), np.maximum(flat, 0))
 
 
-def _use_fast_ops(monkeypatch):
-    """Route the public ops to gpucnn.cpu, as the dispatch does for NumPy arrays."""
-    for module in (fast_conv, fast_pool, fast_activation):
-        for name in ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
-                     "relu_forward", "relu_backward"):
-            if hasattr(module, name):
-                monkeypatch.setattr(ops, name, getattr(module, name))
-    from gpucnn.nn import activation as nn_activation  # noqa: PLC0415 - ReLU holds the op functions
-    monkeypatch.setattr(nn_activation.ReLU, "_forward_op", staticmethod(fast_activation.relu_forward))
-    monkeypatch.setattr(nn_activation.ReLU, "_backward_op", staticmethod(fast_activation.relu_backward))
+def test_the_dispatch_picks_the_fast_path_for_numpy_arrays():
+    for family, module, name in (("conv", fast_conv, "conv2d_forward"), ("conv", fast_conv, "conv2d_backward"),
+                                 ("pool", fast_pool, "max_pool2d_forward"), ("pool", fast_pool, "max_pool2d_backward"),
+                                 ("activation", fast_activation, "relu_forward"),
+                                 ("activation", fast_activation, "relu_backward")):
+        assert dispatch.cpu_implementation(family, name) is getattr(module, name)
+        assert dispatch.cpu_implementation(family, name, "reference").__name__ == name + "_reference"
 
 
 def _train(steps, seed=0, batch=40):
@@ -160,8 +160,8 @@ def _train(steps, seed=0, batch=40):
 
 
 def test_lenet_training_repeats_bit_for_bit_and_follows_the_reference(monkeypatch):
-    losses_ref, _, grads_ref = _train(3)
-    _use_fast_ops(monkeypatch)
+    with dispatch.cpu_path("reference"):
+        losses_ref, _, grads_ref = _train(3)
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
     runs = []
     for thread_count in (1, 2, 3):

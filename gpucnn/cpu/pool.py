@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order, run_chunks
-from gpucnn.ops import pool as reference
-from gpucnn.ops.pool import pool2d_geometry
+from gpucnn.ops.pool import max_pool2d_backward_reference, max_pool2d_forward_reference, pool2d_geometry
 
 CHUNKS = 8
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (ky, kx) of window-local index ky*2 + kx
@@ -36,7 +35,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Max pooling: x (N, C, H, W) -> (y, argmax int32 window-local index), as the reference."""
     g = pool2d_geometry(x.shape, kernel_size, stride, padding)
     if not _is_2x2(g):
-        return reference.max_pool2d_forward(x, kernel_size, stride, padding)
+        return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     order = memory_order(x)
     y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
     argmax = empty_in_order((g.N, g.C, g.OH, g.OW), np.int32, order)
@@ -54,14 +53,15 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         np.maximum(top, bottom, out=y[part])
         # Strict comparisons keep the earlier candidate on ties: left before right, top before bottom.
         use_bottom = bottom > top
-        right_wins = np.where(use_bottom, bottom_right > bottom_left, top_right > top_left)
+        # Logic, not np.where (which branches per element: about 3x slower here).
+        right_wins = (use_bottom & (bottom_right > bottom_left)) | (~use_bottom & (top_right > top_left))
         out = argmax[part]
         np.add(right_wins, use_bottom, out=out, dtype=np.int32)
         np.add(out, use_bottom, out=out)
 
     run_chunks(work, len(parts), x.size / len(parts))
     if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
-        return reference.max_pool2d_forward(x, kernel_size, stride, padding)
+        return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     return y, argmax
 
 
@@ -69,7 +69,7 @@ def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, paddi
     """Gradient of max pooling, as the reference: grad_x in argmax's memory order (CHWN after the fast forward)."""
     g = pool2d_geometry(x_shape, kernel_size, stride, padding)
     if not _is_2x2(g):
-        return reference.max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride, padding)
+        return max_pool2d_backward_reference(grad_y, argmax, x_shape, kernel_size, stride, padding)
     order = memory_order(argmax)
     if memory_order(grad_y) != order:  # one memory order for every operand of the loop below
         grad_y_ordered = empty_in_order(grad_y.shape, grad_y.dtype, order)
