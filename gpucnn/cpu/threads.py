@@ -77,10 +77,12 @@ class _OneBlasThread:
 def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
     """Call work(i) for every chunk i in range(count), on up to THREADS threads (this one included).
 
-    Threads take the next chunk from a shared counter, so uneven chunks balance out. BLAS runs
-    at one thread inside either way (its results can depend on its thread count).
-    work_per_chunk (float operations) below MIN_PARALLEL_WORK runs everything here, in order.
-    The first exception raised by a chunk is raised here after every thread has stopped.
+    Threads take the next chunk from a shared counter, so uneven chunks balance out, and this
+    thread returns as soon as every chunk is done: a helper thread the scheduler has not run yet
+    (the cores are shared) finds nothing left and costs no wait. BLAS runs at one thread inside
+    either way (its results can depend on its thread count). work_per_chunk (float operations)
+    below MIN_PARALLEL_WORK runs everything here, in order. The first exception raised by a chunk
+    is raised here once every chunk has finished.
     """
     threads = min(THREADS, count)
     if threads <= 1 or work_per_chunk < MIN_PARALLEL_WORK:
@@ -88,26 +90,36 @@ def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
             for i in range(count):
                 work(i)
         return
-    next_chunk = iter(range(count))
+    chunks = iter(range(count))
     lock = threading.Lock()
+    finished = threading.Condition(lock)
+    state = {"done": 0, "error": None}
 
     def loop():
         while True:
             with lock:
-                i = next(next_chunk, None)
+                i = next(chunks, None)
             if i is None:
                 return
-            work(i)
+            try:
+                work(i)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                with lock:
+                    state["error"] = state["error"] or exc
+            with finished:
+                state["done"] += 1
+                if state["done"] == count:
+                    finished.notify_all()
 
     with _OneBlasThread():
-        futures = [_executor().submit(loop) for _ in range(threads - 1)]
-        try:
-            loop()
-        finally:
-            errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
+        for _ in range(threads - 1):
+            _executor().submit(loop)
+        loop()
+        with finished:
+            while state["done"] < count:
+                finished.wait()
+    if state["error"] is not None:
+        raise state["error"]
 
 
 def scratch(name: str, shape, dtype) -> np.ndarray:
