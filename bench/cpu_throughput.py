@@ -23,6 +23,7 @@ The load averages of the machine (`uptime`) are recorded before and after every 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -419,10 +420,9 @@ def cli_comparison(args) -> list:
 def environment(args) -> dict:
     import numpy  # noqa: PLC0415
     versions = {"numpy": numpy.__version__}
-    try:
-        import torch  # noqa: PLC0415
-        versions["torch"] = torch.__version__
-    except ImportError:
+    try:  # the version without importing torch into this process
+        versions["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         versions["torch"] = None
     try:
         import threadpoolctl  # noqa: PLC0415

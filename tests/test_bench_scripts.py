@@ -188,3 +188,27 @@ def test_training_variants_run_and_agree_on_the_cpu():
     loss = gpu_train.run_epoch(step, torch.from_numpy(images), torch.from_numpy(labels).long(),
                                torch.from_numpy(order), 16, steps=2)
     assert np.isfinite(float(loss))
+
+
+def test_cpu_benchmark_arguments_and_median():
+    cpu = _load("cpu_throughput")
+    args = cpu.parse_args(["--batch-sizes", "64,256", "--modes", "infer", "--libraries", "gpucnn"])
+    assert args.batch_sizes == [64, 256] and args.modes == ["infer"] and args.libraries == ["gpucnn"]
+    for bad in (["--batch-sizes", "0"], ["--modes", "eval"], ["--libraries", "jax"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            cpu.parse_args(bad)
+    assert cpu.median([3.0, 1.0, 2.0]) == 2.0 and cpu.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+
+
+def test_cpu_benchmark_runs_a_worker_process_per_library_and_writes_json(tmp_path):
+    """A tiny run of gpucnn alone (PyTorch's import would cost seconds): rounds come back from the worker."""
+    out = tmp_path / "cpu.json"
+    result = _run([sys.executable, "bench/cpu_throughput.py", "--libraries", "gpucnn", "--batch-sizes", "3",
+                   "--rounds", "2", "--steps", "1", "--warmup", "1", "--pool", "8", "--json", str(out)])
+    assert result.returncode == 0, result.stderr
+    import json  # noqa: PLC0415
+    report = json.loads(out.read_text())
+    assert [(row["mode"], row["batch_size"]) for row in report["throughput"]] == [("train", 3), ("infer", 3)]
+    for row in report["throughput"]:
+        assert len(row["gpucnn_rounds"]) == 2 and row["gpucnn_images_per_s"] > 0 and "load_before" in row
+    assert report["env"]["gpucnn_cpu_path"] == "fast" and report["env"]["threads"] == 2
