@@ -137,6 +137,16 @@ def _window(padded, g: ConvGeometry, ky: int, kx: int, oh0: int, oh1: int):
     return padded[:, top: top + g.SH * (oh1 - oh0 - 1) + 1: g.SH, left: left + g.SW * (g.OW - 1) + 1: g.SW]
 
 
+def _windows(padded, g: ConvGeometry, oh0: int, oh1: int):
+    """The (C, KH, KW, oh1-oh0, OW, N) read-only view of a padded (C, HP, WP, N) array: every kernel
+    offset's window at once, so that im2col is one copy (in C) instead of KH*KW (in Python)."""
+    sC, sH, sW, sN = padded.strides
+    base = padded[:, oh0 * g.SH:]
+    return np.lib.stride_tricks.as_strided(
+        base, (g.C, g.KH, g.KW, oh1 - oh0, g.OW, g.N),
+        (sC, g.DH * sH, g.DW * sW, g.SH * sH, g.SW * sW, sN), writeable=False)
+
+
 def _im2col_rows(padded, g: ConvGeometry, oh0: int, oh1: int, ones_row: bool):
     """Columns (C*KH*KW [+1], (oh1-oh0)*OW*N) of output rows [oh0, oh1): rows (c, ky, kx), columns (oh, ow, n).
 
@@ -144,40 +154,42 @@ def _im2col_rows(padded, g: ConvGeometry, oh0: int, oh1: int, ones_row: bool):
     """
     K = g.C * g.KH * g.KW
     col = scratch("col", (K + ones_row, oh1 - oh0, g.OW, g.N), padded.dtype)
-    col_by_offset = col[:K].reshape(g.C, g.KH, g.KW, oh1 - oh0, g.OW, g.N)
-    for ky in range(g.KH):
-        for kx in range(g.KW):
-            col_by_offset[:, ky, kx] = _window(padded, g, ky, kx, oh0, oh1)
+    np.copyto(col[:K].reshape(g.C, g.KH, g.KW, oh1 - oh0, g.OW, g.N), _windows(padded, g, oh0, oh1))
     if ones_row:
         col[K] = 1
     return col.reshape(K + ones_row, -1)
 
 
 def _input_gradient(grad_y_chwn, weight, g: ConvGeometry):
-    """grad_x (N, C, H, W), a CHWN-ordered view: per batch chunk, columns W^T grad_y, then col2im."""
+    """grad_x (N, C, H, W), a CHWN-ordered view: per chunk of input channels, columns W^T grad_y, then col2im.
+
+    Channel chunks write disjoint parts of grad_x, and in CHWN order grad_y is one (OC, OH*OW*N)
+    matrix (no copy) and every col2im add runs over OW*N contiguous numbers (stride 1).
+    """
     K = g.C * g.KH * g.KW
-    weight_t = weight.reshape(g.OC, K).T  # (K, OC)
-    grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
-    per_image = K * g.OH * g.OW * weight.itemsize
-    step = max(1, min(COLUMN_CHUNK_BYTES // per_image, -(-g.N // MIN_CHUNKS)))
-    batch_ranges = [(start, min(start + step, g.N)) for start in range(0, g.N, step)]
+    weight_t = weight.reshape(g.OC, K).T  # (K, OC), rows (c, ky, kx)
+    grad_y_matrix = grad_y_chwn.reshape(g.OC, -1)
     HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
+    padded = g.PH > 0 or g.PW > 0
+    grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
+    per_channel = g.KH * g.KW * g.OH * g.OW * g.N * weight.itemsize
+    step = max(1, min(COLUMN_CHUNK_BYTES // per_channel, -(-g.C // MIN_CHUNKS)))
+    channel_ranges = [(start, min(start + step, g.C)) for start in range(0, g.C, step)]
 
     def work(i):
-        start, stop = batch_ranges[i]
-        n = stop - start
-        grad_y_part = scratch("grad_y", (g.OC, g.OH, g.OW, n), weight.dtype)
-        np.copyto(grad_y_part, grad_y_chwn[..., start:stop])
-        grad_col = scratch("grad_col", (g.C, g.KH, g.KW, g.OH, g.OW, n), weight.dtype)
-        np.matmul(weight_t, grad_y_part.reshape(g.OC, -1), out=grad_col.reshape(K, -1))
-        grad_padded = scratch("grad_padded", (g.C, HP, WP, n), weight.dtype)
-        grad_padded.fill(0)
+        c0, c1 = channel_ranges[i]
+        grad_col = scratch("grad_col", (c1 - c0, g.KH, g.KW, g.OH, g.OW, g.N), weight.dtype)
+        np.matmul(weight_t[c0 * g.KH * g.KW: c1 * g.KH * g.KW], grad_y_matrix,
+                  out=grad_col.reshape((c1 - c0) * g.KH * g.KW, -1))
+        target = scratch("grad_padded", (c1 - c0, HP, WP, g.N), weight.dtype) if padded else grad_x_chwn[c0:c1]
+        target.fill(0)
         # col2im: every offset adds its columns back onto the pixels it read.
         for ky in range(g.KH):
             for kx in range(g.KW):
-                target = _window(grad_padded, g, ky, kx, 0, g.OH)
-                np.add(target, grad_col[:, ky, kx], out=target)
-        grad_x_chwn[..., start:stop] = grad_padded[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W]
+                window = _window(target, g, ky, kx, 0, g.OH)
+                np.add(window, grad_col[:, ky, kx], out=window)
+        if padded:
+            grad_x_chwn[c0:c1] = target[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W]
 
-    run_chunks(work, len(batch_ranges), g.OC * K * g.OH * g.OW * step)
+    run_chunks(work, len(channel_ranges), g.OC * per_channel / weight.itemsize * step)
     return grad_x_chwn.transpose(3, 0, 1, 2)
