@@ -124,13 +124,18 @@ def active_runtime(runtime=None):
     return base
 
 
-def runtime_for(device: str):
-    """The runtime that runs the kernels for arrays on ``device`` (``"gpu"`` or ``"emulator"``)."""
+def device_runtime(device: str):
+    """The process-wide runtime of a kernel device (``"gpu"``: CupyRuntime, ``"emulator"``)."""
     if device == "gpu":
-        return active_runtime(default_runtime())
+        return default_runtime()
     if device == "emulator":
-        return active_runtime(emulator_runtime())
+        return emulator_runtime()
     raise ValueError(f"the {device!r} device runs no CUDA kernels; kernel devices are gpu and emulator.")
+
+
+def runtime_for(device: str):
+    """The runtime that runs the kernels for arrays on ``device`` now (a recording wrapper while one is in force)."""
+    return active_runtime(device_runtime(device))
 
 
 @contextlib.contextmanager
