@@ -268,3 +268,58 @@ def test_jax_step_matches_the_pytorch_step_on_the_cpu():
         assert float(loss) == pytest.approx(float(torch_loss), rel=1e-4)
     np.testing.assert_allclose(np.asarray(params["w5"]), layers[-1].weight.detach().numpy().T, rtol=1e-3,
                                atol=1e-5)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python on a GPU machine: the GPU check and the version probe pass, every step is logged.
+if [ "$1" = "-c" ]; then exit 0; fi
+if [ "$1" = "-" ]; then cat > /dev/null; echo "device: fake GPU"; exit 0; fi
+echo "$*" >> "$CALLS"
+echo "ran $*"; echo "a warning" >&2
+case "$*" in *bench/gpu_ops.py*) exit 3 ;; esac
+"""
+
+
+def _fake_gpu_run(tmp_path, *args, **env):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    results = tmp_path / "results"
+    result = _run(["bash", "bench/run_gpu.sh", *args],
+                  env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(calls),
+                       "GPUCNN_RESULTS_DIR": str(results), **env})
+    (out,) = results.iterdir()
+    calls_made = calls.read_text().splitlines() if calls.exists() else []
+    return result, out, calls_made
+
+
+def test_run_gpu_script_runs_every_step_bounded_and_records_it(tmp_path):
+    data = tmp_path / "fashion"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes(b"")
+    result, out, calls = _fake_gpu_run(tmp_path, GPUCNN_DATA_DIR=str(data))
+    assert result.returncode == 1, result.stdout + result.stderr      # the ops step failed (exit 3)
+    tests, train, ops, e2e = calls
+    gpu_files = sorted(p.name for p in (ROOT / "tests").glob("test_gpu_*.py"))
+    assert tests.startswith("-m pytest -m gpu ") and sorted(Path(a).name for a in tests.split()
+                                                            if a.endswith(".py")) == gpu_files
+    assert train.startswith("cli.py train --device gpu --dataset fashion-mnist --data-dir " + str(data))
+    assert "bench/gpu_ops.py --batches 64,256" in ops and "bench/gpu_train.py --json" in e2e
+    status = (out / "status.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in status] == [["tests", "exit=0"], ["train", "exit=0"], ["ops", "exit=3"],
+                                                    ["e2e", "exit=0"]]
+    assert "a warning" in (out / "ops.log").read_text()                # stderr is kept
+    environment = (out / "environment.txt").read_text()
+    assert "date_utc: " in environment and "device: fake GPU" in environment
+
+
+def test_run_gpu_script_skips_what_the_data_or_the_time_does_not_allow(tmp_path):
+    result, out, calls = _fake_gpu_run(tmp_path, "train", "e2e", GPUCNN_DATA_DIR=str(tmp_path / "none"),
+                                       GPUCNN_TOTAL_SECONDS="10")
+    assert result.returncode == 1 and calls == []
+    status = (out / "status.txt").read_text()
+    assert "train skipped: " in status and "lacks train-images-idx3-ubyte.gz" in status
+    assert "e2e skipped: " in status and "of the 10s left" in status
