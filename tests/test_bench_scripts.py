@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -323,3 +324,36 @@ def test_run_gpu_script_skips_what_the_data_or_the_time_does_not_allow(tmp_path)
     status = (out / "status.txt").read_text()
     assert "train skipped: " in status and "lacks train-images-idx3-ubyte.gz" in status
     assert "e2e skipped: " in status and "of the 10s left" in status
+
+
+class _HostEvent:
+    """cupy.cuda.Event on the host clock."""
+
+    def record(self, stream=None):
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.emulator
+def test_the_eager_gpucnn_variant_trains_and_is_timed_by_its_events(monkeypatch):
+    """gpucnn-eager as main builds it (here without gpucnn.step: the fused eager fallback), on the
+    emulator with a CuPy stand-in: warm-up, alternating timed rounds, a row, a finite loss."""
+    gpu_train = _load("gpu_train")
+    monkeypatch.setitem(sys.modules, "gpucnn.step", None)
+    cuda = types.SimpleNamespace(Event=_HostEvent, get_current_stream=lambda: None,
+                                 get_elapsed_time=lambda a, b: (b.at - a.at) * 1e3,
+                                 Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    fake_cupy = types.SimpleNamespace(cuda=cuda)
+    rng = np.random.default_rng(3)
+    images = [rng.standard_normal((4, 1, 28, 28)).astype(np.float32) for _ in range(2)]
+    labels = [rng.integers(0, 10, 4).astype(np.int32) for _ in range(2)]
+    variant = gpu_train.gpucnn_variant(fake_cupy, "gpucnn-eager", images, labels, 4, warmup_steps=1,
+                                       device="cpu", runtime=EmulatorRuntime())
+    gpu_train.measure([variant], rounds=2, round_steps=1, pool=2)
+    row = gpu_train.summarize(variant.name, 4, variant.rounds_s, 1)
+    assert len(variant.rounds_s) == 2 and all(s > 0 for s in variant.rounds_s) and row["images_per_s"] > 0
+    assert np.isfinite(variant.result()["last_loss"]) and variant.setup_s > 0
+    with pytest.raises(gpu_train.Unavailable, match="captured step is not measured"):
+        gpu_train.gpucnn_variant(fake_cupy, "gpucnn-graph", images, labels, 4, 1, device="cpu")
