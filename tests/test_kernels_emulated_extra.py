@@ -385,6 +385,13 @@ def _f32(*shape):
     (lambda rt: cuda_optim.sgd_update(_f32(4), _f32(4), _f32(4), np.zeros(1, np.int32), _f32(1),
                                       runtime=rt), TypeError, "float64"),
     (lambda rt: cuda_optim.advance_step(np.zeros((1, 1), np.int32), runtime=rt), ValueError, "1 dim"),
+    # arguments updated in place: a contiguous copy would be updated and the caller's array left as it was
+    (lambda rt: cuda_optim.adam_update(_f32(8)[::2], _f32(4), _f32(4), _f32(4), np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "param is updated in place"),
+    (lambda rt: cuda_optim.adam_update(_f32(4), _f32(4), _f32(4), _f32(8)[1::2], np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "exp_avg_sq is updated in place"),
+    (lambda rt: cuda_optim.sgd_update(_f32(4), _f32(4), _f32(4, 2)[:, 0], np.zeros(1, np.int32), np.zeros(1),
+                                      runtime=rt), ValueError, "momentum_buffer is updated in place"),
 ])
 def test_launchers_refuse_bad_inputs_before_launch(call, error, words):
     with pytest.raises(error, match=words):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn import backend, optim
-from gpucnn.cuda.runtime import active_runtime, ceil_div, check_int32_count, device_runtime, kernel_array
+from gpucnn.cuda.runtime import (active_runtime, ceil_div, check_int32_count, device_runtime, kernel_array,
+                                 kernel_inout_array)
 from gpucnn.cuda.tensor import fill
 from gpucnn.nn.module import Parameter
 
@@ -31,8 +32,9 @@ def _grid(count: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, THREADS_PER_BLOCK), MAX_BLOCKS)), 1, 1)
 
 
-def _flat(rt, array, name, count=None):
-    array = kernel_array(rt, array, name, ndim=1)
+def _flat(rt, array, name, count=None, inout=False):
+    """A (count,) float32 buffer; ``inout``: the kernel updates it, so it must not be a copy."""
+    array = (kernel_inout_array if inout else kernel_array)(rt, array, name, ndim=1)
     if count is not None and array.shape[0] != count:
         raise ValueError(f"{name} must have shape ({count},) like param, not {tuple(array.shape)}.")
     return array
@@ -50,7 +52,7 @@ def _device_scalars(rt, step, lr):
 def advance_step(step, *, runtime=None):
     """step[0] += 1 on the device; step (1,) int32. Launch it before each update."""
     rt = active_runtime(runtime)
-    step = kernel_array(rt, step, "step", dtype=np.int32, ndim=1)
+    step = kernel_inout_array(rt, step, "step", dtype=np.int32, ndim=1)
     if step.shape != (1,):
         raise ValueError(f"step must hold one element, not shape {tuple(step.shape)}.")
     # writes step[0]: one thread adds one
@@ -65,10 +67,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr, betas=(0.9, 0.999), 
     this update (advance_step first); lr (1,) float64. Writes param, exp_avg and exp_avg_sq.
     """
     rt = active_runtime(runtime)
-    param = _flat(rt, param, "param")
+    param = _flat(rt, param, "param", inout=True)
     count = param.shape[0]
-    grad, exp_avg, exp_avg_sq = (_flat(rt, a, n, count) for a, n in
-                                 ((grad, "grad"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")))
+    grad = _flat(rt, grad, "grad", count)
+    exp_avg = _flat(rt, exp_avg, "exp_avg", count, inout=True)
+    exp_avg_sq = _flat(rt, exp_avg_sq, "exp_avg_sq", count, inout=True)
     step, lr = _device_scalars(rt, step, lr)
     check_int32_count("param", count)
     beta1, beta2 = (float(b) for b in betas)
@@ -88,10 +91,10 @@ def sgd_update(param, grad, momentum_buffer, step, lr, momentum=0.0, nesterov=Fa
     momentum buffer from the gradient); lr (1,) float64. Writes param and momentum_buffer.
     """
     rt = active_runtime(runtime)
-    param = _flat(rt, param, "param")
+    param = _flat(rt, param, "param", inout=True)
     count = param.shape[0]
     grad = _flat(rt, grad, "grad", count)
-    momentum_buffer = _flat(rt, momentum_buffer, "momentum_buffer", count)
+    momentum_buffer = _flat(rt, momentum_buffer, "momentum_buffer", count, inout=True)
     step, lr = _device_scalars(rt, step, lr)
     check_int32_count("param", count)
     # writes param and momentum_buffer: a grid-stride loop, one thread per element at a time
