@@ -90,7 +90,7 @@ def _check_parameters(params) -> list:
 
 def _check_buffer(buffer, name: str = "buffer"):
     """A C-contiguous NumPy or CuPy array of float32/float64/int32/int64, for a collective in place."""
-    if not (isinstance(buffer, np.ndarray) or backend.is_gpu_array(buffer)):
+    if not (backend.is_array(buffer)):
         raise TypeError(f"{name} must be a NumPy or CuPy array, not {type(buffer).__name__}.")
     if buffer.dtype not in _REDUCIBLE_DTYPES:
         raise TypeError(f"{name} must hold float32, float64, int32 or int64 values, not {buffer.dtype}.")

@@ -69,7 +69,7 @@ def _check_data(data, name: str):
         raise TypeError(f"{name} must be a pair (images, labels), not {type(data).__name__}.")
     images, labels = data
     for part, array in (("images", images), ("labels", labels)):
-        if not (isinstance(array, np.ndarray) or backend.is_gpu_array(array)):
+        if not (backend.is_array(array)):
             raise TypeError(f"{name} {part} must be a NumPy or CuPy array, not {type(array).__name__}.")
     if images.ndim != 4:
         raise ValueError(f"{name} images must have shape (N, C, H, W), not {tuple(images.shape)}.")
