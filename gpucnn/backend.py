@@ -243,7 +243,11 @@ def to_device(x, device: str):
     if target == "gpu":
         return cupy_module().asarray(x)
     if target == "emulator":
-        return x if isinstance(x, EmulatorArray) else np.array(to_numpy(x)).view(EmulatorArray)
+        if isinstance(x, EmulatorArray):
+            return x
+        if _emulator_guard is not None:
+            _emulator_guard("allocation", f"to_device(..., 'emulator') of a {type(x).__name__}")
+        return np.array(to_numpy(x)).view(EmulatorArray)
     return to_numpy(x)
 
 

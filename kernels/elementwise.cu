@@ -2,7 +2,8 @@
 //
 // Layout: any shape, C-contiguous float32, seen as a flat array of count elements.
 // Both kernels walk the array with a grid-stride loop (element i, i + gridDim.x * blockDim.x, ...),
-// so the launcher may cap the grid.
+// so the launcher may cap the grid. The index is 64-bit: i + gridDim.x * blockDim.x must not wrap
+// for counts within one stride of 2**31, which the int count allows.
 //
 // Kernels and what they write:
 //   relu_forward   y = max(x, 0); a NaN stays NaN (like numpy.maximum in gpucnn/ops/activation.py).
@@ -10,7 +11,8 @@
 
 extern "C" __global__ void relu_forward(const float* x, float* y, int count)
 {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
         const float v = x[i];
         y[i] = (v > 0.0f || isnan(v)) ? v : 0.0f;
     }
@@ -18,7 +20,8 @@ extern "C" __global__ void relu_forward(const float* x, float* y, int count)
 
 extern "C" __global__ void relu_backward(const float* grad_y, const float* y, float* grad_x, int count)
 {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
         grad_x[i] = y[i] > 0.0f ? grad_y[i] : 0.0f;
     }
 }

@@ -19,91 +19,57 @@ def grid_for(count: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, THREADS_PER_BLOCK), MAX_BLOCKS)), 1, 1)
 
 
-def _unary(name, x, runtime):
+def _elementwise(name, arrays, names, runtime, count_type=np.int64):
+    """Launch kernel ``name`` over equally shaped float32 ``arrays`` plus a new output; returns the output."""
     rt = active_runtime(runtime)
-    x = kernel_array(rt, x, "x")
-    y = rt.empty(x.shape, np.float32)
-    if x.size:
-        # writes y: a grid-stride loop over the elements
-        rt.function(KERNEL_FILE, name)(grid_for(x.size), (THREADS_PER_BLOCK, 1, 1), (x, y, np.int64(x.size)))
-    return y
-
-
-def _backward(name, grad_y, y, runtime):
-    rt = active_runtime(runtime)
-    grad_y = kernel_array(rt, grad_y, "grad_y")
-    y = kernel_array(rt, y, "y")
-    if tuple(grad_y.shape) != tuple(y.shape):
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)} but y has {tuple(y.shape)}; they must match.")
-    grad_x = rt.empty(y.shape, np.float32)
-    if y.size:
-        # writes grad_x: a grid-stride loop over the elements
-        rt.function(KERNEL_FILE, name)(grid_for(y.size), (THREADS_PER_BLOCK, 1, 1),
-                                       (grad_y, y, grad_x, np.int64(y.size)))
-    return grad_x
+    arrays = [kernel_array(rt, a, n) for a, n in zip(arrays, names)]
+    shape = tuple(arrays[0].shape)
+    for array, array_name in zip(arrays[1:], names[1:]):
+        if tuple(array.shape) != shape:
+            raise ValueError(f"{names[0]} has shape {shape} but {array_name} has {tuple(array.shape)}; they must match.")
+    if count_type is np.int32:
+        check_int32_count(names[-1], arrays[0].size)
+    out = rt.empty(shape, np.float32)
+    if out.size:
+        # writes out: a grid-stride loop over the elements
+        rt.function(KERNEL_FILE, name)(grid_for(out.size), (THREADS_PER_BLOCK, 1, 1),
+                                       (*arrays, out, count_type(out.size)))
+    return out
 
 
 def relu_forward(x, *, runtime=None):
     """y = max(x, 0), any shape, float32; NaN stays NaN."""
-    rt = active_runtime(runtime)
-    x = kernel_array(rt, x, "x")
-    check_int32_count("x", x.size)
-    y = rt.empty(x.shape, np.float32)
-    if x.size:
-        # writes y: a grid-stride loop over the elements
-        rt.function(KERNEL_FILE, "relu_forward")(grid_for(x.size), (THREADS_PER_BLOCK, 1, 1),
-                                                 (x, y, np.int32(x.size)))
-    return y
+    return _elementwise("relu_forward", (x,), ("x",), runtime, np.int32)
 
 
 def relu_backward(grad_y, y, *, runtime=None):
     """grad_x = grad_y where the saved output y > 0, else 0; grad_y and y of one shape, float32."""
-    rt = active_runtime(runtime)
-    grad_y = kernel_array(rt, grad_y, "grad_y")
-    y = kernel_array(rt, y, "y")
-    if tuple(grad_y.shape) != tuple(y.shape):
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)} but y has {tuple(y.shape)}; they must match.")
-    check_int32_count("y", y.size)
-    grad_x = rt.empty(y.shape, np.float32)
-    if y.size:
-        # writes grad_x: a grid-stride loop over the elements
-        rt.function(KERNEL_FILE, "relu_backward")(grid_for(y.size), (THREADS_PER_BLOCK, 1, 1),
-                                                  (grad_y, y, grad_x, np.int32(y.size)))
-    return grad_x
+    return _elementwise("relu_backward", (grad_y, y), ("grad_y", "y"), runtime, np.int32)
 
 
 def tanh_forward(x, *, runtime=None):
     """y = tanh(x), any shape, float32."""
-    return _unary("tanh_forward", x, runtime)
+    return _elementwise("tanh_forward", (x,), ("x",), runtime)
 
 
 def tanh_backward(grad_y, y, *, runtime=None):
     """grad_x = grad_y * (1 - y**2) from the saved output y."""
-    return _backward("tanh_backward", grad_y, y, runtime)
+    return _elementwise("tanh_backward", (grad_y, y), ("grad_y", "y"), runtime)
 
 
 def sigmoid_forward(x, *, runtime=None):
     """y = 1 / (1 + exp(-x)), any shape, float32, without overflow for large |x|."""
-    return _unary("sigmoid_forward", x, runtime)
+    return _elementwise("sigmoid_forward", (x,), ("x",), runtime)
 
 
 def sigmoid_backward(grad_y, y, *, runtime=None):
     """grad_x = grad_y * y * (1 - y) from the saved output y."""
-    return _backward("sigmoid_backward", grad_y, y, runtime)
+    return _elementwise("sigmoid_backward", (grad_y, y), ("grad_y", "y"), runtime)
 
 
 def multiply(a, b, *, runtime=None):
     """out = a * b for two float32 arrays of one shape."""
-    rt = active_runtime(runtime)
-    a = kernel_array(rt, a, "a")
-    b = kernel_array(rt, b, "b")
-    if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"a has shape {tuple(a.shape)} but b has {tuple(b.shape)}; they must match.")
-    out = rt.empty(a.shape, np.float32)
-    if a.size:
-        # writes out: a grid-stride loop over the elements
-        rt.function(KERNEL_FILE, "multiply")(grid_for(a.size), (THREADS_PER_BLOCK, 1, 1), (a, b, out, np.int64(a.size)))
-    return out
+    return _elementwise("multiply", (a, b), ("a", "b"), runtime)
 
 
 def dropout_forward(x, p, rng, training, *, runtime=None):
