@@ -167,7 +167,7 @@ class _Steppers:
             x, y = self.batch(batch_size)
             opt.zero_grad()
             loss, probs = ops.softmax_cross_entropy(model(x), y)
-            model.backward(ops.softmax_cross_entropy_backward(probs, y))
+            model.backward(ops.softmax_cross_entropy_backward(probs, y), input_grad=False)  # as PyTorch's
             opt.step()
             return float(loss)
         return step
