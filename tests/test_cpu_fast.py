@@ -113,17 +113,13 @@ def test_max_pool_matches_reference_exactly(shape, kernel, stride, padding, thre
                 np.testing.assert_array_equal(grad_x, grad_ref)
 
 
-def test_relu_matches_reference_exactly_and_keeps_the_memory_order(threaded):
+def test_relu_matches_reference_exactly_and_keeps_the_memory_order():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((5, 6, 13, 7)).astype(np.float32)
     x[0, 0, 0, :3] = [np.nan, 0.0, -0.0]
-    grad_y = rng.standard_normal(x.shape).astype(np.float32)
-    grad_y[1, 1, 1, 1] = np.nan
-    for x_in, grad_in in ((x, grad_y), (_chwn(x), _chwn(grad_y)), (x[:, :, ::2], grad_y[:, :, ::2])):
+    for x_in in (x, _chwn(x), x[:, :, ::2]):
         y = fast_activation.relu_forward(x_in)
         np.testing.assert_array_equal(y, reference_activation.relu_forward_reference(x_in))
-        grad_x = fast_activation.relu_backward(grad_in, y)
-        np.testing.assert_array_equal(grad_x, reference_activation.relu_backward_reference(grad_in, reference_activation.relu_forward_reference(x_in)))
         if x_in.flags.c_contiguous or _chwn(x_in) is x_in:
             assert y.strides == x_in.strides
     flat = rng.standard_normal(1000).astype(np.float64)
@@ -133,8 +129,7 @@ def test_relu_matches_reference_exactly_and_keeps_the_memory_order(threaded):
 def test_the_dispatch_picks_the_fast_path_for_numpy_arrays():
     for family, module, name in (("conv", fast_conv, "conv2d_forward"), ("conv", fast_conv, "conv2d_backward"),
                                  ("pool", fast_pool, "max_pool2d_forward"), ("pool", fast_pool, "max_pool2d_backward"),
-                                 ("activation", fast_activation, "relu_forward"),
-                                 ("activation", fast_activation, "relu_backward")):
+                                 ("activation", fast_activation, "relu_forward")):
         assert dispatch.cpu_implementation(family, name) is getattr(module, name)
         assert dispatch.cpu_implementation(family, name, "reference").__name__ == name + "_reference"
 

@@ -1,27 +1,31 @@
-"""Fast ReLU on NumPy arrays: the signatures and results of gpucnn.ops.activation's relu functions.
+"""Fast ReLU forward on NumPy arrays: the signature and results of gpucnn.ops.activation.relu_forward.
 
-Both keep their input's memory order (CHWN stays CHWN) and work on it as one flat run,
-in chunks the threads share. The other activations use the reference.
+np.maximum against a row of zeros runs about three times as fast as against the scalar 0
+(measured on conv1's output at batch 256: 0.13 against 0.37 ms). The output keeps the
+input's memory order (CHWN stays CHWN). It runs on the calling thread: memory-bound, it ran
+slower on two threads (0.19 against 0.14 ms). The reference's relu_backward,
+grad_y * (y > 0), already keeps the memory order and runs at memory speed, so it has no
+fast version here; nor have the other activations.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cpu.threads import even_ranges, run_chunks
+from gpucnn.cpu.threads import empty_in_order, memory_order
 
-# Elements per chunk: large enough to hide the hand-over, small enough to share out.
+# Elements per np.maximum call: the zero row stays in cache.
 CHUNK_ELEMENTS = 1 << 17
 _ZERO_ROWS = {}
 
 
 def _zero_row(length: int, dtype) -> np.ndarray:
-    """A read-only row of zeros: np.maximum against it runs about twice as fast as against a scalar 0."""
-    key = (length, np.dtype(dtype))
+    """A read-only row of zeros of at least `length` elements."""
+    key = np.dtype(dtype)
     row = _ZERO_ROWS.get(key)
-    if row is None:
-        row = _ZERO_ROWS[key] = np.zeros(length, dtype)
+    if row is None or row.size < length:
+        row = _ZERO_ROWS[key] = np.zeros(max(length, CHUNK_ELEMENTS), dtype)
         row.flags.writeable = False
-    return row
+    return row[:length]
 
 
 def relu_inplace(a) -> None:
@@ -29,61 +33,15 @@ def relu_inplace(a) -> None:
     np.maximum(a, _zero_row(a.shape[-1], a.dtype), out=a)
 
 
-def _flat_in_memory_order(a):
-    """(flat view of a's memory, axes order) when a is a permuted view of contiguous memory, else (None, None)."""
-    order = sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
-    view = a.transpose(order)
-    if not view.flags.c_contiguous:
-        return None, None
-    return view.reshape(-1), order
-
-
-def _like(a, order):
-    """An empty array shaped like a whose memory follows the axes order `order` (as a's does)."""
-    shape = tuple(a.shape[axis] for axis in order)
-    out = np.empty(shape, a.dtype)
-    return out, out.transpose(np.argsort(order))
-
-
-def _elementwise(a, b, body):
-    """out with a's shape and memory order; body(a_part, b_part|None, out_part) on flat chunks of it."""
-    a_flat, order = _flat_in_memory_order(a)
-    if a_flat is None:
-        a = np.ascontiguousarray(a)
-        a_flat, order = a.reshape(-1), list(range(a.ndim))
-    b_flat = None
-    if b is not None:
-        b_flat = b.transpose(order)
-        b_flat = b_flat.reshape(-1) if b_flat.flags.c_contiguous else np.ascontiguousarray(b_flat).reshape(-1)
-    out_memory, out = _like(a, order)
-    out_flat = out_memory.reshape(-1)
-    ranges = even_ranges(a_flat.size, max(1, a_flat.size // CHUNK_ELEMENTS))
-
-    def work(i):
-        start, stop = ranges[i]
-        body(a_flat[start:stop], None if b_flat is None else b_flat[start:stop], out_flat[start:stop])
-
-    run_chunks(work, len(ranges), a_flat.size / len(ranges))
-    return out
-
-
 def relu_forward(x):
     """y = max(x, 0), any shape, in x's memory order; NaN stays NaN."""
-    if x.size == 0:
+    order = memory_order(x)
+    x_memory = x.transpose(order)
+    if not x_memory.flags.c_contiguous:  # not a permutation of contiguous memory: no flat run to use
         return np.maximum(x, 0)
-
-    def body(x_part, _, y_part):
-        np.maximum(x_part, _zero_row(x_part.size, x_part.dtype), out=y_part)
-
-    return _elementwise(x, None, body)
-
-
-def relu_backward(grad_y, y):
-    """grad_x = grad_y * (y > 0), in y's memory order; a NaN in grad_y stays NaN where y <= 0."""
-    if y.size == 0:
-        return grad_y * (y > 0)
-
-    def body(y_part, grad_y_part, grad_x_part):
-        np.multiply(grad_y_part, np.greater(y_part, 0).view(np.uint8), out=grad_x_part)
-
-    return _elementwise(y, grad_y, body)
+    y = empty_in_order(x.shape, x.dtype, order)
+    x_flat, y_flat = x_memory.reshape(-1), y.transpose(order).reshape(-1)
+    for start in range(0, x_flat.size, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, x_flat.size)
+        np.maximum(x_flat[start:stop], _zero_row(stop - start, x.dtype), out=y_flat[start:stop])
+    return y

@@ -2,14 +2,16 @@
 
 LeNet's 2x2 stride-2 unpadded pooling runs as a pairwise tournament on strided views,
 in the input's own memory order (CHWN from the fast convolution: runs of N contiguous
-numbers), cut along the outermost axis into chunks the threads share. Other window
+numbers), cut along the outermost axis into chunks that keep the temporaries in cache. It
+runs on the calling thread only: memory-bound, it ran slower on two threads (measured at
+batch 256: forward 0.68 against 0.57 ms, backward 0.71 against 0.52 ms). Other window
 shapes, and inputs holding NaN, use the reference, whose results these equal exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order, run_chunks
+from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order
 from gpucnn.ops.pool import max_pool2d_backward_reference, max_pool2d_forward_reference, pool2d_geometry
 
 CHUNKS = 8
@@ -59,7 +61,8 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         np.add(right_wins, use_bottom, out=out, dtype=np.int32)
         np.add(out, use_bottom, out=out)
 
-    run_chunks(work, len(parts), x.size / len(parts))
+    for i in range(len(parts)):
+        work(i)
     if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
         return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     return y, argmax
@@ -89,5 +92,6 @@ def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, paddi
             target = grad_x_part[:, :, ky: ky + 2 * g.OH - 1: 2, kx: kx + 2 * g.OW - 1: 2]
             np.multiply(grad_y_part, np.equal(argmax_part, k).view(np.uint8), out=target)
 
-    run_chunks(work, len(parts), grad_x.size / len(parts))
+    for i in range(len(parts)):
+        work(i)
     return grad_x
