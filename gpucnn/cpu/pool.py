@@ -14,7 +14,8 @@ import numpy as np
 from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order
 from gpucnn.ops.pool import max_pool2d_backward_reference, max_pool2d_forward_reference, pool2d_geometry
 
-CHUNKS = 8
+MAX_CHUNKS = 8
+CHUNK_ELEMENTS = 1 << 16  # input elements per chunk at least: fewer, larger calls for small inputs
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (ky, kx) of window-local index ky*2 + kx
 
 
@@ -23,10 +24,11 @@ def _is_2x2(g) -> bool:
 
 
 def _outer_slices(shape, order):
-    """Index tuples cutting the outermost memory axis (N or C) into CHUNKS pieces."""
+    """Index tuples cutting the outermost memory axis (N or C) into up to MAX_CHUNKS pieces."""
     axis = order[0] if order[0] in (0, 1) else 0
+    size = shape[0] * shape[1] * shape[2] * shape[3]
     slices = []
-    for start, stop in even_ranges(shape[axis], CHUNKS):
+    for start, stop in even_ranges(shape[axis], max(1, min(MAX_CHUNKS, size // CHUNK_ELEMENTS))):
         index = [slice(None)] * 4
         index[axis] = slice(start, stop)
         slices.append(tuple(index))
