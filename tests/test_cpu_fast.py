@@ -183,3 +183,31 @@ def test_a_failing_chunk_raises_after_every_thread_stops(monkeypatch):
     with pytest.raises(RuntimeError, match="chunk 2 failed"):
         threads.run_chunks(work, 6)
     assert sorted(done) == [0, 1, 3, 4, 5]
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_lenet_runs_max_pool_before_relu_with_the_same_results_as_the_declared_order(path):
+    """LeNet5 (modern) runs pool1/pool2 before act1/act2; Sequential's declared order must give the
+    very same logits and gradients (ties from a constant image, NaN-free), and features() still
+    reports the declared layers."""
+    from gpucnn import nn  # noqa: PLC0415
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+    x[0] = 0.5  # flat image: ties in every pooling window
+    labels = rng.integers(0, 10, 6)
+    grads = []
+    with dispatch.cpu_path(path):
+        for run in (models.LeNet5.forward, nn.Sequential.forward):
+            model = models.LeNet5(seed=3)
+            logits = run(model, x)
+            _, probs = ops.softmax_cross_entropy(logits, labels)
+            backward = models.LeNet5.backward if run is models.LeNet5.forward else nn.Sequential.backward
+            backward(model, ops.softmax_cross_entropy_backward(probs, labels), input_grad=False)
+            grads.append((logits, [p.grad for p in model.parameters()]))
+        assert models.LeNet5(seed=3)._run_order[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"]
+        assert models.LeNet5(seed=3).features(x, "act1").shape == (6, 6, 28, 28)
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    for got, want in zip(grads[0][1], grads[1][1]):
+        np.testing.assert_array_equal(got, want)
+    classic = models.LeNet5(variant="classic")
+    assert classic._run_order == list(classic._modules)  # tanh and average pooling do not commute
