@@ -18,7 +18,10 @@ loading excluded. --cli-epochs E: the wall time of `python cli.py train --device
 fashion-mnist --epochs E --quiet` against a fresh process running the PyTorch loop (imports and data
 loading included on both sides). Epoch runs alternate libraries over --epoch-repeats repeats.
 
-The load averages of the machine (`uptime`) are recorded before and after every part.
+The load averages of the machine (`uptime`) are recorded before and after every part, and for
+every throughput row the mean number of cores that OTHER processes kept busy during its rounds
+(/proc/stat's busy time less the worker's own CPU time): on a shared machine only rows with a
+value near 0 compare the libraries at full speed.
 """
 from __future__ import annotations
 
@@ -88,6 +91,17 @@ def parse_args(argv=None):
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, as `uptime` prints them."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def median(values):
@@ -208,11 +222,12 @@ def _serve(args):
             for _ in range(args.warmup):
                 step()
             warmed.add((mode, batch_size))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             step()
         seconds = time.perf_counter() - start
-        print(json.dumps({"images_per_s": args.steps * batch_size / seconds}), flush=True)
+        print(json.dumps({"images_per_s": args.steps * batch_size / seconds, "seconds": seconds,
+                          "cpu_seconds": time.process_time() - cpu_start}), flush=True)
 
 
 def _peak_rss(args):
@@ -332,20 +347,26 @@ def throughput(args) -> list:
         for mode in args.modes:
             for batch_size in args.batch_sizes:
                 rates = {name: [] for name in args.libraries}
+                others = []  # (CPU seconds the rest of the machine used, seconds) of each round
                 load_before = load_average()
                 for round_index in range(args.rounds):
                     order = args.libraries if round_index % 2 == 0 else args.libraries[::-1]
                     for name in order:
                         worker = workers[name]
+                        busy_before = busy_cpu_seconds()
                         worker.stdin.write(json.dumps({"mode": mode, "batch_size": batch_size}) + "\n")
                         worker.stdin.flush()
                         answer = worker.stdout.readline()
                         if not answer:
                             raise SystemExit(f"the {name} worker stopped (exit code {worker.wait()})")
-                        rates[name].append(json.loads(answer)["images_per_s"])
+                        answer = json.loads(answer)
+                        rates[name].append(answer["images_per_s"])
+                        if busy_before is not None:
+                            busy = busy_cpu_seconds() - busy_before
+                            others.append((busy - answer["cpu_seconds"], answer["seconds"]))
                         time.sleep(0.05)  # let the other library's idle threads go to sleep
                 row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
-                       "load_after": load_average()}
+                       "load_after": load_average(), "other_cores_busy": max(0.0, sum(o[0] for o in others) / sum(o[1] for o in others)) if others else None}
                 for name in args.libraries:
                     row[f"{name}_images_per_s"] = median(rates[name])
                     row[f"{name}_rounds"] = [round(r) for r in rates[name]]
@@ -365,7 +386,9 @@ def format_row(row, libraries) -> str:
         f" {row[name + '_images_per_s']:>14.0f}" for name in libraries)
     if "ratio" in row:
         text += f" {row['ratio']:>15.2f}"
-    return text + f"   load {row['load_before']} -> {row['load_after']}"
+    others = row.get("other_cores_busy")
+    return text + f"   load {row['load_before']} -> {row['load_after']}" + (
+        f", other processes {others:.2f} cores" if others is not None else "")
 
 
 def alternating(args, task, libraries) -> list:
