@@ -222,12 +222,14 @@ def _serve(args):
             for _ in range(args.warmup):
                 step()
             warmed.add((mode, batch_size))
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, busy_start = time.perf_counter(), time.process_time(), busy_cpu_seconds()
         for _ in range(args.steps):
             step()
         seconds = time.perf_counter() - start
-        print(json.dumps({"images_per_s": args.steps * batch_size / seconds, "seconds": seconds,
-                          "cpu_seconds": time.process_time() - cpu_start}), flush=True)
+        answer = {"images_per_s": args.steps * batch_size / seconds, "seconds": seconds}
+        if busy_start is not None:  # CPU seconds that other processes used meanwhile
+            answer["other_cpu_seconds"] = busy_cpu_seconds() - busy_start - (time.process_time() - cpu_start)
+        print(json.dumps(answer), flush=True)
 
 
 def _peak_rss(args):
@@ -353,7 +355,6 @@ def throughput(args) -> list:
                     order = args.libraries if round_index % 2 == 0 else args.libraries[::-1]
                     for name in order:
                         worker = workers[name]
-                        busy_before = busy_cpu_seconds()
                         worker.stdin.write(json.dumps({"mode": mode, "batch_size": batch_size}) + "\n")
                         worker.stdin.flush()
                         answer = worker.stdout.readline()
@@ -361,9 +362,8 @@ def throughput(args) -> list:
                             raise SystemExit(f"the {name} worker stopped (exit code {worker.wait()})")
                         answer = json.loads(answer)
                         rates[name].append(answer["images_per_s"])
-                        if busy_before is not None:
-                            busy = busy_cpu_seconds() - busy_before
-                            others.append((busy - answer["cpu_seconds"], answer["seconds"]))
+                        if "other_cpu_seconds" in answer:
+                            others.append((answer["other_cpu_seconds"], answer["seconds"]))
                         time.sleep(0.05)  # let the other library's idle threads go to sleep
                 row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
                        "load_after": load_average(), "other_cores_busy": max(0.0, sum(o[0] for o in others) / sum(o[1] for o in others)) if others else None}
