@@ -211,3 +211,16 @@ def test_lenet_runs_max_pool_before_relu_with_the_same_results_as_the_declared_o
         np.testing.assert_array_equal(got, want)
     classic = models.LeNet5(variant="classic")
     assert classic._run_order == list(classic._modules)  # tanh and average pooling do not commute
+
+
+def test_the_callers_numpy_error_state_holds_in_the_helper_threads(threaded):
+    x = np.full((8, 3, 9, 9), 3e38, np.float32)
+    weight = np.full((4, 3, 3, 3), 3e38, np.float32)
+    with np.errstate(all="raise"):
+        with pytest.raises(FloatingPointError):
+            fast_conv.conv2d_forward(x, weight, None)
+    with np.errstate(all="ignore"):
+        import warnings  # noqa: PLC0415
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.isinf(fast_conv.conv2d_forward(x, weight, None)).all()

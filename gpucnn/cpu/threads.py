@@ -6,6 +6,7 @@ not depend on which thread ran which chunk, nor on how many threads there are.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +114,9 @@ def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
 
     with _OneBlasThread():
         for _ in range(threads - 1):
-            _executor().submit(loop)
+            # The caller's context variables go along: NumPy keeps np.errstate in one, so a
+            # caller's errstate(all="ignore") also holds in the helper threads.
+            _executor().submit(contextvars.copy_context().run, loop)
         loop()
         with finished:
             while state["done"] < count:
