@@ -63,7 +63,9 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     def weight_work(i):
         oh0, oh1 = row_ranges[i]
         col = _im2col_rows(padded, g, oh0, oh1, with_bias)
-        np.matmul(grad_y_chwn[:, oh0:oh1].reshape(g.OC, -1), col.T, out=partial[i])
+        # np.dot, not np.matmul: for this shape (few outputs, a long inner dimension) matmul kept the
+        # GIL and the two threads ran one after the other (measured: 0.91x against dot's 1.7-1.9x).
+        np.dot(grad_y_chwn[:, oh0:oh1].reshape(g.OC, -1), col.T, out=partial[i])
 
     run_chunks(weight_work, len(row_ranges), _work(g, rows, row_ranges))
     grad_weight_matrix = partial[0].copy()

@@ -13,14 +13,15 @@ import numpy as np
 
 from gpucnn.cpu.threads import even_ranges, run_chunks
 
-ROW_CHUNKS = 4
+MAX_ROW_CHUNKS = 4
+MIN_CHUNK_ROWS = 128  # fewer rows are not worth a hand-over to another thread
 
 
 def linear_forward(x, weight, bias):
     """y = x @ weight.T + bias: x (N, IN), weight (OUT, IN), bias (OUT,) or None -> y (N, OUT)."""
     N, OUT = x.shape[0], weight.shape[0]
     y = np.empty((N, OUT), np.result_type(x, weight))
-    ranges = even_ranges(N, ROW_CHUNKS)
+    ranges = even_ranges(N, max(1, min(MAX_ROW_CHUNKS, N // MIN_CHUNK_ROWS)))
 
     def work(i):
         start, stop = ranges[i]
