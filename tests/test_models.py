@@ -90,10 +90,11 @@ def test_state_dict_round_trip_and_strict_errors():
 
 
 def test_registry_and_config_rebuild():
-    assert available_models() == ["lenet5", "lenet5-classic"]
+    assert available_models() == ["lenet5", "lenet5-classic", "vgg-small"]
     model = build_model("lenet5-classic", seed=4)
     assert isinstance(model, LeNet5) and model.variant == "classic"
-    assert model.config == {"name": "lenet5-classic", "num_classes": 10, "seed": 4}
+    assert model.config == {"name": "lenet5-classic", "num_classes": 10, "seed": 4, "in_channels": 1,
+                            "input_size": 28}
     rebuilt = build_model(**model.config)
     for p, q in zip(model.parameters(), rebuilt.parameters()):
         assert_array_equal(p.data, q.data)
