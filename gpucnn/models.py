@@ -76,9 +76,7 @@ class LeNet5(_ImageClassifier):
         in_channels = check_int(in_channels, "in_channels", 1)
         input_size = check_int(input_size, "input_size", 1)
         padding = max(0, (LENET5_FULL_SIZE - input_size) // 2)
-        side = ((input_size + 2 * padding - 4) // 2 - 4) // 2   # after conv1, pool1, conv2, pool2
-        if side < 1:
-            raise ValueError(f"LeNet5 needs input_size of at least 13, got {input_size}.")
+        side = ((input_size + 2 * padding - 4) // 2 - 4) // 2   # after conv1, pool1, conv2, pool2 (>= 4)
         rng = make_rng(seed)
         if variant == "modern":
             act, pool, init = nn.ReLU, nn.MaxPool2d, "kaiming"
