@@ -190,7 +190,7 @@ def _model_option(func):
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Epochs in total (a resumed run counts the checkpoint's epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per training step.")
+              help="Images per batch (one training step).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
@@ -204,12 +204,12 @@ def _model_option(func):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initial weights and the batch order.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for checkpoint.npz, best.npz and metrics.jsonl. [default: runs/<dataset>-<timestamp>, "
-                   "or the checkpoint's folder with --resume]")
+              help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
+                   "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]")
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the run saved in this checkpoint, with its settings, up to --epochs.")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no per-epoch lines.")
 @click.option("--distributed", "data_parallel", is_flag=True,
               help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
                    "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
@@ -305,7 +305,7 @@ def _load_model(checkpoint, device):
 @skip_bad_images_option
 @_device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Images per forward pass.")
+              help="Images per batch (one forward pass).")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
 def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, batch_size, no_download):
     """Print a checkpoint's test loss and accuracy (normalised with the statistics stored in it)."""

@@ -93,10 +93,9 @@ def training_data(dataset, model_name, data_dir=None, download=True, progress=Tr
         raise ValueError("--image-size and --grey apply to --dataset folder only; "
                          f"{dataset} images are {'x'.join(map(str, native_input_shape(dataset)))}.")
     if stored is not None and stored.dataset == FOLDER:
-        for given, kept, flag in ((image_size, stored.image_size, "--image-size"), (grey or None, stored.grey or None,
-                                                                                    "--grey")):
-            if given is not None and given != kept:
-                raise ValueError(f"{flag} differs from the checkpoint's image settings; a resumed run keeps them.")
+        if (image_size is not None and image_size != stored.image_size) or (grey and not stored.grey):
+            raise ValueError(f"a resumed run keeps its image settings ({stored.image_size}x{stored.image_size}, "
+                             f"{'grey' if stored.grey else 'RGB'}); drop --image-size and --grey.")
         image_size, grey = stored.image_size, stored.grey
     if dataset == FOLDER and image_size is None:
         image_size = default_input_shape(model_name)[1]

@@ -2,7 +2,7 @@
 
 Every command that reads a data set takes ``--dataset`` and ``--data-dir`` (and,
 for image folders, ``--skip-bad-images``; ``train`` also ``--image-size`` and ``--grey``) from here.
-The first phrase of an option's help (up to the first ``.``, ``;``, ``(`` or ``[``)
+The first phrase of an option's help (up to the first ``.``, ``,``, ``:``, ``;``, ``(`` or ``[``)
 is its meaning; tests/test_cli_options.py walks every command and fails when one
 name carries two meanings or one meaning two names. Names that were renamed stay
 as hidden ``RenamedOption``s that stop with a sentence naming the new option.
@@ -15,6 +15,7 @@ import click
 
 from gpucnn.data.sources import DATASET_NAMES
 
+MEANING_END = ".,:;(["           # what ends the first phrase of a help text, its meaning
 DATASET_MEANING = "The data set to read"
 DATA_DIR_MEANING = "Where to look for the data set first"
 
@@ -31,6 +32,13 @@ class RenamedOption(click.Option):
         if value not in (None, False):
             raise click.UsageError(f"{self.opts[0]} was renamed {self.new_name}; use {self.new_name} instead.",
                                    ctx=ctx)
+
+
+def meaning(option: click.Option) -> str:
+    """The first phrase of an option's help text: what its name means (see the module docstring)."""
+    text = " ".join((option.help or "").split())
+    cut = min((text.find(mark) for mark in MEANING_END if mark in text), default=len(text))
+    return text[:cut].strip()
 
 
 def renamed(old: str, new: str, takes_value: bool = True):
@@ -58,17 +66,17 @@ def data_dir_option(func):
 def image_size_option(func):
     """``--image-size S`` (image folders)."""
     return click.option("--image-size", type=click.IntRange(min=8), default=None,
-                        help="Image folders: the side images are resized and centre-cropped to. "
+                        help="The side a folder's images are resized and centre-cropped to (image folders only). "
                              "[default: the model's input]")(func)
 
 
 def grey_option(func):
     """``--grey`` (image folders)."""
     return click.option("--grey", is_flag=True, default=False,
-                        help="Image folders: read images as grey (1 channel) instead of RGB.")(func)
+                        help="Read a folder's images as grey (1 channel) instead of RGB (image folders only).")(func)
 
 
 def skip_bad_images_option(func):
     """``--skip-bad-images`` (image folders)."""
     return click.option("--skip-bad-images", is_flag=True, default=False,
-                        help="Image folders: leave unreadable images out (and count them) instead of stopping.")(func)
+                        help="Leave unreadable images out (and count them) instead of stopping (image folders).")(func)
