@@ -13,6 +13,7 @@ from gpucnn.nn.init import make_rng
 from gpucnn.utils import check_int
 
 LENET5_VARIANTS = ("modern", "classic")
+LENET5_DEFAULT_INPUT = (1, 28, 28)
 LENET5_FULL_SIZE = 32        # the 1998 network's input; smaller inputs are zero-padded up to it by conv1
 VGG_STAGES = (1, 2, 4)       # channel multipliers of the three stages (64, 128, 256 at width 64)
 VGG_DOWNSAMPLE = 2 ** len(VGG_STAGES)
@@ -100,8 +101,10 @@ class LeNet5(_ImageClassifier):
         self.variant = variant
         self.input_shape = (in_channels, input_size, input_size)
         self.config = {"name": "lenet5" if variant == "modern" else "lenet5-classic",
-                       "num_classes": num_classes, "seed": seed, "in_channels": in_channels,
-                       "input_size": input_size}
+                       "num_classes": num_classes, "seed": seed}
+        # Only a non-default input is recorded, so a grey 28x28 model's config reads as it always did.
+        if self.input_shape != LENET5_DEFAULT_INPUT:
+            self.config.update(in_channels=in_channels, input_size=input_size)
 
 
 class VGGSmall(_ImageClassifier):
@@ -161,7 +164,7 @@ MODEL_HELP = {
     "vgg-small": "three VGG stages of 3x3 convolutions, 64-128-256 channels (colour 32x32)",
 }
 # The input (C, H, W) each model is built for when nothing else is said.
-DEFAULT_INPUT_SHAPES = {"lenet5": (1, 28, 28), "lenet5-classic": (1, 28, 28), "vgg-small": (3, 32, 32)}
+DEFAULT_INPUT_SHAPES = {"lenet5": LENET5_DEFAULT_INPUT, "lenet5-classic": LENET5_DEFAULT_INPUT, "vgg-small": (3, 32, 32)}
 
 
 def available_models() -> list[str]:
