@@ -44,8 +44,9 @@ class DataSettings:
             raise ValueError(f"{where} does not say which data set it was trained on; pass --dataset.")
         check_dataset(dataset)
         model_config = config.get("model") or {}
-        model_shape = (model_config.get("in_channels", 1), model_config.get("input_size", 28),
-                       model_config.get("input_size", 28))
+        C, H, _ = default_input_shape(model_config.get("name", "lenet5"))
+        size = model_config.get("input_size", H)
+        model_shape = (model_config.get("in_channels", C), size, size)
         normalization = config.get("normalization")
         image = config.get("image") or {}
         if normalization is None:
