@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))    # this checkout's gpucnn, not another installed one
 LIBRARIES = ("gpucnn", "pytorch")
 POOL = 1024                      # random images the batches are drawn from
 
@@ -142,7 +143,6 @@ def versions() -> dict:
         found["torch"] = torch.__version__
     except ImportError:
         found["torch"] = None
-    sys.path.insert(0, str(ROOT))
     import gpucnn
     found["gpucnn"] = gpucnn.__version__
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

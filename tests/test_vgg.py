@@ -138,3 +138,22 @@ def test_a_colour_and_shape_task_is_learned_by_a_narrow_vgg_small():
     model = VGGSmall(num_classes=len(CLASSES), seed=0, width=8, hidden=32, input_size=16)
     history = train_colour_task(model, epochs=5, size=16)
     assert history[-1]["test_acc"] >= 0.95, history   # 1.0 from epoch 3 when written (2-6 s, by load)
+
+
+def test_vgg_cpu_benchmark_worker_times_real_steps():
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_bench_scripts import ROOT, _load
+    bench = _load("vgg_cpu_throughput")
+    args = bench.parse_args(["--batch-sizes", "8,16", "--rounds", "3"])
+    assert args.batch_sizes == [8, 16] and args.rounds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    result = subprocess.run([sys.executable, "bench/vgg_cpu_throughput.py", "--worker", "gpucnn", "--batch-size", "2",
+                             "--steps", "1", "--warmup", "0", "--threads", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["library"] == "gpucnn" and report["images_per_s"] > 0 and report["seconds"] > 0
