@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gpucnn.data import datasets
 from gpucnn.data.idx import DataError
@@ -121,10 +122,12 @@ def _write_cache(path: Path, manifest: dict, images, labels, skipped) -> None:
 
 
 def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bool = False,
-                      skip_bad_images: bool = False, cache_dir=None, use_cache: bool = True) -> FolderSplit:
+                      skip_bad_images: bool = False, cache_dir=None, use_cache: bool = True,
+                      progress=False) -> FolderSplit:
     """Load ``root/<split>/<class>/*`` as uint8 (N, C, image_size, image_size) with C = 3 (RGB) or 1 (grey).
 
-    See the module docstring for the layout, the cache and bad images.
+    See the module docstring for the layout, the cache and bad images. ``progress``
+    shows a tqdm bar (on stderr) while images are decoded.
     """
     datasets._check_split(split)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -147,7 +150,8 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bo
     images = np.empty((len(entries), channels, image_size, image_size), np.uint8)
     labels = np.empty(len(entries), np.int64)
     kept, skipped = 0, []
-    for relative, label, _, _ in entries:
+    for relative, label, _, _ in tqdm(entries, desc=f"decoding {split} images", unit="image",
+                                      disable=not progress, leave=False):
         try:
             images[kept] = read_image(root / relative, size=image_size, grey=grey)
         except DataError as exc:

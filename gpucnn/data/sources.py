@@ -78,7 +78,7 @@ def load_split(name: str, split: str = "train", data_dir=None, download: bool = 
         if image_size is None:
             raise ValueError("an image folder needs an image size to resize its images to.")
         part = folder.load_image_folder(data_dir, split, image_size=image_size, grey=grey,
-                                        skip_bad_images=skip_bad_images)
+                                        skip_bad_images=skip_bad_images, progress=progress)
         return Split(part.images, part.labels, part.classes, part.skipped, part.from_cache)
     if name == cifar.NAME:
         images, labels = cifar.load_cifar10(split, data_dir=data_dir, download=download, progress=progress)
