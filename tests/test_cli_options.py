@@ -68,7 +68,7 @@ def test_every_command_that_reads_data_takes_dataset_and_data_dir():
         assert {"--dataset", "--data-dir", "--skip-bad-images"} <= options, name
     dataset_choices = {tuple(p.type.choices) for name in READS_DATA for p in cli.commands[name].params
                        if p.name == "dataset"}
-    assert dataset_choices == {("fashion-mnist", "mnist", "cifar10", "folder")}
+    assert dataset_choices == {("mnist", "fashion-mnist", "cifar10", "folder")}
 
 
 # ---- the commands, through real subprocesses ------------------------------------------------------

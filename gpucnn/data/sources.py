@@ -22,7 +22,7 @@ from gpucnn.data import cifar, datasets, folder
 from gpucnn.data.idx import DataError
 
 FOLDER = "folder"
-DATASET_NAMES = tuple(sorted(datasets.DATASETS)) + (cifar.NAME, FOLDER)
+DATASET_NAMES = (*datasets.DATASETS, cifar.NAME, FOLDER)    # mnist, fashion-mnist, cifar10, folder
 
 
 @dataclass
