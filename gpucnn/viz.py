@@ -17,7 +17,9 @@ from gpucnn.features import TopPatches
 
 DPI = 100
 INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
-OUTSIDE_COLOR = "#5b84c4"   # receptive-field pixels beyond the image border (zero padding)
+OUTSIDE_COLOR = "#5b84c4"   # grey inputs: receptive-field pixels beyond the image border (zero padding)
+# RGB inputs: the same pixels as a checkerboard (any single colour could be the image's own)
+OUTSIDE_CHECKER = ("#ffffff", "#b4b4b4")
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 
 # filter grid layout, pixels
@@ -177,7 +179,9 @@ def _patch_pixels(crop, low: float, high: float):
     rgb = np.clip((np.moveaxis(crop, 0, -1) - low) / max(high - low, 1e-12), 0, 1)
     outside = np.isnan(rgb).any(axis=-1)
     rgba = np.concatenate([np.nan_to_num(rgb), np.ones(rgb.shape[:2] + (1,))], axis=-1)
-    rgba[outside] = to_rgba(OUTSIDE_COLOR)
+    rows, cols = np.indices(outside.shape)
+    for parity, colour in enumerate(OUTSIDE_CHECKER):
+        rgba[outside & ((rows + cols) % 2 == parity)] = to_rgba(colour)
     return rgba
 
 
@@ -187,7 +191,8 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
 
     Each patch is the channel's receptive field in the input, drawn with
     nearest-neighbour upscaling; pixels of the field beyond the image border
-    (zero padding) are drawn in blue. Under each patch: the image index and the
+    (zero padding) are drawn in blue for grey inputs, as a grey-and-white
+    checkerboard for RGB ones. Under each patch: the image index and the
     activation. Grey (C=1) or RGB (C=3) inputs, one intensity scale for the
     whole figure. ``max_channels`` draws only the first channels (all when None).
     ``pixel_stats`` = (mean, std), per channel or one each, undoes the training
@@ -235,8 +240,9 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
     RH, RW = patches.rf
     heading = title or f"{patches.layer}: top {k} input patches per channel"
     fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=11)
+    outside = "blue" if C == 1 else "checkered"
     fig.text(0.5, 1 - 32 / height, f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
-             "blue = beyond the image border", ha="center", va="top", fontsize=7.5, color="#444444")
+             f"{outside} = beyond the image border", ha="center", va="top", fontsize=7.5, color="#444444")
     return _save(fig, path)
 
 
