@@ -73,6 +73,15 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _fitting_fontsize(text: str, width_px: float, largest: float) -> float:
+    """The font size (points, at most ``largest``) at which ``text`` fits a line ``width_px`` wide.
+
+    Estimated, not measured: an average character of DejaVu Sans is about 0.6 em wide.
+    """
+    em_px_needed = width_px * 0.95 / max(1, 0.6 * len(text))
+    return min(largest, em_px_needed * 72 / DPI)
+
+
 def _check_cell(cell_px) -> int:
     if isinstance(cell_px, bool) or not isinstance(cell_px, int) or cell_px < 16:
         raise ValueError(f"cell_px must be an int of at least 16 pixels, got {cell_px!r}.")
@@ -239,10 +248,12 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
                 ax.set_ylabel(f"ch {c}", fontsize=9, rotation=0, ha="right", va="center", labelpad=6)
     RH, RW = patches.rf
     heading = title or f"{patches.layer}: top {k} input patches per channel"
-    fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=11)
+    fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=_fitting_fontsize(heading, width, 11))
     outside = "blue" if C == 1 else "checkered"
-    fig.text(0.5, 1 - 32 / height, f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
-             f"{outside} = beyond the image border", ha="center", va="top", fontsize=7.5, color="#444444")
+    caption = (f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
+               f"{outside} = beyond the image border")
+    fig.text(0.5, 1 - 32 / height, caption, ha="center", va="top", fontsize=_fitting_fontsize(caption, width, 7.5),
+             color="#444444")
     return _save(fig, path)
 
 
