@@ -311,7 +311,7 @@ def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, bat
     """Print a checkpoint's test loss and accuracy (normalised with the statistics stored in it)."""
     resolved = _resolve_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
-    settings = _checkpoint_settings(ckpt, checkpoint, dataset)
+    settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
     images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, "test", data_dir,
                                                              download=not no_download,
                                                              skip_bad_images=skip_bad_images)
@@ -321,14 +321,6 @@ def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, bat
     result = evaluate(network, x, backend.to_device(labels, resolved), batch_size)
     click.echo(f"{dataset} test: loss {result['loss']:.4f}  accuracy {result['accuracy']:.2%}  "
                f"({len(labels):,} images, epoch {ckpt.get('epoch')})")
-
-
-def _checkpoint_settings(ckpt, checkpoint, dataset=None) -> cli_data.DataSettings:
-    """The data settings stored in a loaded checkpoint (``dataset`` stands in where it names none)."""
-    config = dict(ckpt.get("config") or {})
-    if dataset is not None and "dataset" not in config:
-        config["dataset"] = dataset
-    return cli_data.DataSettings.from_config(config, where=f"checkpoint {checkpoint}")
 
 
 # --- predict ------------------------------------------------------------------
@@ -449,7 +441,7 @@ def predict(checkpoint, files, top_k, device):
     resolved = _resolve_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
     try:
-        settings = _checkpoint_settings(ckpt, checkpoint)
+        settings = cli_data.checkpoint_settings(ckpt, checkpoint)
     except (ValueError, KeyError):
         raise CheckpointError(f"checkpoint {checkpoint} does not name a known data set, so its pixel "
                               "normalisation and class names are unknown.") from None

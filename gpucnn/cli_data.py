@@ -63,6 +63,14 @@ class DataSettings:
         return cls(dataset, classes, mean, std, shape, image.get("size"), bool(image.get("grey", False)))
 
 
+def checkpoint_settings(ckpt: dict, checkpoint, dataset=None) -> DataSettings:
+    """The data settings stored in a loaded checkpoint (``dataset`` stands in where it names none)."""
+    config = dict(ckpt.get("config") or {})
+    if dataset is not None and "dataset" not in config:
+        config["dataset"] = dataset
+    return DataSettings.from_config(config, where=f"checkpoint {checkpoint}")
+
+
 def _describe_skipped(split, skipped) -> str:
     if not skipped:
         return ""

@@ -77,10 +77,7 @@ def _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device, 
     unknown = [name for name in layers or () if name not in names]
     if unknown:
         raise ValueError(f"the model has no layer named {unknown[0]!r}; its layers are {names}.")
-    config = dict(ckpt.get("config") or {})
-    if dataset is not None and "dataset" not in config:
-        config["dataset"] = dataset
-    settings = cli_data.DataSettings.from_config(config, where=f"checkpoint {checkpoint}")
+    settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
     images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, split, data_dir,
                                                              download=not no_download, progress=not quiet,
                                                              skip_bad_images=skip_bad_images, limit=limit)

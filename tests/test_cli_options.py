@@ -238,3 +238,18 @@ def test_clear_errors_for_renamed_and_misplaced_options(folder_run, places):
                                  "--out", places / "nowhere2", check=False), 1, "apply to --dataset folder only")
     assert_one_line_error(gpucnn(cache, "evaluate", checkpoint, "--dataset", "mnist", "--device", "cpu",
                                  check=False), 1, "takes 3x28x28 images, but mnist images are 1x28x28")
+
+
+def test_data_settings_round_trip_and_old_checkpoints():
+    from gpucnn.cli_data import DataSettings
+    from gpucnn.data import DATASETS
+    settings = DataSettings("folder", ("a", "b"), (0.4, 0.5, 0.6), (0.2, 0.2, 0.3), (3, 24, 24), 24, False)
+    config = {**settings.record(), "model": {"name": "lenet5", "in_channels": 3, "input_size": 24}}
+    assert DataSettings.from_config(json.loads(json.dumps(config))) == settings
+    old = DataSettings.from_config({"dataset": "fashion-mnist", "model": {"name": "lenet5"}})
+    spec = DATASETS["fashion-mnist"]
+    assert (old.mean, old.std, old.input_shape, old.classes) == ((spec.mean,), (spec.std,), (1, 28, 28), spec.classes)
+    with pytest.raises(ValueError, match="class names"):
+        DataSettings.from_config({"dataset": "folder", "normalization": {"mean": [0.5], "std": [0.2]}})
+    with pytest.raises(ValueError, match="pass --dataset"):
+        DataSettings.from_config({})
