@@ -164,7 +164,8 @@ MODEL_HELP = {
     "vgg-small": "three VGG stages of 3x3 convolutions, 64-128-256 channels (colour 32x32)",
 }
 # The input (C, H, W) each model is built for when nothing else is said.
-DEFAULT_INPUT_SHAPES = {"lenet5": LENET5_DEFAULT_INPUT, "lenet5-classic": LENET5_DEFAULT_INPUT, "vgg-small": (3, 32, 32)}
+DEFAULT_INPUT_SHAPES = {"lenet5": LENET5_DEFAULT_INPUT, "lenet5-classic": LENET5_DEFAULT_INPUT,
+                        "vgg-small": (3, 32, 32)}
 
 
 def available_models() -> list[str]:

@@ -2,7 +2,6 @@
 import hashlib
 import io
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
