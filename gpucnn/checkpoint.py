@@ -41,7 +41,7 @@ class CheckpointError(ValueError):
 
 def _encode(value, path: str, arrays: dict):
     """The JSON-able form of ``value``; arrays go into ``arrays`` under a key derived from ``path``."""
-    if backend.is_gpu_array(value) or isinstance(value, np.ndarray):
+    if backend.is_array(value):
         key = path
         while key in arrays or key == META_KEY:
             key += "_"

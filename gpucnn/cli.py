@@ -97,7 +97,8 @@ class FiniteFloatRange(click.FloatRange):
 
 def _device_option(func):
     return click.option("--device", type=click.Choice(backend.DEVICES), default=None,
-                        help=f"Where to compute: gpu, cpu, or auto (the GPU when CuPy finds one). "
+                        help=f"Where to compute: gpu, cpu, emulator (gpucnn's CUDA kernels on the CPU under its "
+                             f"emulator: slow, for tests and kernel debugging), or auto (the GPU when CuPy finds one). "
                              f"[default: ${backend.DEVICE_ENV} or auto]")(func)
 
 
@@ -214,10 +215,13 @@ def _model_option(func):
               help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
                    "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
                    "Needs gpucnn[mpi].")
+@click.option("--graph/--no-graph", "graph", default=None,
+              help="Replay each training step as one recorded CUDA graph (gpu, emulator) instead of running it "
+                   "op by op. [default: --graph on the gpu, --no-graph on the emulator; ignored on the cpu]")
 @click.pass_context
 @distributed.abort_on_error(describe=_rank_error_text, passthrough=(click.exceptions.Exit,))
 def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, model, epochs, batch_size, lr,
-          optimizer, momentum, weight_decay, schedule, seed, out, resume, no_download, quiet, data_parallel):
+          optimizer, momentum, weight_decay, schedule, seed, out, resume, no_download, quiet, data_parallel, graph):
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
@@ -272,7 +276,8 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     scheduler = _make_scheduler(schedule, opt, planned_epochs)
     config = {"dataset": dataset, "model_name": model, "optimizer": optimizer, "lr": lr, "momentum": momentum,
               "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs, **data.settings.record()}
-    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config, comm=comm)
+    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config, comm=comm,
+                      graph=graph)
     if not quiet:
         click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
                    f"epochs {epochs}; writing to {out}")

@@ -13,7 +13,7 @@ so every rank applies the same update and the weights stay identical.
   (Allreduce, Bcast); CuPy buffers through NCCL (CuPy's ``cuda.nccl``), whose
   unique id rank 0 broadcasts over MPI.
 - ``init(device)``: this job's MPICommunicator; on ``"gpu"`` it first selects the
-  GPU of the rank's node-local index.
+  rank's GPU (``gpu_for_rank``: device 0 if it sees one, else its node-local index).
 - ``GradientAverager``: the pack / allreduce / average / unpack of one step.
 - ``ShardedBatchIterator`` and ``shard_bounds``: which images of a global batch a
   rank trains on.
@@ -90,7 +90,7 @@ def _check_parameters(params) -> list:
 
 def _check_buffer(buffer, name: str = "buffer"):
     """A C-contiguous NumPy or CuPy array of float32/float64/int32/int64, for a collective in place."""
-    if not (isinstance(buffer, np.ndarray) or backend.is_gpu_array(buffer)):
+    if not (backend.is_array(buffer)):
         raise TypeError(f"{name} must be a NumPy or CuPy array, not {type(buffer).__name__}.")
     if buffer.dtype not in _REDUCIBLE_DTYPES:
         raise TypeError(f"{name} must hold float32, float64, int32 or int64 values, not {buffer.dtype}.")
@@ -206,11 +206,31 @@ class Communicator:
         return buffer
 
 
+def gpu_for_rank(local_rank: int, local_size: int, device_count: int) -> int:
+    """The CUDA device a rank uses: its rank among the ``local_size`` ranks of its node, ``local_rank``.
+
+    A rank that sees exactly one GPU uses device 0 whatever its local rank: a scheduler that gives
+    each rank its own CUDA_VISIBLE_DEVICES (SLURM's ``--gpus-per-task=1``) shows every rank one GPU.
+    Otherwise the rank needs ``local_rank < device_count`` (DistributedError if not).
+    """
+    if device_count < 1:
+        raise DistributedError("distributed GPU training needs a GPU, but this rank sees none "
+                               "(check CUDA_VISIBLE_DEVICES).")
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        raise DistributedError(f"rank {local_rank} of the {local_size} on this node needs GPU {local_rank}, but it "
+                               f"sees {device_count} GPU(s); start at most one rank per GPU (mpirun -n "
+                               f"{device_count} per node) or give each rank its own CUDA_VISIBLE_DEVICES.")
+    return local_rank
+
+
 class MPICommunicator(Communicator):
     """The ranks of ``MPI.COMM_WORLD``; NumPy buffers through MPI, CuPy buffers through NCCL.
 
-    ``device`` is ``"cpu"`` or ``"gpu"``. On ``"gpu"`` the rank first selects the
-    GPU numbered by its rank among the ranks of its node (``local_rank``), so
+    ``device`` is ``"cpu"`` or ``"gpu"``. On ``"gpu"`` the rank first selects its
+    GPU (gpu_for_rank: device 0 when it sees one GPU, as with one CUDA_VISIBLE_DEVICES
+    per rank, else the GPU numbered by its rank among the ranks of its node), so
     start at most one rank per GPU; then rank 0 creates the NCCL unique id, MPI
     broadcasts it, and every rank joins one NCCL communicator. Creating one is
     collective: every rank of the job must do so, in the same order of calls.
@@ -236,11 +256,7 @@ class MPICommunicator(Communicator):
 
     def _join_nccl(self) -> None:
         cp = backend.cupy_module()
-        count = cp.cuda.runtime.getDeviceCount()
-        if self.local_size > count:
-            raise DistributedError(f"this node runs {self.local_size} ranks but has {count} GPU(s); "
-                                   f"start at most one rank per GPU (mpirun -n {count} per node).")
-        cp.cuda.Device(self.local_rank).use()
+        cp.cuda.Device(gpu_for_rank(self.local_rank, self.local_size, cp.cuda.runtime.getDeviceCount())).use()
         self._nccl = _nccl()
         unique_id = self._nccl.get_unique_id() if self.rank == 0 else None
         unique_id = self._comm.bcast(unique_id, root=0)

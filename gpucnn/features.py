@@ -37,7 +37,7 @@ def named_layers(model) -> list[tuple[str, nn.Module]]:
 
 def _check_images(images, name: str = "images"):
     """images must be a 4-D float array (N, C, H, W) with N >= 1."""
-    if not (isinstance(images, np.ndarray) or backend.is_gpu_array(images)):
+    if not (backend.is_array(images)):
         raise TypeError(f"{name} must be a NumPy or CuPy array (N, C, H, W), not {type(images).__name__}.")
     if images.ndim != 4:
         raise ValueError(f"{name} must have shape (N, C, H, W), got shape {tuple(images.shape)}.")

@@ -257,7 +257,8 @@ class LRScheduler:
     """
 
     def __init__(self, optimizer: Optimizer):
-        if not isinstance(optimizer, Optimizer):
+        # A fused optimizer (gpucnn.cuda.optim) is steered through its rule, a gpucnn.optim Optimizer.
+        if not isinstance(getattr(optimizer, "rule", optimizer), Optimizer):
             raise TypeError(f"{type(self).__name__} needs an Optimizer, not {type(optimizer).__name__}.")
         self.optimizer = optimizer
         self.base_lr = optimizer.lr

@@ -45,9 +45,11 @@ from tqdm import tqdm
 
 from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_state_fits, load_checkpoint, save_checkpoint
+from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
 from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
+from gpucnn.step import TrainStep
 from gpucnn.utils import check_int
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,7 +69,7 @@ def _check_data(data, name: str):
         raise TypeError(f"{name} must be a pair (images, labels), not {type(data).__name__}.")
     images, labels = data
     for part, array in (("images", images), ("labels", labels)):
-        if not (isinstance(array, np.ndarray) or backend.is_gpu_array(array)):
+        if not (backend.is_array(array)):
             raise TypeError(f"{name} {part} must be a NumPy or CuPy array, not {type(array).__name__}.")
     if images.ndim != 4:
         raise ValueError(f"{name} images must have shape (N, C, H, W), not {tuple(images.shape)}.")
@@ -86,6 +88,11 @@ def _check_data(data, name: str):
         raise ValueError(f"{name} images hold NaN or infinite values ({len(bad)} of {len(images)} images, "
                          f"the first at index {int(bad[0])}); clean the data before training.")
     return images, labels
+
+
+def _rule_name(optimizer) -> str:
+    """The gpucnn.optim class name of an optimizer, fused or not ("Adam" for a fused Adam)."""
+    return type(getattr(optimizer, "rule", optimizer)).__name__
 
 
 class _StopRequest:
@@ -182,7 +189,7 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, scheduler=None, device="cpu", out_dir=None, seed=0, config=None,
-                 comm=None):
+                 comm=None, graph=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a gpucnn.nn.Module, not {type(model).__name__}.")
         for name, obj, methods in (("optimizer", optimizer, ("step", "zero_grad", "state_dict", "load_state_dict")),
@@ -202,7 +209,15 @@ class Trainer:
         self.comm = distributed.Communicator() if comm is None else comm
         self._averager = None  # packs the gradients for the allreduce of distributed steps
         self.model = model.to(self.device)
-        self.optimizer = optimizer
+        # On a kernel device the optimizer runs fused (same rule, state format and name in checkpoints),
+        # and single-process steps run as TrainStep objects, replayed as CUDA graphs when ``graph``.
+        on_kernels = self.device in backend.KERNEL_DEVICES
+        fusable = isinstance(optimizer, cuda_optim.FusedOptimizer) or type(optimizer) in cuda_optim.STATE_BUFFERS
+        self.optimizer = cuda_optim.fused(optimizer) if on_kernels and fusable else optimizer
+        self.graph = (self.device == "gpu") if graph is None else bool(graph)
+        self._steps = {}  # batch size -> TrainStep (kernel devices, one process)
+        self._uses_steps = on_kernels and fusable and not self.comm.distributed
+        self._step_sums = backend.to_device(np.zeros(2), self.device) if self._uses_steps else None
         self.scheduler = scheduler
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.seed = check_int(seed, "seed", 0)
@@ -339,6 +354,9 @@ class Trainer:
                     "seen": int(partial["seen"]), "steps": int(partial["steps"]),
                     "seconds": float(partial["seconds"])}
         sums["stopped"] = False  # the loop ended on a stop request
+        if self._uses_steps:  # the kernel steps add into one device buffer, read back at each refresh
+            self._step_sums[...] = backend.to_device(np.array([float(sums["loss"]), int(sums["correct"])],
+                                                              np.float64), self.device)
         # loss, correct and seen as every rank had them at the last synchronisation (distributed runs)
         sums["synced"] = (np.zeros(3) if partial is None else
                           np.array([float(partial["loss"]), int(partial["correct"]), int(partial["seen"])], float))
@@ -350,13 +368,11 @@ class Trainer:
         try:
             for x, y in batches:
                 try:
-                    loss, correct = self.train_step(x, y)
+                    self._step_and_sum(x, y, sums)
                 except Exception as exc:
                     if not backend.is_out_of_memory(exc):
                         raise
                     raise TrainingError(self._out_of_memory_text(exc, batch_size)) from None
-                sums["loss"] += loss * len(y)
-                sums["correct"] += correct
                 sums["seen"] += len(y)
                 sums["steps"] += 1
                 bar.update(1)
@@ -364,6 +380,7 @@ class Trainer:
                 # Distributed ranks look at stop requests only when they synchronise, so they stop together.
                 stopping = stop.requested and not self.comm.distributed
                 if sums["steps"] % REFRESH_STEPS == 0 or last or stopping:
+                    self._read_step_sums(sums)
                     stopping = self._sync_sums(sums, stop)
                     mean_loss = float(sums["loss"]) / sums["seen"]  # the host round trip of this refresh
                     self._check_finite(mean_loss, "training", epoch, sums["steps"])
@@ -376,6 +393,24 @@ class Trainer:
         finally:
             bar.close()
         return sums
+
+    def _step_and_sum(self, x, y, sums) -> None:
+        """One training step; its loss sum and correct count go into ``sums`` (or the device buffer)."""
+        if not self._uses_steps:
+            loss, correct = self.train_step(x, y)
+            sums["loss"] += loss * len(y)
+            sums["correct"] += correct
+            return
+        step = self._steps.get(len(y))
+        if step is None:  # one per batch size: the full batches' and a short last batch's
+            step = self._steps[len(y)] = TrainStep(self.model, self.optimizer, len(y), graph=self.graph,
+                                                   sums=self._step_sums)
+        step(x, y)
+
+    def _read_step_sums(self, sums) -> None:
+        if self._uses_steps:
+            loss_sum, correct = (float(v) for v in backend.to_numpy(self._step_sums))
+            sums["loss"], sums["correct"] = np.float64(loss_sum), np.int64(round(correct))
 
     def _sync_sums(self, sums, stop) -> bool:
         """Make the epoch sums of every rank the sums over all ranks; returns whether any rank asked to stop.
@@ -489,7 +524,7 @@ class Trainer:
             rng={name: gen.bit_generator.state for name, gen in self._generators().items()},
             trainer={"seed": self.seed, "batch_size": batch_size, "ranks": self.comm.size,
                      "best_accuracy": self.best_accuracy,
-                     "partial": partial, "optimizer_class": type(self.optimizer).__name__,
+                     "partial": partial, "optimizer_class": _rule_name(self.optimizer),
                      "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__},
             config=config,
         )
@@ -524,7 +559,7 @@ class Trainer:
                              f"resume it on {ranks} (got {self.comm.size}) so the batch order continues.")
         for part, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
             stored = state[f"{part}_class"]
-            current = None if obj is None else type(obj).__name__
+            current = None if obj is None else _rule_name(obj)
             if stored != current:
                 raise CheckpointError(f"checkpoint {path} holds {part} {stored} state, but this run uses {current}.")
         if not 0 <= ckpt["step"] < steps_per_epoch:

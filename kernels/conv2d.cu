@@ -53,9 +53,10 @@ extern "C" __global__ void conv2d_forward_tiled(
     const int groups = (oc + OCB - 1) / OCB;
 
     // The loop bound depends only on blockIdx, so every thread of a block runs the same trips.
-    for (int z = (int)blockIdx.z; z < n * groups; z += (int)gridDim.z) {
-        const int b = z / groups;
-        const int oc0 = (z % groups) * OCB;
+    // z is 64-bit so that z + gridDim.z cannot wrap when n * groups is within a grid of 2**31.
+    for (long long z = blockIdx.z; z < (long long)n * groups; z += gridDim.z) {
+        const int b = (int)(z / groups);
+        const int oc0 = (int)(z % groups) * OCB;
         float acc[OCB];
         #pragma unroll
         for (int j = 0; j < OCB; ++j) acc[j] = 0.0f;

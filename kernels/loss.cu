@@ -18,6 +18,10 @@
 //   softmax_xent_mean      loss[0]: one block of MEAN_THREADS threads; thread t sums rows t,
 //                          t + MEAN_THREADS, ..., then a fixed tree in shared memory adds the threads.
 //   softmax_xent_backward  grad_logits: one thread per element.
+//   softmax_xent_accumulate totals[0] += the sum of row_loss, totals[1] += the number of rows whose
+//                          first maximal logit (a NaN counts as the maximum) is the label: the epoch
+//                          sums of a training step, kept on the device. One block of MEAN_THREADS
+//                          threads, the same fixed tree as softmax_xent_mean, in double precision.
 // No atomics, and every sum runs in an order fixed by n and k: results are bitwise reproducible.
 
 #define XENT_ROWS 8       // rows (warps) per block of softmax_xent_forward; gpucnn/cuda/loss.py agrees
@@ -86,4 +90,36 @@ extern "C" __global__ void softmax_xent_backward(
         g -= 1.0f;
     }
     grad_logits[idx] = g / (float)n;
+}
+
+extern "C" __global__ void softmax_xent_accumulate(
+    const float* logits, const int* labels, const float* row_loss, double* totals, int n, int k)
+{
+    __shared__ double loss_part[MEAN_THREADS];
+    __shared__ double correct_part[MEAN_THREADS];
+    const int t = (int)threadIdx.x;
+    double loss = 0.0, correct = 0.0;
+    for (int r = t; r < n; r += MEAN_THREADS) {
+        const float* x = logits + (long long)r * k;
+        int best = 0;
+        for (int j = 1; j < k; ++j) {
+            if (x[j] > x[best] || (isnan(x[j]) && !isnan(x[best]))) best = j;
+        }
+        loss += (double)row_loss[r];
+        correct += best == labels[r] ? 1.0 : 0.0;
+    }
+    loss_part[t] = loss;
+    correct_part[t] = correct;
+    __syncthreads();
+    for (int stride = MEAN_THREADS / 2; stride > 0; stride >>= 1) {
+        if (t < stride) {
+            loss_part[t] += loss_part[t + stride];
+            correct_part[t] += correct_part[t + stride];
+        }
+        __syncthreads();
+    }
+    if (t == 0) {
+        totals[0] += loss_part[0];
+        totals[1] += correct_part[0];
+    }
 }

@@ -20,6 +20,7 @@
 //   adam_update         param, exp_avg, exp_avg_sq: a grid-stride loop, one element at a time.
 //   sgd_update          param and, when momentum != 0, momentum_buffer: a grid-stride loop.
 // Each element is updated by one thread from its own values only: results are bitwise reproducible.
+// The grid-stride index is 64-bit, so i + stride cannot wrap for counts near 2**31.
 
 extern "C" __global__ void optim_advance_step(int* step)
 {
@@ -43,7 +44,8 @@ extern "C" __global__ void adam_update(
     const float l2 = (float)weight_decay;
     const float shrink = (float)(1.0 - lr_now * weight_decay);
 
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
         float p = param[i];
         float g = grad[i];
         if (decay) {
@@ -70,7 +72,8 @@ extern "C" __global__ void sgd_update(
     const bool decay = weight_decay != 0.0;
     const float l2 = (float)weight_decay;
 
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
         const float p = param[i];
         float g = grad[i];
         if (decay) g = __fadd_rn(g, __fmul_rn(l2, p));

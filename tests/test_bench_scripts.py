@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def test_argument_checks():
     with pytest.raises(SystemExit):
         gpu_ops.parse_args(["--reps", "0"])
     assert gpu_train.parse_args(["--batch-sizes", "32"]).batch_sizes == [32]
-    with pytest.raises(SystemExit):
-        gpu_train.parse_args(["--images", "0"])
+    assert gpu_train.parse_args(["--no-torch"]).only == ["gpucnn-graph", "gpucnn-eager", "jax-jit"]
+    for bad in (["--rounds", "0"], ["--pool", "0"], ["--only", "gpucnn-graph,mxnet"]):
+        with pytest.raises(SystemExit):
+            gpu_train.parse_args(bad)
 
 
 def test_floor_is_the_larger_of_memory_and_arithmetic_time():
@@ -159,18 +162,18 @@ def test_every_benchmark_row_runs_and_agrees_with_pytorch_on_the_cpu():
 
 @pytest.mark.emulator
 def test_training_variants_run_and_agree_on_the_cpu():
-    """The end-to-end benchmark's steps, on NumPy and the emulator: eager gpucnn and the fused variant
-    follow the same path for a few steps, PyTorch's model trains, and the reproducibility check holds."""
+    """The end-to-end benchmark's gpucnn steps without gpucnn.step, on NumPy and the emulator: the
+    user path and the fused one agree over a few steps, the reproducibility check holds, and
+    PyTorch's model trains."""
     gpu_train = _load("gpu_train")
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((48, 1, 28, 28)).astype(np.float32)
-    labels = rng.integers(0, 10, 48).astype(np.int32)
-    order = rng.permutation(48)
+    images = [rng.standard_normal((16, 1, 28, 28)).astype(np.float32) for _ in range(3)]
+    labels = [rng.integers(0, 10, 16).astype(np.int32) for _ in range(3)]
     emulator = EmulatorRuntime(order="random", seed=6)
     models, losses = [], []
     for variant in ("gpucnn", "gpucnn-fused"):
         model, step = gpu_train.gpucnn_trainer(variant, seed=0, device="cpu", runtime=emulator)
-        losses.append(float(gpu_train.run_epoch(step, images, labels, order, 16)))
+        losses.append([float(step(x, y)) for x, y in zip(images, labels)])
         models.append(model)
     assert np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1], rel=1e-3)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
@@ -178,13 +181,179 @@ def test_training_variants_run_and_agree_on_the_cpu():
     with pytest.raises(ValueError, match="unknown gpucnn variant"):
         gpu_train.gpucnn_trainer("gpucnn-graph", seed=0, device="cpu")
 
-    numpy_as_cupy = types.SimpleNamespace(random=types.SimpleNamespace(RandomState=np.random.RandomState),
-                                          asnumpy=np.asarray)
-    assert gpu_train.gpucnn_weights_are_reproducible(numpy_as_cupy, "gpucnn-fused", images, labels, steps=2,
-                                                     device="cpu", runtime=emulator)
+    numpy_as_cupy = types.SimpleNamespace(asnumpy=np.asarray)
+    make = lambda: gpu_train.gpucnn_trainer("gpucnn-fused", seed=0, device="cpu", runtime=emulator)  # noqa: E731
+    assert gpu_train.gpucnn_weights_are_reproducible(numpy_as_cupy, make, images, labels, steps=2)
 
     torch = pytest.importorskip("torch")
     _, step = gpu_train.torch_trainer(torch, seed=0, device="cpu")
-    loss = gpu_train.run_epoch(step, torch.from_numpy(images), torch.from_numpy(labels).long(),
-                               torch.from_numpy(order), 16, steps=2)
-    assert np.isfinite(float(loss))
+    first = float(step(torch.from_numpy(images[0]), torch.from_numpy(labels[0]).long()))
+    for _ in range(5):
+        last = float(step(torch.from_numpy(images[0]), torch.from_numpy(labels[0]).long()))
+    assert np.isfinite(first) and last < first
+
+
+def test_the_captured_variant_says_in_one_line_when_gpucnn_step_is_missing(monkeypatch):
+    gpu_train = _load("gpu_train")
+    monkeypatch.setitem(sys.modules, "gpucnn.step", None)   # import gpucnn.step raises ImportError
+    with pytest.raises(gpu_train.Unavailable, match="gpucnn.step.TrainStep cannot be imported") as info:
+        gpu_train.gpucnn_train_step(64, seed=0, graph=True, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_rounds_alternate_and_rows_report_medians_ratios_and_goals():
+    gpu_train = _load("gpu_train")
+    calls = []
+
+    def fake_timer(seconds_per_step):
+        per_round = iter(seconds_per_step)
+
+        def timer(run, first, steps):
+            run(first, steps)
+            return next(per_round) * steps
+        return timer
+
+    plans = {"gpucnn-graph": [1e-3, 9e-3, 1e-3, 2e-3, 1e-3], "pytorch-eager": [4e-3] * 5,
+             "torch-compile": [2e-3, 2e-3, 3e-3, 2e-3, 2e-3]}
+    variants = [gpu_train.Variant(name, lambda first, steps, name=name: calls.append((name, first, steps)),
+                                  fake_timer(plan), dict) for name, plan in plans.items()]
+    gpu_train.measure(variants, rounds=5, round_steps=10, pool=16)
+    # one round of each variant in turn, batches cycling through the pool
+    assert calls[:4] == [("gpucnn-graph", 0, 10), ("pytorch-eager", 0, 10), ("torch-compile", 0, 10),
+                         ("gpucnn-graph", 10, 10)]
+    assert len(calls) == 15 and calls[6][1] == 20 % 16
+    rows = [gpu_train.summarize(v.name, 64, v.rounds_s, 10) for v in variants]
+    graph = rows[0]
+    assert graph["median_step_ms"] == pytest.approx(1.0) and graph["max_step_ms"] == pytest.approx(9.0)
+    assert graph["images_per_s"] == pytest.approx(64000)
+    gpu_train.add_ratios(rows)
+    assert [r["vs_pytorch-eager"] for r in rows] == pytest.approx([4.0, 1.0, 2.0])
+    assert gpu_train.goals(rows, 64) == [("gpucnn-graph >= 3x pytorch-eager at batch 64: x4.00", True),
+                                         ("gpucnn-graph >= 1x torch-compile at batch 64: x2.00", True)]
+    assert gpu_train.goals(rows[1:], 64) == []
+    table = gpu_train.format_table(rows + [gpu_train.summarize("jax-jit", 256, [0.5], 100)])
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[1].split()[:2] == ["gpucnn-graph", "64"] and lines[4].split()[6] == "-"
+    with pytest.raises(ValueError, match="at least one timed round"):
+        gpu_train.summarize("x", 64, [], 10)
+
+
+def test_host_timer_waits_for_the_last_result_before_stopping_the_clock():
+    gpu_train = _load("gpu_train")
+    waited = []
+    timer = gpu_train.host_timer(lambda out: waited.append(out))
+    seconds = timer(lambda first, steps: (first, steps), 3, 20)
+    assert waited == [(3, 1), (4, 20)] and seconds >= 0
+
+
+def test_jax_step_matches_the_pytorch_step_on_the_cpu():
+    """The jax.jit LeNet-5 step is the same network and Adam: from PyTorch's weights, three steps agree."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+    gpu_train = _load("gpu_train")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    params, state, step = gpu_train.jax_lenet_step(jax, seed=0)
+    model, torch_step = gpu_train.torch_trainer(torch, seed=0, device="cpu")
+    layers = [m for m in model if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for i, layer in enumerate(layers, start=1):
+        w = layer.weight.detach().numpy()
+        params[f"w{i}"] = jax.numpy.asarray(w if w.ndim == 4 else w.T)
+        params[f"b{i}"] = jax.numpy.asarray(layer.bias.detach().numpy())
+        assert params[f"w{i}"].shape == (w.shape if w.ndim == 4 else w.T.shape)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, 8)
+        params, state, loss = step(params, state, jax.numpy.asarray(x), jax.numpy.asarray(y, dtype=np.int32))
+        torch_loss = torch_step(torch.from_numpy(x), torch.from_numpy(y))
+        assert float(loss) == pytest.approx(float(torch_loss), rel=1e-4)
+    np.testing.assert_allclose(np.asarray(params["w5"]), layers[-1].weight.detach().numpy().T, rtol=1e-3,
+                               atol=1e-5)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python on a GPU machine: the GPU check and the version probe pass, every step is logged.
+if [ "$1" = "-c" ]; then exit 0; fi
+if [ "$1" = "-" ]; then cat > /dev/null; echo "device: fake GPU"; exit 0; fi
+echo "$*" >> "$CALLS"
+echo "ran $*"; echo "a warning" >&2
+case "$*" in *bench/gpu_ops.py*) exit 3 ;; esac
+"""
+
+
+def _fake_gpu_run(tmp_path, *args, **env):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    results = tmp_path / "results"
+    result = _run(["bash", "bench/run_gpu.sh", *args],
+                  env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(calls),
+                       "GPUCNN_RESULTS_DIR": str(results), **env})
+    (out,) = results.iterdir()
+    calls_made = calls.read_text().splitlines() if calls.exists() else []
+    return result, out, calls_made
+
+
+def test_run_gpu_script_runs_every_step_bounded_and_records_it(tmp_path):
+    data = tmp_path / "fashion"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (data / name).write_bytes(b"")
+    result, out, calls = _fake_gpu_run(tmp_path, GPUCNN_DATA_DIR=str(data))
+    assert result.returncode == 1, result.stdout + result.stderr      # the ops step failed (exit 3)
+    tests, train, ops, e2e = calls
+    gpu_files = sorted(p.name for p in (ROOT / "tests").glob("test_gpu_*.py"))
+    assert tests.startswith("-m pytest -m gpu ") and sorted(Path(a).name for a in tests.split()
+                                                            if a.endswith(".py")) == gpu_files
+    assert train.startswith("cli.py train --device gpu --dataset fashion-mnist --data-dir " + str(data))
+    assert "bench/gpu_ops.py --batches 64,256" in ops and "bench/gpu_train.py --json" in e2e
+    status = (out / "status.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in status] == [["tests", "exit=0"], ["train", "exit=0"], ["ops", "exit=3"],
+                                                    ["e2e", "exit=0"]]
+    assert "a warning" in (out / "ops.log").read_text()                # stderr is kept
+    environment = (out / "environment.txt").read_text()
+    assert "date_utc: " in environment and "device: fake GPU" in environment
+
+
+def test_run_gpu_script_skips_what_the_data_or_the_time_does_not_allow(tmp_path):
+    result, out, calls = _fake_gpu_run(tmp_path, "train", "e2e", GPUCNN_DATA_DIR=str(tmp_path / "none"),
+                                       GPUCNN_TOTAL_SECONDS="10")
+    assert result.returncode == 1 and calls == []
+    status = (out / "status.txt").read_text()
+    assert "train skipped: " in status and "lacks train-images-idx3-ubyte.gz" in status
+    assert "e2e skipped: " in status and "of the 10s left" in status
+
+
+class _HostEvent:
+    """cupy.cuda.Event on the host clock."""
+
+    def record(self, stream=None):
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.emulator
+def test_the_eager_gpucnn_variant_trains_and_is_timed_by_its_events(monkeypatch):
+    """gpucnn-eager as main builds it (here without gpucnn.step: the fused eager fallback), on the
+    emulator with a CuPy stand-in: warm-up, alternating timed rounds, a row, a finite loss."""
+    gpu_train = _load("gpu_train")
+    monkeypatch.setitem(sys.modules, "gpucnn.step", None)
+    cuda = types.SimpleNamespace(Event=_HostEvent, get_current_stream=lambda: None,
+                                 get_elapsed_time=lambda a, b: (b.at - a.at) * 1e3,
+                                 Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    fake_cupy = types.SimpleNamespace(cuda=cuda)
+    rng = np.random.default_rng(3)
+    images = [rng.standard_normal((4, 1, 28, 28)).astype(np.float32) for _ in range(2)]
+    labels = [rng.integers(0, 10, 4).astype(np.int32) for _ in range(2)]
+    variant = gpu_train.gpucnn_variant(fake_cupy, "gpucnn-eager", images, labels, 4, warmup_steps=1,
+                                       device="cpu", runtime=EmulatorRuntime())
+    gpu_train.measure([variant], rounds=2, round_steps=1, pool=2)
+    row = gpu_train.summarize(variant.name, 4, variant.rounds_s, 1)
+    assert len(variant.rounds_s) == 2 and all(s > 0 for s in variant.rounds_s) and row["images_per_s"] > 0
+    assert np.isfinite(variant.result()["last_loss"]) and variant.setup_s > 0
+    with pytest.raises(gpu_train.Unavailable, match="captured step is not measured"):
+        gpu_train.gpucnn_variant(fake_cupy, "gpucnn-graph", images, labels, 4, 1, device="cpu")

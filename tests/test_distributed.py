@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,48 @@ def test_the_trainer_refuses_a_wrong_communicator():
     opt = optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="comm must be a gpucnn.distributed.Communicator or None, not str"):
         Trainer(model, opt, comm="mpi")
+
+
+@pytest.mark.parametrize("local_rank, local_size, device_count, device", [
+    (0, 1, 1, 0), (3, 4, 1, 0),         # one CUDA_VISIBLE_DEVICES per rank: each sees its GPU as device 0
+    (1, 2, 4, 1), (3, 4, 4, 3),         # ranks share the node's GPUs: the node-local rank picks one
+    (1, 8, 2, 1),                       # more ranks than GPUs, but this rank has one (a fair share elsewhere)
+])
+def test_a_rank_picks_device_0_when_it_sees_one_gpu_else_its_local_rank(local_rank, local_size, device_count,
+                                                                       device):
+    assert distributed.gpu_for_rank(local_rank, local_size, device_count) == device
+
+
+@pytest.mark.parametrize("local_rank, device_count, words", [(2, 2, "sees 2 GPU"), (0, 0, "sees none")])
+def test_a_rank_without_its_gpu_is_one_clear_error(local_rank, device_count, words):
+    with pytest.raises(DistributedError, match=words):
+        distributed.gpu_for_rank(local_rank, 4, device_count)
+
+
+def test_joining_nccl_uses_the_device_a_faked_count_gives(monkeypatch):
+    used, joined = [], []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def use(self):
+            used.append(self.index)
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=Device))
+    fake_nccl = types.SimpleNamespace(get_unique_id=lambda: "id",
+                                      NcclCommunicator=lambda size, uid, rank: joined.append((size, uid, rank)))
+    monkeypatch.setattr(distributed.backend, "cupy_module", lambda: fake_cupy)
+    monkeypatch.setattr(distributed, "_nccl", lambda: fake_nccl)
+    comm = distributed.MPICommunicator.__new__(distributed.MPICommunicator)
+    comm.rank, comm.size, comm.local_rank, comm.local_size = 3, 4, 3, 4   # SLURM --gpus-per-task=1
+    comm._comm = types.SimpleNamespace(bcast=lambda value, root: "id")
+    comm._join_nccl()
+    assert used == [0] and joined == [(4, "id", 3)]
+    runtime.getDeviceCount = lambda: 2                                  # two GPUs shared by four ranks
+    with pytest.raises(DistributedError, match="rank 3 of the 4 on this node needs GPU 3"):
+        comm._join_nccl()
 
 
 def test_a_missing_mpi4py_is_one_clear_error(monkeypatch):

@@ -34,3 +34,31 @@ def test_two_gpu_runs_give_bitwise_identical_weights():
     first, second = train_steps("gpu"), train_steps("gpu")
     for name in first:
         assert np.array_equal(first[name], second[name]), name
+
+
+def _train_step_object(graph, steps=5, batch_size=64):
+    """Weights after `steps` captured (graph) or eager TrainStep calls on the same batches as train_steps."""
+    from gpucnn.step import TrainStep  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    model = LeNet5(seed=0).to("gpu")
+    step = TrainStep(model, optim.Adam(model.parameters(), lr=1e-3), batch_size, graph=graph)
+    for _ in range(steps):
+        x = backend.to_device(rng.standard_normal((batch_size, 1, 28, 28), dtype=np.float32), "gpu")
+        y = backend.to_device(rng.integers(0, 10, batch_size), "gpu")
+        step(x, y)
+    backend.synchronize("gpu")
+    return model.state_dict(), step
+
+
+def test_captured_step_equals_eager_step_and_follows_the_cpu():
+    captured, step = _train_step_object(graph=True)
+    eager, _ = _train_step_object(graph=False)
+    assert step.runtime.graph is not None
+    cpu = train_steps("cpu")
+    for name, expected in cpu.items():
+        assert np.array_equal(captured[name], eager[name]), name
+        error = np.linalg.norm(captured[name] - expected) / np.linalg.norm(expected)
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+    loss_sum, correct = step.totals()
+    assert np.isfinite(loss_sum) and 0 <= correct <= 5 * 64

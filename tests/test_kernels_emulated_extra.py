@@ -139,8 +139,9 @@ def test_replayed_launches_follow_the_device_step_and_lr(case, emulator):
     settings = dict(case.settings)
     fused = case.fused([fused_param], runtime=recorder, **settings)
     reference = case.reference([reference_param], **settings)
-    fused.zero_grad()
+    fused.zero_grad()  # launches a fill of the gradient buffer: not part of the replayed update
     fused_param.grad[...] = grad
+    recorder.launches.clear()
     fused.step()
     launches = list(recorder.launches)
     assert [launch[0].name for launch in launches][0] == "optim_advance_step"
@@ -278,6 +279,8 @@ def _broken_copy(tmp_path, file, mutate):
     source = (KERNELS / file).read_text()
     broken = mutate(source)
     assert broken != source, "the mutation did not change the kernel source"
+    for other in KERNELS.glob("*.cu"):  # a check may launch kernels of other files too (fill, add_into)
+        (tmp_path / other.name).write_text(other.read_text())
     (tmp_path / file).write_text(broken)
     return tmp_path
 
@@ -337,7 +340,8 @@ def test_mutation_wrong_adam_coefficient_is_caught(tmp_path):
 
 @pytest.mark.parametrize("file", ["linear.cu", "loss.cu", "optim.cu"])
 def test_unmutated_copies_are_not_flagged(tmp_path, file):
-    (tmp_path / file).write_text((KERNELS / file).read_text())
+    for other in KERNELS.glob("*.cu"):
+        (tmp_path / other.name).write_text(other.read_text())
     checks = {"linear.cu": lambda rt: check_linear(MUTATION_LINEAR, runtime=rt),
               "loss.cu": lambda rt: (check_loss(LossCase("m", 600, 3), runtime=rt),
                                      check_loss(LossCase("m", 9, 33), runtime=rt)),
@@ -381,6 +385,13 @@ def _f32(*shape):
     (lambda rt: cuda_optim.sgd_update(_f32(4), _f32(4), _f32(4), np.zeros(1, np.int32), _f32(1),
                                       runtime=rt), TypeError, "float64"),
     (lambda rt: cuda_optim.advance_step(np.zeros((1, 1), np.int32), runtime=rt), ValueError, "1 dim"),
+    # arguments updated in place: a contiguous copy would be updated and the caller's array left as it was
+    (lambda rt: cuda_optim.adam_update(_f32(8)[::2], _f32(4), _f32(4), _f32(4), np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "param is updated in place"),
+    (lambda rt: cuda_optim.adam_update(_f32(4), _f32(4), _f32(4), _f32(8)[1::2], np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "exp_avg_sq is updated in place"),
+    (lambda rt: cuda_optim.sgd_update(_f32(4), _f32(4), _f32(4, 2)[:, 0], np.zeros(1, np.int32), np.zeros(1),
+                                      runtime=rt), ValueError, "momentum_buffer is updated in place"),
 ])
 def test_launchers_refuse_bad_inputs_before_launch(call, error, words):
     with pytest.raises(error, match=words):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from gpucnn.cuda.runtime import kernels_dir
+from gpucnn.cuda.runtime import COMPILE_OPTIONS, kernels_dir
 from gpucnn.testing import nvrtc
 
 try:
@@ -37,6 +37,26 @@ def test_kernel_file_compiles_without_spills(path, arch):
         assert kernel.registers > 0, kernel
         assert kernel.spill_stores == 0 and kernel.spill_loads == 0, kernel
         assert kernel.shared_bytes <= STATIC_SHARED_LIMIT, kernel
+
+
+def test_options_are_what_cupy_compiles_cupy_runtime_kernels_with():
+    assert nvrtc.BASE_OPTIONS[:len(COMPILE_OPTIONS)] == COMPILE_OPTIONS
+    assert "-ftz=true" in nvrtc.BASE_OPTIONS and "--device-as-default-execution-space" in nvrtc.BASE_OPTIONS
+
+
+def test_kernel_files_include_no_header():
+    # CuPy also adds -I paths (its CCCL, its headers, the CUDA headers); NVRTC_OPTIONS leaves them out,
+    # which is only the same compile while no kernel file includes a header.
+    for path in KERNEL_FILES:
+        assert not re.search(r"^\s*#\s*include", path.read_text(), re.M), f"{path.name} includes a header"
+
+
+def test_float_arithmetic_flushes_denormals_as_under_cupy():
+    source = 'extern "C" __global__ void scale(float* y, float a) { y[threadIdx.x] = y[threadIdx.x] * a; }'
+    flushed = nvrtc.compile_source(source, "scale.cu", arch="sm_90").ptx
+    kept = nvrtc.compile_source(source, "scale.cu", arch="sm_90", options=COMPILE_OPTIONS).ptx
+    assert "mul.ftz.f32" in flushed and "mul.f32" not in flushed
+    assert "mul.f32" in kept and ".ftz" not in kept
 
 
 def test_report_reads_static_shared_memory():

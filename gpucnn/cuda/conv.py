@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array
 from gpucnn.ops.conv import conv2d_geometry
 
 KERNEL_FILE = "conv2d.cu"
@@ -70,7 +70,7 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False,
     x (N, C, H, W), weight (OC, C, KH, KW), bias (OC,) or None -> y (N, OC, OH, OW), all float32;
     OH = (H + 2*PH - DH*(KH-1) - 1) // SH + 1, likewise OW. relu=True applies max(0, .) after the bias.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     x = kernel_array(rt, x, "x", ndim=4)
     weight = kernel_array(rt, weight, "weight", ndim=4)
     if bias is not None:
@@ -95,14 +95,16 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False,
     return y
 
 
-def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, *, runtime=None):
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True, *,
+                    runtime=None):
     """Gradients of conv2d_forward (without ReLU) with respect to x, weight and bias.
 
     grad_y (N, OC, OH, OW), x (N, C, H, W), weight (OC, C, KH, KW) ->
-    (grad_x (N, C, H, W), grad_weight (OC, C, KH, KW), grad_bias (OC,) or None when with_bias is False).
+    (grad_x (N, C, H, W) or None when with_grad_x is False (no launch), grad_weight (OC, C, KH, KW),
+    grad_bias (OC,) or None when with_bias is False).
     Every sum runs in a fixed order, so two calls give bitwise identical results.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     grad_y = kernel_array(rt, grad_y, "grad_y", ndim=4)
     x = kernel_array(rt, x, "x", ndim=4)
     weight = kernel_array(rt, weight, "weight", ndim=4)
@@ -118,11 +120,13 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     w_count = g.OC * g.C * g.KH * g.KW
     check_int32_count("the weight-gradient scratch buffer", slices * w_count)
 
-    grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
-    # writes grad_x: one thread per input element, gathering over the outputs that read it
-    rt.function(KERNEL_FILE, "conv2d_backward_data")(
-        (ceil_div(grad_x.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-        (grad_y, weight, grad_x, *geometry))
+    grad_x = None
+    if with_grad_x:
+        grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
+        # writes grad_x: one thread per input element, gathering over the outputs that read it
+        rt.function(KERNEL_FILE, "conv2d_backward_data")(
+            (ceil_div(grad_x.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+            (grad_y, weight, grad_x, *geometry))
 
     partial = rt.empty((slices, w_count), np.float32)
     # writes partial: row s holds each weight element's sum over output positions of slice s

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array, kernel_matrix
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, active_runtime, kernel_array, kernel_matrix
 
 KERNEL_FILE = "linear.cu"
 TILE_M, TILE_N, TILE_K = 64, 64, 16   # as #defined in kernels/linear.cu
@@ -41,7 +41,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime
     op(a) is a (M, K), or a.T when ``trans_a`` (a stored (K, M)); op(b) is b (K, N), or b.T when
     ``trans_b`` (b stored (N, K)); bias (N,) or None -> c (M, N).
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     a = kernel_matrix(rt, a, "a")
     b = kernel_matrix(rt, b, "b")
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -86,7 +86,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime
 
 def column_sums(g, *, runtime=None):
     """The sum of each column: g (ROWS, COLS) float32 -> (COLS,), each summed in a fixed order."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     g = kernel_matrix(rt, g, "g")
     rows, cols = (int(s) for s in g.shape)
     out = rt.empty((cols,), np.float32)
@@ -107,7 +107,7 @@ def linear_forward(x, weight, bias, relu=False, *, runtime=None):
 
     x (N, IN), weight (OUT, IN) as in PyTorch, bias (OUT,) or None -> y (N, OUT), all float32.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     x = kernel_matrix(rt, x, "x")
     weight = kernel_matrix(rt, weight, "weight")
     _check_weight(x, weight)
@@ -118,20 +118,20 @@ def linear_forward(x, weight, bias, relu=False, *, runtime=None):
     return matmul(x, weight, trans_b=True, bias=bias, relu=relu, runtime=rt)
 
 
-def linear_backward(grad_y, x, weight, with_bias=True, *, runtime=None):
+def linear_backward(grad_y, x, weight, with_bias=True, with_grad_x=True, *, runtime=None):
     """Gradients of linear_forward (without ReLU).
 
-    grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> (grad_x (N, IN), grad_weight (OUT, IN),
-    grad_bias (OUT,) or None when ``with_bias`` is False).
+    grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> (grad_x (N, IN) or None when ``with_grad_x`` is
+    False, grad_weight (OUT, IN), grad_bias (OUT,) or None when ``with_bias`` is False).
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     grad_y = kernel_matrix(rt, grad_y, "grad_y")
     x = kernel_matrix(rt, x, "x")
     weight = kernel_matrix(rt, weight, "weight")
     _check_weight(x, weight)
     if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
         raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")
-    grad_x = matmul(grad_y, weight, runtime=rt)
+    grad_x = matmul(grad_y, weight, runtime=rt) if with_grad_x else None
     grad_weight = matmul(grad_y, x, trans_a=True, runtime=rt)
     grad_bias = column_sums(grad_y, runtime=rt) if with_bias else None
     return grad_x, grad_weight, grad_bias

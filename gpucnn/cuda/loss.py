@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, default_runtime, kernel_matrix
+from gpucnn.cuda.runtime import ceil_div, active_runtime, kernel_matrix
 
 KERNEL_FILE = "loss.cu"
 XENT_ROWS = 8           # XENT_ROWS in kernels/loss.cu: rows (one warp each) per block
@@ -40,7 +40,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
     ``check_labels=False`` skips the range check, which waits for the device; a label outside
     [0, K) then makes the loss NaN.
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     logits = kernel_matrix(rt, logits, "logits")
     N, K = (int(s) for s in logits.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)
@@ -57,7 +57,7 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
 
 def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=None):
     """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     probs = kernel_matrix(rt, probs, "probs")
     N, K = (int(s) for s in probs.shape)
     labels = _int32_labels(rt, labels, N, K, check_labels)
@@ -67,3 +67,28 @@ def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=
         (ceil_div(N * K, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
         (probs, labels, grad_logits, np.int32(N), np.int32(K)))
     return grad_logits
+
+
+def softmax_cross_entropy_totals(logits, labels, totals, *, runtime=None):
+    """Softmax cross-entropy for a training step that keeps its sums on the device; returns probs.
+
+    logits (N, K) float32, labels (N,) int32 (not range-checked: that would read them back), totals
+    (2,) float64 updated in place: totals[0] += the sum of the rows' losses, totals[1] += the number
+    of rows whose first maximal logit is the label. probs (N, K) feeds softmax_cross_entropy_backward.
+    """
+    rt = active_runtime(runtime)
+    logits = kernel_matrix(rt, logits, "logits")
+    N, K = (int(s) for s in logits.shape)
+    labels = _int32_labels(rt, labels, N, K, check_labels=False)
+    if not isinstance(totals, rt.xp.ndarray) or totals.dtype != np.float64 or tuple(totals.shape) != (2,) \
+            or not totals.flags.c_contiguous:
+        raise ValueError("totals must be a contiguous float64 array of shape (2,) on the logits' device.")
+    probs = rt.empty((N, K), np.float32)
+    row_loss = rt.empty((N,), np.float32)
+    # writes probs and row_loss: one warp per row
+    rt.function(KERNEL_FILE, "softmax_xent_forward")(
+        (ceil_div(N, XENT_ROWS), 1, 1), (32, XENT_ROWS, 1), (logits, labels, probs, row_loss, np.int32(N), np.int32(K)))
+    # writes totals: one block adds the batch's loss sum and correct count, in a fixed order
+    rt.function(KERNEL_FILE, "softmax_xent_accumulate")(
+        (1, 1, 1), (MEAN_THREADS, 1, 1), (logits, labels, row_loss, totals, np.int32(N), np.int32(K)))
+    return probs

@@ -3,9 +3,11 @@
 ``FlatParameters`` packs a model's parameters into one contiguous float32 buffer and makes each
 ``Parameter.data`` a view of it; gradients get a second flat buffer whose views become
 ``Parameter.grad``, so layers' ``accumulate_grad`` (``grad += ...``) writes straight into it.
-``FusedSGD``, ``FusedAdam`` and ``FusedAdamW`` follow gpucnn.optim's SGD, Adam and AdamW (same
-arguments plus ``runtime``, same update, same ``state_dict`` format) but update every parameter
-with two launches: ``optim_advance_step`` and the update. The step count and the learning rate live
+``FusedOptimizer`` runs a gpucnn.optim SGD, Adam or AdamW instance (its *rule*: hyperparameters,
+lr, ``state_dict`` format) over those buffers, updating every parameter with two launches:
+``optim_advance_step`` and the update. ``FusedSGD``, ``FusedAdam`` and ``FusedAdamW`` build one
+from the rule's arguments (plus ``runtime``); ``fused(optimizer)`` makes the twin of an existing one.
+The step count and the learning rate live
 in device arrays, so a captured CUDA graph replays steps correctly and schedulers still work.
 
 The buffers never move: pack after ``model.to(device)``, and keep the same optimizer for the run.
@@ -15,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn import backend, optim
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, default_runtime, kernel_array
+from gpucnn.cuda.runtime import (active_runtime, ceil_div, check_int32_count, device_runtime, kernel_array,
+                                 kernel_inout_array)
+from gpucnn.cuda.tensor import fill
 from gpucnn.nn.module import Parameter
 
 KERNEL_FILE = "optim.cu"
@@ -28,8 +32,9 @@ def _grid(count: int) -> tuple[int, int, int]:
     return (max(1, min(ceil_div(count, THREADS_PER_BLOCK), MAX_BLOCKS)), 1, 1)
 
 
-def _flat(rt, array, name, count=None):
-    array = kernel_array(rt, array, name, ndim=1)
+def _flat(rt, array, name, count=None, inout=False):
+    """A (count,) float32 buffer; ``inout``: the kernel updates it, so it must not be a copy."""
+    array = (kernel_inout_array if inout else kernel_array)(rt, array, name, ndim=1)
     if count is not None and array.shape[0] != count:
         raise ValueError(f"{name} must have shape ({count},) like param, not {tuple(array.shape)}.")
     return array
@@ -46,8 +51,8 @@ def _device_scalars(rt, step, lr):
 
 def advance_step(step, *, runtime=None):
     """step[0] += 1 on the device; step (1,) int32. Launch it before each update."""
-    rt = runtime if runtime is not None else default_runtime()
-    step = kernel_array(rt, step, "step", dtype=np.int32, ndim=1)
+    rt = active_runtime(runtime)
+    step = kernel_inout_array(rt, step, "step", dtype=np.int32, ndim=1)
     if step.shape != (1,):
         raise ValueError(f"step must hold one element, not shape {tuple(step.shape)}.")
     # writes step[0]: one thread adds one
@@ -61,11 +66,12 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr, betas=(0.9, 0.999), 
     param, grad, exp_avg, exp_avg_sq (COUNT,) float32; step (1,) int32, the step count t >= 1 of
     this update (advance_step first); lr (1,) float64. Writes param, exp_avg and exp_avg_sq.
     """
-    rt = runtime if runtime is not None else default_runtime()
-    param = _flat(rt, param, "param")
+    rt = active_runtime(runtime)
+    param = _flat(rt, param, "param", inout=True)
     count = param.shape[0]
-    grad, exp_avg, exp_avg_sq = (_flat(rt, a, n, count) for a, n in
-                                 ((grad, "grad"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")))
+    grad = _flat(rt, grad, "grad", count)
+    exp_avg = _flat(rt, exp_avg, "exp_avg", count, inout=True)
+    exp_avg_sq = _flat(rt, exp_avg_sq, "exp_avg_sq", count, inout=True)
     step, lr = _device_scalars(rt, step, lr)
     check_int32_count("param", count)
     beta1, beta2 = (float(b) for b in betas)
@@ -84,11 +90,11 @@ def sgd_update(param, grad, momentum_buffer, step, lr, momentum=0.0, nesterov=Fa
     momentum is 0); step (1,) int32, the step count t >= 1 of this update (t == 1 starts the
     momentum buffer from the gradient); lr (1,) float64. Writes param and momentum_buffer.
     """
-    rt = runtime if runtime is not None else default_runtime()
-    param = _flat(rt, param, "param")
+    rt = active_runtime(runtime)
+    param = _flat(rt, param, "param", inout=True)
     count = param.shape[0]
     grad = _flat(rt, grad, "grad", count)
-    momentum_buffer = _flat(rt, momentum_buffer, "momentum_buffer", count)
+    momentum_buffer = _flat(rt, momentum_buffer, "momentum_buffer", count, inout=True)
     step, lr = _device_scalars(rt, step, lr)
     check_int32_count("param", count)
     # writes param and momentum_buffer: a grid-stride loop, one thread per element at a time
@@ -107,7 +113,7 @@ class FlatParameters:
     """
 
     def __init__(self, params, runtime=None):
-        self.runtime = runtime if runtime is not None else default_runtime()
+        self.runtime = runtime if runtime is not None else device_runtime("gpu")
         rt = self.runtime
         self.params = list(params)
         if not self.params:
@@ -136,8 +142,8 @@ class FlatParameters:
         return flat[self.offsets[i]:self.offsets[i] + p.size].reshape(p.shape)
 
     def zero_grad(self) -> None:
-        """Zero the flat gradient and make every ``Parameter.grad`` a view of it."""
-        self.grad.fill(0)
+        """Zero the flat gradient (one launch) and make every ``Parameter.grad`` a view of it."""
+        fill(self.grad, 0.0, runtime=self.runtime)
         for p, view in zip(self.params, self.grad_views):
             p.grad = view
 
@@ -165,29 +171,45 @@ class FlatParameters:
                 p.grad = self.grad_views[i]
 
 
-class _Fused:
-    """What the fused optimizers share: the flat buffers, device step and lr, state_dict conversion."""
+class FusedOptimizer:
+    """A gpucnn.optim optimizer (the *rule*) run over flat buffers: two launches per step.
 
-    reference_type = ""  # the gpucnn.optim class whose state_dict format this one shares
+    The rule (an SGD, Adam or AdamW instance) keeps what it always keeps: the hyperparameters
+    and their checks, ``lr`` (which schedulers set) and the ``state_dict`` format; this object
+    adds the flat buffers, the moments and the step count on the device. ``step()`` uploads the
+    rule's lr when it changed, so a scheduler made for the rule steers the fused update, and a
+    replayed graph reads the new value from the device.
 
-    def _setup_flat(self, runtime, state_names):
-        self.flat = FlatParameters(self.params, runtime)
+    ``runtime`` None: the runtime of the parameters' device (gpu or emulator).
+    """
+
+    def __init__(self, rule, runtime=None):
+        if type(rule) not in STATE_BUFFERS:
+            raise TypeError(f"a fused optimizer runs gpucnn.optim.SGD, Adam or AdamW, not {type(rule).__name__}.")
+        if runtime is None:
+            runtime = device_runtime(backend.common_device(*(p.data for p in rule.params)))
+        self.rule = rule
+        self.flat = FlatParameters(rule.params, runtime)
         rt = self.flat.runtime
-        self._state_buffers = {name: rt.zeros((self.flat.count,), np.float32) for name in state_names}
+        self.buffers = {name: rt.zeros((self.flat.count,), np.float32) for name in STATE_BUFFERS[type(rule)]}
         self._step = rt.zeros((1,), np.int32)
         self._lr_device = rt.zeros((1,), np.float64)
-        self._lr_device[...] = self.lr
+        self._lr_uploaded = None
+        self.sync_lr()
         self.flat.zero_grad()
 
     @property
+    def params(self) -> list:
+        return self.rule.params
+
+    @property
     def lr(self) -> float:
-        return self._lr
+        return self.rule.lr
 
     @lr.setter
     def lr(self, value) -> None:
-        optim.Optimizer.lr.fset(self, value)
-        if getattr(self, "_lr_device", None) is not None:
-            self._lr_device[...] = self._lr
+        self.rule.lr = value
+        self.sync_lr()
 
     @property
     def runtime(self):
@@ -198,131 +220,129 @@ class _Fused:
         """Steps taken so far (read from the device)."""
         return int(backend.to_numpy(self._step)[0])
 
+    def hyperparameters(self) -> dict:
+        return self.rule.hyperparameters()
+
+    def sync_lr(self) -> None:
+        """Copy the rule's lr to the device when it changed (a host-to-device copy, outside any graph).
+
+        ``step()`` does it; a replayed graph runs no Python, so its caller does it before each replay.
+        """
+        if self._lr_uploaded != self.rule.lr:
+            self._lr_device[...] = self.rule.lr
+            self._lr_uploaded = self.rule.lr
+
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffer; every ``Parameter.grad`` becomes its view (never None)."""
+        """Zero the flat gradient buffer (one launch); every ``Parameter.grad`` becomes its view (never None)."""
         self.flat.zero_grad()
 
     def step(self) -> None:
         """Advance the device step count and update every parameter with one fused launch."""
+        self.sync_lr()
         self.flat.gather()
         advance_step(self._step, runtime=self.runtime)
-        self._launch_update()
-
-    def _state_entries(self, step: int) -> list[dict]:
-        raise NotImplementedError
+        rule, rt = self.rule, self.runtime
+        if isinstance(rule, optim.Adam):
+            adam_update(self.flat.data, self.flat.grad, self.buffers["exp_avg"], self.buffers["exp_avg_sq"],
+                        self._step, self._lr_device, rule.betas, rule.eps, rule.weight_decay,
+                        rule.decoupled_weight_decay, runtime=rt)
+        else:
+            sgd_update(self.flat.data, self.flat.grad, self.buffers["momentum_buffer"], self._step,
+                       self._lr_device, rule.momentum, rule.nesterov, rule.weight_decay, runtime=rt)
 
     def state_dict(self) -> dict:
-        """The format of the matching gpucnn.optim optimizer (type "SGD", "Adam" or "AdamW")."""
-        return {"type": self.reference_type, "hyperparameters": self.hyperparameters(),
-                "state": self._state_entries(self.step_count)}
+        """The rule's format (type "SGD", "Adam" or "AdamW"), read from the device buffers."""
+        step = self.step_count
+        if step == 0 or (isinstance(self.rule, optim.SGD) and not self.rule.momentum):
+            entries = [{} for _ in self.params]  # no state yet, or SGD without momentum (none ever)
+        else:
+            host = {name: backend.to_numpy(buffer) for name, buffer in self.buffers.items()}
+            entries = [{name: np.array(self.flat.view(host[name], i), copy=True) for name in host}
+                       for i in range(len(self.params))]
+            if self.rule.has_step_count:
+                for entry in entries:
+                    entry["step"] = step
+        return {"type": type(self.rule).__name__, "hyperparameters": self.hyperparameters(), "state": entries}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a ``state_dict()`` of this optimizer or of its gpucnn.optim counterpart.
+        """Restore a ``state_dict()`` of this optimizer or of its rule.
 
-        Everything is validated (by the counterpart's rules) before anything changes; the
-        parameters must share one step count, since the fused update keeps one.
+        Everything is validated (by the rule) before anything changes; the parameters must share
+        one step count (and SGD's momentum buffers must all have started or none), since the fused
+        update keeps one.
         """
-        if isinstance(state_dict, dict) and state_dict.get("type") == self.reference_type:
-            state_dict = {**state_dict, "type": type(self).__name__}
-        saved_state, saved_hyper = self.state, self.hyperparameters()
-        optim.Optimizer.load_state_dict(self, state_dict)  # validates; sets self.state with per-parameter arrays
+        saved_state, saved_hyper = self.rule.state, self.rule.hyperparameters()
+        self.rule.load_state_dict(state_dict)  # validates; fills rule.state with per-parameter arrays
+        entries = self.rule.state
         try:
-            step = self._load_buffers(self.state)
+            step = self._check_uniform(entries)
         except ValueError:
-            self.state = saved_state
-            self._set_hyperparameters(**saved_hyper)
+            self.rule.state = saved_state
+            self.rule._set_hyperparameters(**saved_hyper)
             raise
-        self.state = [{} for _ in self.params]
-        self._step[...] = step
-        self._lr_device[...] = self.lr
-
-    def _load_buffers(self, entries) -> int:
-        raise NotImplementedError
-
-    def _copy_into(self, name: str, i: int, value) -> None:
-        # Optimizer.load_state_dict has already put value on the parameter's device.
-        self.flat.view(self._state_buffers[name], i)[...] = value
-
-
-class FusedAdam(_Fused, optim.Adam):
-    """gpucnn.optim.Adam over flat buffers: one advance-step and one update launch per step.
-
-    Same arguments as Adam plus ``runtime`` (None: the process-wide CupyRuntime; an
-    EmulatorRuntime runs the kernels on NumPy parameters).
-    """
-
-    reference_type = "Adam"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, runtime=None):
-        optim.Adam.__init__(self, params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self._setup_flat(runtime, ("exp_avg", "exp_avg_sq"))
-
-    def _launch_update(self) -> None:
-        adam_update(self.flat.data, self.flat.grad, self._state_buffers["exp_avg"],
-                    self._state_buffers["exp_avg_sq"], self._step, self._lr_device, self.betas, self.eps,
-                    self.weight_decay, self.decoupled_weight_decay, runtime=self.runtime)
-
-    def _state_entries(self, step: int) -> list[dict]:
-        if step == 0:
-            return [{} for _ in self.params]
-        m = backend.to_numpy(self._state_buffers["exp_avg"])
-        v = backend.to_numpy(self._state_buffers["exp_avg_sq"])
-        return [{"step": step, "exp_avg": np.array(self.flat.view(m, i), copy=True),
-                 "exp_avg_sq": np.array(self.flat.view(v, i), copy=True)} for i in range(len(self.params))]
-
-    def _load_buffers(self, entries) -> int:
-        steps = {entry.get("step", 0) for entry in entries}
-        if len(steps) != 1:
-            raise ValueError(f"the parameters' step counts differ ({sorted(steps)}); {type(self).__name__} keeps "
-                             "one step count for all of them.")
-        for name in ("exp_avg", "exp_avg_sq"):
-            self._state_buffers[name].fill(0)
+        for name, buffer in self.buffers.items():
+            buffer[...] = 0
             for i, entry in enumerate(entries):
                 if name in entry:
-                    self._copy_into(name, i, entry[name])
-        return steps.pop()
+                    self.flat.view(buffer, i)[...] = entry[name]
+        self.rule.state = [{} for _ in self.params]
+        self._step[...] = step
+        self.sync_lr()
 
-
-class FusedAdamW(FusedAdam):
-    """gpucnn.optim.AdamW (decoupled weight decay) over flat buffers; see FusedAdam."""
-
-    decoupled_weight_decay = True
-    reference_type = "AdamW"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, runtime=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, runtime=runtime)
-
-
-class FusedSGD(_Fused, optim.SGD):
-    """gpucnn.optim.SGD (momentum, Nesterov, L2) over flat buffers: two launches per step.
-
-    Same arguments as SGD plus ``runtime``.
-    """
-
-    reference_type = "SGD"
-
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *, runtime=None):
-        optim.SGD.__init__(self, params, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self._setup_flat(runtime, ("momentum_buffer",))
-
-    def _launch_update(self) -> None:
-        sgd_update(self.flat.data, self.flat.grad, self._state_buffers["momentum_buffer"], self._step,
-                   self._lr_device, self.momentum, self.nesterov, self.weight_decay, runtime=self.runtime)
-
-    def _state_entries(self, step: int) -> list[dict]:
-        if step == 0 or not self.momentum:
-            return [{} for _ in self.params]
-        buf = backend.to_numpy(self._state_buffers["momentum_buffer"])
-        return [{"momentum_buffer": np.array(self.flat.view(buf, i), copy=True)} for i in range(len(self.params))]
-
-    def _load_buffers(self, entries) -> int:
+    def _check_uniform(self, entries) -> int:
+        """The one step count the entries share (SGD: 1 when its buffers have started, else 0)."""
+        name = type(self).__name__
+        if self.rule.has_step_count:
+            steps = {entry.get("step", 0) for entry in entries}
+            if len(steps) != 1:
+                raise ValueError(f"the parameters' step counts differ ({sorted(steps)}); {name} keeps one "
+                                 "step count for all of them.")
+            return steps.pop()
         started = {"momentum_buffer" in entry for entry in entries}
         if len(started) != 1:
-            raise ValueError(f"some parameters have a momentum buffer and some do not; {type(self).__name__} "
-                             "keeps one for all of them.")
-        self._state_buffers["momentum_buffer"].fill(0)
-        for i, entry in enumerate(entries):
-            if "momentum_buffer" in entry:
-                self._copy_into("momentum_buffer", i, entry["momentum_buffer"])
-        # SGD keeps no step count; what matters is whether the buffer has started.
+            raise ValueError(f"some parameters have a momentum buffer and some do not; {name} keeps one for "
+                             "all of them.")
         return 1 if started.pop() else 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rule!r})"
+
+
+STATE_BUFFERS = {optim.SGD: ("momentum_buffer",), optim.Adam: ("exp_avg", "exp_avg_sq"),
+                 optim.AdamW: ("exp_avg", "exp_avg_sq")}
+
+
+class FusedAdam(FusedOptimizer):
+    """gpucnn.optim.Adam over flat buffers: ``FusedAdam(params, lr, ...)`` with Adam's arguments plus ``runtime``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, runtime=None):
+        super().__init__(optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), runtime)
+
+
+class FusedAdamW(FusedOptimizer):
+    """gpucnn.optim.AdamW (decoupled weight decay) over flat buffers; see FusedAdam."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, runtime=None):
+        super().__init__(optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), runtime)
+
+
+class FusedSGD(FusedOptimizer):
+    """gpucnn.optim.SGD (momentum, Nesterov, L2) over flat buffers; see FusedAdam."""
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *, runtime=None):
+        super().__init__(optim.SGD(params, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay),
+                         runtime)
+
+
+def fused(optimizer, runtime=None) -> FusedOptimizer:
+    """The fused twin of a gpucnn.optim optimizer (same rule object, so its schedulers still apply).
+
+    A FusedOptimizer is returned as it is. Any state the rule already holds moves into the flat buffers.
+    """
+    if isinstance(optimizer, FusedOptimizer):
+        return optimizer
+    state = optimizer.state_dict() if any(optimizer.state) else None
+    twin = FusedOptimizer(optimizer, runtime)
+    if state is not None:
+        twin.load_state_dict(state)
+    return twin

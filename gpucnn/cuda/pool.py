@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, default_runtime, kernel_array
+from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array
 from gpucnn.ops.pool import pool2d_geometry
 
 KERNEL_FILE = "pool2d.cu"
@@ -50,7 +50,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
     OH = (H + 2*PH - KH) // SH + 1; stride None means kernel_size; padding <= kernel_size // 2 and
     counts as -inf. argmax is the window-local index KY*KW + KX of the first maximum (NaN wins).
     """
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     x = kernel_array(rt, x, "x", ndim=4)
     g = _geometry(x.shape, kernel_size, stride, padding)
     y = rt.empty((g.N, g.C, g.OH, g.OW), np.float32)
@@ -62,7 +62,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):
     """Gradient of max pooling: grad_y and argmax (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     g = _geometry(x_shape, kernel_size, stride, padding)
     grad_y = _grad_y_array(rt, grad_y, g)
     argmax = kernel_array(rt, argmax, "argmax", dtype=np.int32, ndim=4)
@@ -76,7 +76,7 @@ def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, paddi
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
     """Average pooling: x (N, C, H, W) float32 -> y (N, C, OH, OW); zero padding counts in the divisor."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     x = kernel_array(rt, x, "x", ndim=4)
     g = _geometry(x.shape, kernel_size, stride, padding)
     y = rt.empty((g.N, g.C, g.OH, g.OW), np.float32)
@@ -87,7 +87,7 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
 
 def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):
     """Gradient of average pooling: grad_y (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
-    rt = runtime if runtime is not None else default_runtime()
+    rt = active_runtime(runtime)
     g = _geometry(x_shape, kernel_size, stride, padding)
     grad_y = _grad_y_array(rt, grad_y, g)
     grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)

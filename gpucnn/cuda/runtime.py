@@ -9,6 +9,8 @@ CuPy is never imported here: gpucnn.backend hands the module over.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from pathlib import Path
 
@@ -16,7 +18,17 @@ import numpy as np
 
 from gpucnn import backend
 
+# What CupyRuntime passes to cupy.RawModule(options=...).
 COMPILE_OPTIONS = ("-std=c++17",)
+EMULATOR_ORDER_ENV = "GPUCNN_EMULATOR_ORDER"
+# What CuPy itself adds before NVRTC sees them (read in CuPy 15.0.0a1, github.com/cupy/cupy at 6b6d956,
+# 2026-08-20): cupy/cuda/compiler.py _compile_with_cache_cuda appends "-ftz=true" (denormals flush to
+# zero) and _compile_using_nvrtc "--device-as-default-execution-space" and "-arch=sm_XX" (compute_XX
+# past NVRTC's newest sm); cupy/_core/core.pyx assemble_cupy_compiler_options adds "--std=c++17" only
+# when no -std is given, and -I paths (its bundled CCCL, its own headers, the CUDA headers), which
+# cannot change kernels that include no header. gpucnn.testing.nvrtc compiles with both tuples.
+CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+NVRTC_OPTIONS = COMPILE_OPTIONS + CUPY_NVRTC_OPTIONS
 # Thread ids of the last block run past the element count, so counts stay this far below 2**31.
 MAX_INT32_ELEMENTS = 2**31 - 1 - 1024
 
@@ -42,24 +54,39 @@ def kernels_dir() -> Path:
 
 
 class CupyRuntime:
-    """Kernels compiled by CuPy's RawModule, each file once per process and device."""
+    """Kernels compiled by CuPy's RawModule, each file once per process and device.
 
-    def __init__(self, kernels_folder=None):
-        self.xp = backend.cupy_module()
+    ``xp`` is the CuPy module (by default gpucnn.backend's; tests pass a stand-in).
+    """
+
+    def __init__(self, kernels_folder=None, xp=None):
+        self.xp = xp if xp is not None else backend.cupy_module()
         self.kernels_folder = Path(kernels_folder) if kernels_folder is not None else kernels_dir()
         self._modules = {}
+        self._functions = {}
         self._lock = threading.Lock()
 
     def function(self, file: str, name: str):
-        """The kernel ``name`` from ``kernels/<file>``, callable as ``k(grid, block, args, shared_mem=0)``."""
-        key = (file, self.xp.cuda.Device().id)
+        """The kernel ``name`` from ``kernels/<file>``, callable as ``k(grid, block, args, shared_mem=0)``.
+
+        Handles are cached per (file, name, device): ``RawModule.get_function`` builds a new
+        RawKernel on every call, which a launch per layer per step cannot afford.
+        """
+        key = (file, name, self.xp.cuda.Device().id)
+        kernel = self._functions.get(key)
+        if kernel is not None:
+            return kernel
         with self._lock:
-            module = self._modules.get(key)
-            if module is None:
-                source = (self.kernels_folder / file).read_text()
-                module = self.xp.RawModule(code=source, options=COMPILE_OPTIONS)
-                self._modules[key] = module
-        return module.get_function(name)
+            kernel = self._functions.get(key)
+            if kernel is None:
+                module_key = (file, key[2])
+                module = self._modules.get(module_key)
+                if module is None:
+                    source = (self.kernels_folder / file).read_text()
+                    module = self.xp.RawModule(code=source, options=COMPILE_OPTIONS)
+                    self._modules[module_key] = module
+                kernel = self._functions[key] = module.get_function(name)
+        return kernel
 
     def empty(self, shape, dtype):
         """An uninitialised device array."""
@@ -72,6 +99,8 @@ class CupyRuntime:
 
 _default = None
 _default_lock = threading.Lock()
+_emulator = None
+_active = []  # the wrapping runtimes in force (a recording step's), innermost last
 
 
 def default_runtime() -> CupyRuntime:
@@ -81,6 +110,66 @@ def default_runtime() -> CupyRuntime:
         if _default is None:
             _default = CupyRuntime()
         return _default
+
+
+def emulator_runtime():
+    """The process-wide runtime of the ``"emulator"`` device: gpucnn.testing's emulator, outputs as EmulatorArray.
+
+    The thread order comes from ``$GPUCNN_EMULATOR_ORDER`` (forward, reverse or random; default forward).
+    """
+    global _emulator
+    with _default_lock:
+        if _emulator is None:
+            from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415 - only the emulator device needs it
+
+            class EmulatorDeviceRuntime(EmulatorRuntime):
+                """EmulatorRuntime whose allocations live on the emulator device (EmulatorArray)."""
+
+                def empty(self, shape, dtype):
+                    return super().empty(shape, dtype).view(backend.EmulatorArray)
+
+                def zeros(self, shape, dtype):
+                    return super().zeros(shape, dtype).view(backend.EmulatorArray)
+
+            _emulator = EmulatorDeviceRuntime(order=os.environ.get(EMULATOR_ORDER_ENV, "forward").strip() or "forward")
+        return _emulator
+
+
+def active_runtime(runtime=None):
+    """The runtime a launcher uses: ``runtime`` (None: the CupyRuntime), or the wrapper in force around it.
+
+    A recording training step wraps the runtime of its device (see gpucnn.cuda.graph); every
+    launcher asks here, so the launches of the layers, the loss and the optimizer all go through it.
+    """
+    base = runtime if runtime is not None else default_runtime()
+    for wrapper in reversed(_active):
+        if wrapper.base is base:
+            return wrapper
+    return base
+
+
+def device_runtime(device: str):
+    """The process-wide runtime of a kernel device (``"gpu"``: CupyRuntime, ``"emulator"``)."""
+    if device == "gpu":
+        return default_runtime()
+    if device == "emulator":
+        return emulator_runtime()
+    raise ValueError(f"the {device!r} device runs no CUDA kernels; kernel devices are gpu and emulator.")
+
+
+def runtime_for(device: str):
+    """The runtime that runs the kernels for arrays on ``device`` now (a recording wrapper while one is in force)."""
+    return active_runtime(device_runtime(device))
+
+
+@contextlib.contextmanager
+def wrapping(wrapper):
+    """Route every launch on ``wrapper.base`` through ``wrapper`` while the block runs."""
+    _active.append(wrapper)
+    try:
+        yield wrapper
+    finally:
+        _active.remove(wrapper)
 
 
 # Launch helpers shared by the launchers.
@@ -103,7 +192,21 @@ def kernel_array(runtime, array, name: str, dtype=np.float32, ndim: int | None =
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, not {array.dtype.name}.")
     if ndim is not None and array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, not {array.ndim} (shape {tuple(array.shape)}).")
-    return runtime.xp.ascontiguousarray(array)
+    # Only a strided array is copied: an ascontiguousarray call would be a NumPy/CuPy op of its own.
+    return array if array.flags.c_contiguous else runtime.xp.ascontiguousarray(array)
+
+
+def kernel_inout_array(runtime, array, name: str, dtype=np.float32, ndim: int | None = None):
+    """``array`` itself, for a kernel that updates it in place: checked like kernel_array, never copied.
+
+    A non-contiguous array is refused (ValueError): the kernel would update a contiguous copy
+    and the caller's array would silently keep its old values.
+    """
+    kernel_array(runtime, array, name, dtype, ndim)
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} is updated in place, so it must be C-contiguous (strides "
+                         f"{tuple(array.strides)} for shape {tuple(array.shape)}); pass a contiguous array.")
+    return array
 
 
 def kernel_matrix(runtime, array, name: str):

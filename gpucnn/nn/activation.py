@@ -22,10 +22,10 @@ class _Elementwise(Module):
         self._save(y=y, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (shape of y) -> grad_input (same shape)."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (shape of y) -> grad_input (same shape; None when not ``input_grad``)."""
         self._check_grad_output(grad_output)
-        return self._backward_op(grad_output, self._saved("y"))
+        return self._backward_op(grad_output, self._saved("y")) if input_grad else None
 
 
 class ReLU(_Elementwise):
@@ -70,10 +70,10 @@ class Dropout(Module):
         self._save(mask=mask, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (shape of y) -> grad_input (same shape)."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (shape of y) -> grad_input (same shape; None when not ``input_grad``)."""
         self._check_grad_output(grad_output)
-        return ops.dropout_backward(grad_output, self._saved("mask"))
+        return ops.dropout_backward(grad_output, self._saved("mask")) if input_grad else None
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -57,12 +57,13 @@ class Conv2d(Module):
         self._save(x=x, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (N, OC, OH, OW) -> grad_input (N, C, H, W); adds into weight.grad and bias.grad."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, OC, OH, OW) -> grad_input (N, C, H, W), or None when not ``input_grad`` (then
+        not computed: the first layer of a model); adds into weight.grad and bias.grad."""
         self._check_grad_output(grad_output)
         grad_x, grad_weight, grad_bias = ops.conv2d_backward(
             grad_output, self._saved("x"), self.weight.data, self.stride, self.padding, self.dilation,
-            with_bias=self.bias is not None)
+            with_bias=self.bias is not None, with_grad_x=input_grad)
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_bias)

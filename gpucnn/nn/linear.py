@@ -34,11 +34,12 @@ class Linear(Module):
         self._save(x=x, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (N, OUT) -> grad_input (N, IN); adds into weight.grad and bias.grad."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, OUT) -> grad_input (N, IN), or None when not ``input_grad`` (then not computed);
+        adds into weight.grad and bias.grad."""
         self._check_grad_output(grad_output)
         grad_x, grad_weight, grad_bias = ops.linear_backward(grad_output, self._saved("x"), self.weight.data,
-                                                             self.bias is not None)
+                                                             self.bias is not None, input_grad)
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_bias)
@@ -61,7 +62,7 @@ class Flatten(Module):
         self._save(x_shape=tuple(x.shape), output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (N, prod(...)) -> grad_input (N, ...)."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, prod(...)) -> grad_input (N, ...) (None when not ``input_grad``)."""
         self._check_grad_output(grad_output)
-        return grad_output.reshape(self._saved("x_shape"))
+        return grad_output.reshape(self._saved("x_shape")) if input_grad else None

@@ -16,14 +16,13 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from gpucnn import backend
+from gpucnn import backend, ops
 from gpucnn.utils import pair
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, np.ndarray) or backend.is_gpu_array(x)
+_is_array = backend.is_array
 
 
 def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
@@ -70,9 +69,11 @@ class Parameter:
         if tuple(grad.shape) != self.shape:
             raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match parameter shape {self.shape}.")
         if self.grad is None:
-            self.grad = grad.astype(self.data.dtype, copy=True)
+            # A kernel device's gradient is a fresh launcher output: it is kept, not copied.
+            keep = backend.device_of(grad) in backend.KERNEL_DEVICES and grad.dtype == self.data.dtype
+            self.grad = grad if keep else grad.astype(self.data.dtype, copy=True)
         else:
-            self.grad += grad
+            ops.add_into(self.grad, grad)
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device})"
@@ -125,7 +126,12 @@ class Module:
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} does not define forward().")
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, input_grad=True):
+        """Add the parameters' gradients and return the input's (None when ``input_grad`` is False).
+
+        ``input_grad=False`` is for a model's first layer, whose input (the images) needs no
+        gradient: the layer then skips computing it, as the Trainer asks.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not define backward().")
 
     def _save(self, **arrays) -> None:
@@ -238,11 +244,19 @@ class Module:
         return self._device
 
     def to(self, device: str) -> "Module":
-        """Move parameters and grads to ``"cpu"``/``"gpu"`` (``"auto"`` allowed); returns self.
+        """Move parameters and grads to ``"cpu"``/``"gpu"``/``"emulator"`` (``"auto"`` allowed); returns self.
 
-        Saved forward state is dropped, so run forward again before backward.
+        The kernel devices (gpu, emulator) run float32 kernels, so float64 parameters (after
+        ``double()``) are refused there with a ValueError. Saved forward state is dropped, so run
+        forward again before backward.
         """
         target = backend.resolve_device(device)
+        if target in backend.KERNEL_DEVICES:
+            wide = [(name, p.dtype) for name, p in self.named_parameters() if p.dtype != np.float32]
+            if wide:
+                name, dtype = wide[0]
+                raise ValueError(f"the {target} runs gpucnn's float32 kernels, but parameter {name} is {dtype}; "
+                                 f"call model.float() before model.to({target!r}).")
         for param in self.parameters():
             param.data = backend.to_device(param.data, target)
             if param.grad is not None:
@@ -386,8 +400,12 @@ class Sequential(Module):
             x = layer(x)
         return x
 
-    def backward(self, grad_output):
-        """Back-propagate through the layers in reverse; returns the gradient for the input."""
-        for layer in reversed(list(self._modules.values())):
-            grad_output = layer.backward(grad_output)
+    def backward(self, grad_output, input_grad=True):
+        """Back-propagate through the layers in reverse; returns the gradient for the input.
+
+        With ``input_grad=False`` the first layer computes no input gradient and None is returned.
+        """
+        layers = list(self._modules.values())
+        for i in range(len(layers) - 1, -1, -1):
+            grad_output = layers[i].backward(grad_output, input_grad=input_grad or i > 0)
         return grad_output

@@ -55,9 +55,11 @@ class MaxPool2d(_Pool2d):
         self._save(argmax=argmax, x_shape=tuple(x.shape), output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (N, C, OH, OW) -> grad_input (N, C, H, W)."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, C, OH, OW) -> grad_input (N, C, H, W) (None when not ``input_grad``)."""
         self._check_grad_output(grad_output)
+        if not input_grad:
+            return None
         return ops.max_pool2d_backward(grad_output, self._saved("argmax"), self._saved("x_shape"),
                                        self.kernel_size, self.stride, self.padding)
 
@@ -72,8 +74,10 @@ class AvgPool2d(_Pool2d):
         self._save(x_shape=tuple(x.shape), output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output):
-        """grad_output (N, C, OH, OW) -> grad_input (N, C, H, W)."""
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, C, OH, OW) -> grad_input (N, C, H, W) (None when not ``input_grad``)."""
         self._check_grad_output(grad_output)
+        if not input_grad:
+            return None
         return ops.avg_pool2d_backward(grad_output, self._saved("x_shape"), self.kernel_size,
                                        self.stride, self.padding)

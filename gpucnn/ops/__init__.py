@@ -1,8 +1,10 @@
-"""The ops: forward and backward functions on NumPy or CuPy arrays (NCHW, float32; float64 for checks).
+"""The ops: forward and backward functions on arrays of any device (NCHW, float32; float64 for checks on the CPU).
 
-Each op family lives in its own module (conv, pool, activation, linear, loss). The
-checks below are shared by all of them; they are defined before the submodules are
-imported because every submodule imports them from here.
+Each op family lives in its own module (conv, pool, activation, linear, loss, tensor):
+the public functions, which gpucnn.dispatch sends to the implementation for the device
+of their arrays, and the NumPy reference (``<name>_reference``). The checks below are
+shared by all of them; they are defined before the submodules are imported because
+every submodule imports them from here.
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ def check_float_array(array, name: str, ndim: int | None = None, nonempty: bool 
 
 def check_same_kind(reference, reference_name: str, **others) -> None:
     """Every array in ``others`` (None skipped) must share the reference's dtype and device."""
-    on_gpu = backend.is_gpu_array(reference)
+    device = backend.device_of(reference)
     for name, array in others.items():
         if array is None:
             continue
-        if backend.is_gpu_array(array) != on_gpu:
+        if backend.device_of(array) != device:
             raise ValueError(f"{name} and {reference_name} must be on the same device "
                              f"({backend.device_of(array)} vs {backend.device_of(reference)}).")
         if array.dtype != reference.dtype:
@@ -57,6 +59,7 @@ from gpucnn.ops.activation import (  # noqa: E402 - the submodules use the check
 from gpucnn.ops.conv import conv2d_backward, conv2d_forward  # noqa: E402
 from gpucnn.ops.linear import linear_backward, linear_forward  # noqa: E402
 from gpucnn.ops.loss import softmax_cross_entropy, softmax_cross_entropy_backward  # noqa: E402
+from gpucnn.ops.tensor import add_into, fill  # noqa: E402
 from gpucnn.ops.pool import (  # noqa: E402
     avg_pool2d_backward,
     avg_pool2d_forward,
@@ -65,8 +68,8 @@ from gpucnn.ops.pool import (  # noqa: E402
 )
 
 __all__ = [
-    "avg_pool2d_backward", "avg_pool2d_forward", "check_float_array", "check_same_kind",
-    "conv2d_backward", "conv2d_forward", "dropout_backward", "dropout_forward",
+    "add_into", "avg_pool2d_backward", "avg_pool2d_forward", "check_float_array", "check_same_kind",
+    "conv2d_backward", "conv2d_forward", "dropout_backward", "dropout_forward", "fill",
     "linear_backward", "linear_forward", "max_pool2d_backward", "max_pool2d_forward",
     "relu_backward", "relu_forward", "sigmoid_backward", "sigmoid_forward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "tanh_backward", "tanh_forward",

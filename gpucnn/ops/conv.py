@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gpucnn import backend
+from gpucnn import dispatch
 from gpucnn.ops import check_float_array, check_same_kind
 from gpucnn.utils import conv_output_size, pair
 
@@ -71,6 +71,16 @@ def conv2d_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1) -> Co
     if span_h > H + 2 * PH or span_w > W + 2 * PW:
         raise ValueError(f"the (dilated) kernel {span_h}x{span_w} is larger than the padded input "
                          f"{H + 2 * PH}x{W + 2 * PW}.")
+    return conv2d_sizes(x.shape, weight.shape, stride, padding, dilation)
+
+
+def conv2d_sizes(x_shape, weight_shape, stride=1, padding=0, dilation=1) -> ConvGeometry:
+    """The sizes of a convolution whose arguments conv2d_geometry has already accepted (no checks)."""
+    N, C, H, W = (int(s) for s in x_shape)
+    OC, _, KH, KW = (int(s) for s in weight_shape)
+    SH, SW = pair(stride, "stride")
+    PH, PW = pair(padding, "padding")
+    DH, DW = pair(dilation, "dilation")
     OH = conv_output_size(H, KH, SH, PH, DH)
     OW = conv_output_size(W, KW, SW, PW, DW)
     return ConvGeometry(N, C, H, W, OC, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW)
@@ -81,15 +91,9 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False)
 
     x (N, C, H, W), weight (OC, C, KH, KW), bias (OC,) or None -> y (N, OC, OH, OW), with
     OH = (H + 2*PH - DH*(KH-1) - 1) // SH + 1 (OW likewise). stride, padding (zeros) and
-    dilation are ints or (h, w) pairs. NumPy arrays run the reference below, CuPy arrays
-    gpucnn.cuda.conv.
+    dilation are ints or (h, w) pairs. Runs where the arrays live (gpucnn.dispatch).
     """
-    g = conv2d_geometry(x, weight, bias, stride, padding, dilation)
-    if backend.is_gpu_array(x):
-        from gpucnn.cuda import conv as cuda_conv  # noqa: PLC0415 - only needed on the GPU
-        return cuda_conv.conv2d_forward(x, weight, bias, stride=stride, padding=padding,
-                                        dilation=dilation, relu=relu)
-    return _forward_numpy(x, weight, bias, g, relu)
+    return dispatch.run("conv", "conv2d_forward", _check_forward, x, weight, bias, stride, padding, dilation, relu)
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True):
@@ -98,20 +102,37 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     grad_y (N, OC, OH, OW), x (N, C, H, W), weight (OC, C, KH, KW)
     -> grad_x (N, C, H, W), grad_weight (OC, C, KH, KW), grad_bias (OC,) or None when
     with_bias is False. A fused ReLU's gradient must be applied to grad_y by the caller.
-    with_grad_x=False returns None for grad_x and skips its cost (about half the NumPy
+    with_grad_x=False returns None for grad_x and skips its cost (about half of the
     backward), for a first layer whose input needs no gradient.
     """
+    return dispatch.run("conv", "conv2d_backward", check_backward, grad_y, x, weight, stride, padding, dilation,
+                        with_bias, with_grad_x)
+
+
+def _check_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False) -> None:
+    conv2d_geometry(x, weight, bias, stride, padding, dilation)
+
+
+def check_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True):
+    """Validate conv2d_backward's arguments (as the public op does) and return the sizes."""
     g = conv2d_geometry(x, weight, None, stride, padding, dilation)
     check_float_array(grad_y, "grad_y", ndim=4)
     check_same_kind(x, "x", grad_y=grad_y)
     if tuple(grad_y.shape) != (g.N, g.OC, g.OH, g.OW):
         raise ValueError(f"grad_y must have the output shape {(g.N, g.OC, g.OH, g.OW)}, "
                          f"not {tuple(grad_y.shape)}.")
-    if backend.is_gpu_array(x):
-        from gpucnn.cuda import conv as cuda_conv  # noqa: PLC0415 - only needed on the GPU
-        grads = cuda_conv.conv2d_backward(grad_y, x, weight, stride=stride, padding=padding,
-                                          dilation=dilation, with_bias=with_bias)
-        return grads if with_grad_x else (None,) + tuple(grads[1:])
+    return g
+
+
+def conv2d_forward_reference(x, weight, bias, stride=1, padding=0, dilation=1, relu=False):
+    """The NumPy reference of conv2d_forward (arguments already validated)."""
+    return _forward_numpy(x, weight, bias, conv2d_sizes(x.shape, weight.shape, stride, padding, dilation), relu)
+
+
+def conv2d_backward_reference(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True,
+                              with_grad_x=True):
+    """The NumPy reference of conv2d_backward (arguments already validated)."""
+    g = conv2d_sizes(x.shape, weight.shape, stride, padding, dilation)
     return _backward_numpy(grad_y, x, weight, g, with_bias, with_grad_x)
 
 

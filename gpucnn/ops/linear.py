@@ -1,6 +1,7 @@
-"""Fully connected layer op, forward beside backward; array-module generic (NumPy or CuPy)."""
+"""Fully connected layer op, forward beside backward: the public dispatchers and the NumPy reference."""
 from __future__ import annotations
 
+from gpucnn import dispatch
 from gpucnn.ops import check_float_array, check_same_kind
 
 
@@ -17,23 +18,34 @@ def _check_linear(x, weight, bias) -> None:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, not {tuple(bias.shape)}.")
 
 
+def _check_backward(grad_y, x, weight, with_bias=True, with_grad_x=True) -> None:
+    _check_linear(x, weight, None)
+    check_float_array(grad_y, "grad_y", ndim=2)
+    check_same_kind(x, "x", grad_y=grad_y)
+    if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")
+
+
 def linear_forward(x, weight, bias):
     """y = x @ weight.T + bias: x (N, IN), weight (OUT, IN) as in PyTorch, bias (OUT,) or None -> y (N, OUT)."""
-    _check_linear(x, weight, bias)
+    return dispatch.run("linear", "linear_forward", _check_linear, x, weight, bias)
+
+
+def linear_backward(grad_y, x, weight, with_bias=True, with_grad_x=True):
+    """grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> grad_x (N, IN) (None when with_grad_x is False),
+    grad_weight (OUT, IN), grad_bias (OUT,) (None when with_bias is False)."""
+    return dispatch.run("linear", "linear_backward", _check_backward, grad_y, x, weight, with_bias, with_grad_x)
+
+
+def linear_forward_reference(x, weight, bias):
     y = x @ weight.T
     if bias is not None:
         y += bias
     return y
 
 
-def linear_backward(grad_y, x, weight, with_bias=True):
-    """grad_y (N, OUT), x (N, IN), weight (OUT, IN) -> grad_x (N, IN), grad_weight (OUT, IN), grad_bias (OUT,) or None."""
-    _check_linear(x, weight, None)
-    check_float_array(grad_y, "grad_y", ndim=2)
-    check_same_kind(x, "x", grad_y=grad_y)
-    if tuple(grad_y.shape) != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"grad_y must have shape {(x.shape[0], weight.shape[0])}, not {tuple(grad_y.shape)}.")
-    grad_x = grad_y @ weight
+def linear_backward_reference(grad_y, x, weight, with_bias=True, with_grad_x=True):
+    grad_x = grad_y @ weight if with_grad_x else None
     grad_weight = grad_y.T @ x
     grad_bias = grad_y.sum(axis=0) if with_bias else None
     return grad_x, grad_weight, grad_bias

@@ -1,23 +1,35 @@
-"""Softmax cross-entropy (mean over the batch), forward beside backward; array-module generic."""
+"""Softmax cross-entropy (mean over the batch), forward beside backward: dispatchers and the NumPy reference.
+
+On the kernel devices the launchers check the label range too, which reads the labels back from
+the device once per call; the captured training step (gpucnn.step) skips that read.
+"""
 from __future__ import annotations
 
-from gpucnn import backend
+import numpy as np
+
+from gpucnn import dispatch
 from gpucnn.ops import check_float_array
 
 
-def _check_labels(labels, N: int, num_classes: int, reference) -> None:
+def _check(scores, labels, scores_name: str) -> None:
+    check_float_array(scores, scores_name, ndim=2)
+    N, K = scores.shape
     dtype = getattr(labels, "dtype", None)
     if dtype is None or dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, not {dtype if dtype is not None else type(labels).__name__}.")
     if tuple(labels.shape) != (N,):
         raise ValueError(f"labels must have shape ({N},) to match the batch, not {tuple(labels.shape)}.")
-    if backend.is_gpu_array(labels) != backend.is_gpu_array(reference):
-        raise ValueError("labels must be on the same device as the logits/probabilities.")
-    if backend.is_gpu_array(labels):
-        return  # reading the range back would stall every training step on a host round trip
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), but range over [{low}, {high}].")
+    if low < 0 or high >= K:
+        raise ValueError(f"labels must lie in [0, {K}), but range over [{low}, {high}].")
+
+
+def _check_forward(logits, labels) -> None:
+    _check(logits, labels, "logits")
+
+
+def _check_backward(probs, labels) -> None:
+    _check(probs, labels, "probs")
 
 
 def softmax_cross_entropy(logits, labels):
@@ -25,26 +37,27 @@ def softmax_cross_entropy(logits, labels):
 
     logits (N, K) float, labels (N,) ints in [0, K) -> loss a 0-d array of the logits'
     dtype (use float(loss)), probs (N, K) the softmax, kept for the backward pass.
-    The label range is checked for NumPy arrays only: on the GPU it would cost a sync.
     Log-sum-exp with the row maximum subtracted, so large logits do not overflow.
     """
-    check_float_array(logits, "logits", ndim=2)
-    N, K = logits.shape
-    _check_labels(labels, N, K, logits)
-    xp = backend.get_array_module(logits)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-    loss = -log_probs[xp.arange(N), labels].mean()
-    return xp.asarray(loss, dtype=logits.dtype), xp.exp(log_probs)
+    return dispatch.run("loss", "softmax_cross_entropy", _check_forward, logits, labels)
 
 
 def softmax_cross_entropy_backward(probs, labels):
     """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
-    check_float_array(probs, "probs", ndim=2)
-    N, K = probs.shape
-    _check_labels(labels, N, K, probs)
-    xp = backend.get_array_module(probs)
+    return dispatch.run("loss", "softmax_cross_entropy_backward", _check_backward, probs, labels)
+
+
+def softmax_cross_entropy_reference(logits, labels):
+    N = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probs[np.arange(N), labels].mean()
+    return np.asarray(loss, dtype=logits.dtype), np.exp(log_probs)
+
+
+def softmax_cross_entropy_backward_reference(probs, labels):
+    N = probs.shape[0]
     grad_logits = probs.copy()
-    grad_logits[xp.arange(N), labels] -= 1
+    grad_logits[np.arange(N), labels] -= 1
     grad_logits /= N
     return grad_logits

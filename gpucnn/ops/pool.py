@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gpucnn import backend
+from gpucnn import dispatch
 from gpucnn.ops import check_float_array
 from gpucnn.utils import conv_output_size, pair
 
@@ -77,14 +77,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     padding (at most kernel//2) counts as -inf. argmax holds ky*KW + kx of the first
     maximum in each window; a NaN counts as the maximum (the first NaN).
     """
-    check_float_array(x, "x", ndim=4)
-    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
-    if backend.is_gpu_array(x):
-        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
-        return cuda_pool.max_pool2d_forward(x, kernel_size, stride=stride, padding=padding)
-    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW) == (2, 2, 2, 2, 0, 0):
-        return _max_forward_2x2(x, g)
-    return _max_forward_numpy(x, g)
+    return dispatch.run("pool", "max_pool2d_forward", _check_forward, x, kernel_size, stride, padding)
 
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
@@ -92,18 +85,8 @@ def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, paddi
 
     Each grad_y value goes to the input pixel its argmax names; overlapping windows add up.
     """
-    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
-    _check_grad_y(grad_y, g)
-    if getattr(argmax, "dtype", None) is None or argmax.dtype.kind not in "iu":
-        raise TypeError(f"argmax must be an integer array, not {getattr(argmax, 'dtype', type(argmax).__name__)}.")
-    if tuple(argmax.shape) != tuple(grad_y.shape):
-        raise ValueError(f"argmax has shape {tuple(argmax.shape)} but grad_y has {tuple(grad_y.shape)}; they must match.")
-    if backend.is_gpu_array(argmax) != backend.is_gpu_array(grad_y):
-        raise ValueError("argmax and grad_y must be on the same device.")
-    if backend.is_gpu_array(grad_y):
-        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
-        return cuda_pool.max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=stride, padding=padding)
-    return _max_backward_numpy(grad_y, argmax, g)
+    return dispatch.run("pool", "max_pool2d_backward", _check_max_backward, grad_y, argmax, x_shape, kernel_size,
+                        stride, padding)
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
@@ -111,22 +94,53 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0):
 
     Zero padding (at most kernel//2) is counted in the divisor, like PyTorch's default.
     """
-    check_float_array(x, "x", ndim=4)
-    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
-    if backend.is_gpu_array(x):
-        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
-        return cuda_pool.avg_pool2d_forward(x, kernel_size, stride=stride, padding=padding)
-    return _avg_forward_numpy(x, g)
+    return dispatch.run("pool", "avg_pool2d_forward", _check_forward, x, kernel_size, stride, padding)
 
 
 def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0):
     """Gradient of average pooling: grad_y (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
-    g = pool2d_geometry(x_shape, kernel_size, stride, padding)
-    _check_grad_y(grad_y, g)
-    if backend.is_gpu_array(grad_y):
-        from gpucnn.cuda import pool as cuda_pool  # noqa: PLC0415 - only needed on the GPU
-        return cuda_pool.avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=stride, padding=padding)
-    return _avg_backward_numpy(grad_y, g)
+    return dispatch.run("pool", "avg_pool2d_backward", _check_avg_backward, grad_y, x_shape, kernel_size, stride,
+                        padding)
+
+
+def _check_forward(x, kernel_size, stride=None, padding=0) -> None:
+    check_float_array(x, "x", ndim=4)
+    pool2d_geometry(x.shape, kernel_size, stride, padding)
+
+
+def _check_max_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0) -> None:
+    _check_grad_y(grad_y, pool2d_geometry(x_shape, kernel_size, stride, padding))
+    if getattr(argmax, "dtype", None) is None or argmax.dtype.kind not in "iu":
+        raise TypeError(f"argmax must be an integer array, not {getattr(argmax, 'dtype', type(argmax).__name__)}.")
+    if tuple(argmax.shape) != tuple(grad_y.shape):
+        raise ValueError(f"argmax has shape {tuple(argmax.shape)} but grad_y has {tuple(grad_y.shape)}; they must match.")
+
+
+def _check_avg_backward(grad_y, x_shape, kernel_size, stride=None, padding=0) -> None:
+    _check_grad_y(grad_y, pool2d_geometry(x_shape, kernel_size, stride, padding))
+
+
+def max_pool2d_forward_reference(x, kernel_size, stride=None, padding=0):
+    """The NumPy reference of max_pool2d_forward (arguments already validated)."""
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
+    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW) == (2, 2, 2, 2, 0, 0):
+        return _max_forward_2x2(x, g)
+    return _max_forward_numpy(x, g)
+
+
+def max_pool2d_backward_reference(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
+    """The NumPy reference of max_pool2d_backward (arguments already validated)."""
+    return _max_backward_numpy(grad_y, argmax, pool2d_geometry(x_shape, kernel_size, stride, padding))
+
+
+def avg_pool2d_forward_reference(x, kernel_size, stride=None, padding=0):
+    """The NumPy reference of avg_pool2d_forward (arguments already validated)."""
+    return _avg_forward_numpy(x, pool2d_geometry(x.shape, kernel_size, stride, padding))
+
+
+def avg_pool2d_backward_reference(grad_y, x_shape, kernel_size, stride=None, padding=0):
+    """The NumPy reference of avg_pool2d_backward (arguments already validated)."""
+    return _avg_backward_numpy(grad_y, pool2d_geometry(x_shape, kernel_size, stride, padding))
 
 
 # ---------------------------------------------------------------------------------------

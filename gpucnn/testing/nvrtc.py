@@ -15,8 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# NVRTC's options as CupyRuntime compiles them, plus a real architecture and ptxas's report.
-BASE_OPTIONS = ("-std=c++17",)
+from gpucnn.cuda.runtime import NVRTC_OPTIONS
+
+# NVRTC's options as CuPy compiles CupyRuntime's kernels: gpucnn's COMPILE_OPTIONS plus what CuPy
+# adds, among them -ftz=true (see gpucnn.cuda.runtime.CUPY_NVRTC_OPTIONS for where CuPy adds each);
+# compile_source adds a real architecture, as CuPy's -arch=sm_XX, and ptxas's report.
+BASE_OPTIONS = NVRTC_OPTIONS
 PTXAS_VERBOSE = "--ptxas-options=-v"
 
 
@@ -45,10 +49,11 @@ class KernelResources:
 
 @dataclass
 class CompileResult:
-    """One successful compilation: the per-kernel report, the full log and the CUBIN's size."""
+    """One successful compilation: the per-kernel report, the full log, the CUBIN's size and the PTX."""
     arch: str
     cubin_bytes: int
     log: str
+    ptx: str
     kernels: dict[str, KernelResources] = field(default_factory=dict)
 
 
@@ -122,9 +127,14 @@ def compile_source(source: str, name: str = "kernel.cu", arch: str = "sm_90",
             raise NvrtcCompileError(name, arch, log)
         cubin_size = ctypes.c_size_t()
         _check(lib.nvrtcGetCUBINSize(program, ctypes.byref(cubin_size)), "nvrtcGetCUBINSize")
+        ptx_size = ctypes.c_size_t()
+        _check(lib.nvrtcGetPTXSize(program, ctypes.byref(ptx_size)), "nvrtcGetPTXSize")
+        ptx = ctypes.create_string_buffer(ptx_size.value)
+        _check(lib.nvrtcGetPTX(program, ptx), "nvrtcGetPTX")
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(program))
-    return CompileResult(arch=arch, cubin_bytes=cubin_size.value, log=log, kernels=parse_ptxas_log(log))
+    return CompileResult(arch=arch, cubin_bytes=cubin_size.value, log=log, ptx=ptx.value.decode(errors="replace"),
+                         kernels=parse_ptxas_log(log))
 
 
 def compile_file(path, arch: str = "sm_90", options: tuple[str, ...] = BASE_OPTIONS) -> CompileResult:
