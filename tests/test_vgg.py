@@ -101,6 +101,23 @@ def test_a_vgg_stage_conv_gradients_at_its_shape():
     assert_gradient_close(f, conv.bias.data, conv.bias.grad, rtol=1e-6)
 
 
+@pytest.mark.parametrize("c, oc", [(64, 128), (128, 256)])
+def test_conv_gradients_at_vgg_channel_counts(c, oc):
+    """The input and bias gradients of conv2_1's and conv3_1's channel counts (3x3 pad 1) on a 2x2 image."""
+    rng = np.random.default_rng(2)
+    conv = nn.Conv2d(c, oc, 3, padding=1, rng=1).double()
+    x = rng.standard_normal((1, c, 2, 2))
+    R = rng.standard_normal((1, oc, 2, 2))
+
+    def f():
+        return float((conv(x) * R).sum())
+    conv.zero_grad()
+    f()
+    grad_x = conv.backward(R)
+    assert_gradient_close(f, x, grad_x, rtol=1e-6)
+    assert_gradient_close(f, conv.bias.data, conv.bias.grad, rtol=1e-6)
+
+
 def test_whole_vgg_small_gradients_in_float64():
     model = VGGSmall(num_classes=3, seed=0, input_size=8, width=2, hidden=6).double()
     rng = np.random.default_rng(1)
