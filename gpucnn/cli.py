@@ -189,7 +189,8 @@ def _model_option(func):
 @skip_bad_images_option
 @_model_option
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Epochs in total (a resumed run counts the checkpoint's epochs).")
+              help="Epochs in total (a resumed run counts the checkpoint's epochs; asking a resumed run for "
+                   "more epochs than it was planned for stretches its schedule over the new total).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per batch (one training step).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
@@ -237,10 +238,13 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     """
     given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed}
-    planned_epochs = epochs
+    planned_epochs, extended = epochs, False
     if resume is not None:
         settings = _settings_from_checkpoint(ctx, resume, given)
-        planned_epochs = settings.pop("planned_epochs") or epochs
+        stored_plan = settings.pop("planned_epochs") or epochs
+        # Extending a run: the schedule spans the new total (a cosine fitted to the old one would be at 0).
+        extended = epochs > stored_plan
+        planned_epochs = epochs if extended else stored_plan
         dataset, model, batch_size, lr = settings["dataset"], settings["model"], settings["batch_size"], settings["lr"]
         optimizer, momentum, weight_decay = settings["optimizer"], settings["momentum"], settings["weight_decay"]
         schedule, seed = settings["schedule"], settings["seed"]
@@ -281,8 +285,10 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     if not quiet:
         click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
                    f"epochs {epochs}; writing to {out}")
+    if extended and not quiet:
+        click.echo(f"extending the run to {epochs} epochs: the {schedule} schedule now spans all {epochs}")
     history = trainer.fit(data.train, data.test, epochs=epochs, batch_size=batch_size, resume=resume,
-                          progress=not quiet)
+                          reschedule=extended, progress=not quiet)
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
