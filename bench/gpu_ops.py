@@ -1,12 +1,14 @@
 """Per-op GPU timings: gpucnn's kernels against PyTorch (cuDNN for convolutions) on the same GPU, fp32.
 
     python bench/gpu_ops.py [--batches 64,256,4096] [--reps 30] [--warmup 5] [--inner 10] [--json FILE]
-                            [--no-torch] [--only conv,pool,linear,loss,relu,adam,large]
+                            [--no-torch] [--only conv,pool,linear,loss,relu,adam,large,vgg]
 
 Rows: LeNet-5's layers (conv 1->6 5x5 pad 2 on 28x28, conv 6->16 5x5 on 14x14, 2x2 max-pools,
 fc 400->120->84->10, ReLU, softmax cross-entropy) at each batch size, Adam over LeNet-5's 61,706
-parameters, and one larger layer (conv 64->64 3x3 pad 1, 56x56, batch 32). Convolutions and
-products are split into forward, backward-data and backward-weights (with the bias gradient).
+parameters, one larger layer (conv 64->64 3x3 pad 1, 56x56, batch 32), and vgg-small's layers at
+batch 128 (VGG_CASES: six 3x3 pad 1 convolutions, 3->64 ... 256->256 on 32x32 to 8x8, and its three
+2x2 max-pools). Convolutions and products are split into forward, backward-data and
+backward-weights (with the bias gradient).
 
 Timing: CUDA events (cupy.cuda.Event) around ``--inner`` back-to-back runs on one stream shared
 with PyTorch, after ``--warmup`` runs; inputs are refilled with fresh random numbers before every
@@ -36,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_env  # noqa: E402 - also puts the repository on sys.path
 
-GROUPS = ("conv", "pool", "linear", "loss", "relu", "adam", "large")
+GROUPS = ("conv", "pool", "linear", "loss", "relu", "adam", "large", "vgg")
+VGG_BATCH = 128
+# vgg-small (gpucnn.models.VGGSmall) at 3x32x32: (label, C, H=W, OC) of each 3x3 pad 1 convolution ...
+VGG_CASES = [("conv1_1", 3, 32, 64), ("conv1_2", 64, 32, 64), ("conv2_1", 64, 16, 128),
+             ("conv2_2", 128, 16, 128), ("conv3_1", 128, 8, 256), ("conv3_2", 256, 8, 256)]
+# ... and (label, C, H=W) of each 2x2 max-pool
+VGG_POOL_CASES = [("pool1", 64, 32), ("pool2", 128, 16), ("pool3", 256, 8)]
 
 
 # ---- recording the launches a launcher makes ----------------------------------------------------
@@ -481,6 +489,11 @@ def build_rows(bench: Bench, args) -> None:
         bench.adam()
     if "large" in args.only:
         bench.conv("b32 large", 32, 64, 56, 56, 64, 3, 1)
+    if "vgg" in args.only:
+        for label, c, size, oc in VGG_CASES:
+            bench.conv(f"b{VGG_BATCH} vgg {label}", VGG_BATCH, c, size, size, oc, 3, 1)
+        for label, c, size in VGG_POOL_CASES:
+            bench.pool(f"b{VGG_BATCH} vgg {label}", VGG_BATCH, c, size, size)
 
 
 def format_table(rows, ceilings) -> str:

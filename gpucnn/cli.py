@@ -17,10 +17,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gpucnn import __version__, backend, cli_viz, distributed
+from gpucnn import __version__, backend, cli_data, cli_viz, distributed
 from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from gpucnn.data import DATASETS, DataError, load_dataset, normalize
-from gpucnn.models import available_models, build_model
+from gpucnn.cli_options import (data_dir_option, dataset_option, grey_option, image_size_option,
+                                skip_bad_images_option)
+from gpucnn.data import DataError
+from gpucnn.models import MODEL_HELP, available_models, build_model
 from gpucnn.train import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainingError, evaluate
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -109,7 +111,8 @@ def _resolve_device(device) -> str:
 @click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gpucnn")
 def cli():
-    """gpucnn: train and run LeNet-5 on MNIST-style data, on an NVIDIA GPU (CuPy) or the CPU (NumPy)."""
+    """gpucnn: train and run CNNs (LeNet-5, a small VGG) on MNIST, CIFAR-10 or your own image folders,
+    on an NVIDIA GPU (CuPy) or the CPU (NumPy)."""
 
 
 # --- train --------------------------------------------------------------------
@@ -160,19 +163,36 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
     return settings
 
 
+def _training_data(dataset, model, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume):
+    """cli_data.training_data with a resumed run's stored data settings (image mode, statistics)."""
+    stored = None
+    if resume is not None:
+        config = load_checkpoint(resume).get("config") or {}
+        if "normalization" in config:
+            stored = cli_data.DataSettings.from_config(config, where=f"checkpoint {resume}")
+    return cli_data.training_data(dataset, model, data_dir, download=not no_download, progress=not quiet,
+                                  image_size=image_size, grey=grey, skip_bad_images=skip_bad_images, stored=stored)
+
+
+def _model_option(func):
+    return click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
+                        help="The network: " + "; ".join(f"{name}: {text}" for name, text in MODEL_HELP.items())
+                             + ".")(func)
+
+
 @cli.command()
 @_device_option
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="mnist", show_default=True,
-              help="The data set to train on.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="A folder holding the IDX files (or <folder>/<dataset>/); else $GPUCNN_DATA_DIR, the cache, "
-                   "/usr/share/datasets, then a download.")
-@click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
-              help="lenet5: ReLU + max-pool; lenet5-classic: tanh + average-pool (1998).")
+@dataset_option(default="mnist")
+@data_dir_option
+@image_size_option
+@grey_option
+@skip_bad_images_option
+@_model_option
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Epochs in total (a resumed run counts the checkpoint's epochs).")
+              help="Epochs in total (a resumed run counts the checkpoint's epochs; asking a resumed run for "
+                   "more epochs than it was planned for stretches its schedule over the new total).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per training step.")
+              help="Images per batch (one training step).")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
@@ -186,12 +206,12 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the initial weights and the batch order.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for checkpoint.npz, best.npz and metrics.jsonl. [default: runs/<dataset>-<timestamp>, "
-                   "or the checkpoint's folder with --resume]")
+              help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
+                   "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]")
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the run saved in this checkpoint, with its settings, up to --epochs.")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no per-epoch lines.")
 @click.option("--distributed", "data_parallel", is_flag=True,
               help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
                    "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
@@ -201,8 +221,8 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
                    "op by op. [default: --graph on the gpu, --no-graph on the emulator; ignored on the cpu]")
 @click.pass_context
 @distributed.abort_on_error(describe=_rank_error_text, passthrough=(click.exceptions.Exit,))
-def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimizer, momentum, weight_decay,
-          schedule, seed, out, resume, no_download, quiet, data_parallel, graph):
+def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, model, epochs, batch_size, lr,
+          optimizer, momentum, weight_decay, schedule, seed, out, resume, no_download, quiet, data_parallel, graph):
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
@@ -212,14 +232,19 @@ def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimiz
     \b
     Examples:
       gpucnn train --dataset fashion-mnist --epochs 5 --device cpu
+      gpucnn train --dataset cifar10 --model vgg-small --device cpu
+      gpucnn train --dataset folder --data-dir photos/ --epochs 10
       gpucnn train --resume runs/fashion-mnist-20250101-120000/checkpoint.npz --epochs 10
     """
     given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed}
-    planned_epochs = epochs
+    planned_epochs, extended = epochs, False
     if resume is not None:
         settings = _settings_from_checkpoint(ctx, resume, given)
-        planned_epochs = settings.pop("planned_epochs") or epochs
+        stored_plan = settings.pop("planned_epochs") or epochs
+        # Extending a run: the schedule spans the new total (a cosine fitted to the old one would be at 0).
+        extended = epochs > stored_plan
+        planned_epochs = epochs if extended else stored_plan
         dataset, model, batch_size, lr = settings["dataset"], settings["model"], settings["batch_size"], settings["lr"]
         optimizer, momentum, weight_decay = settings["optimizer"], settings["momentum"], settings["weight_decay"]
         schedule, seed = settings["schedule"], settings["seed"]
@@ -242,31 +267,28 @@ def train(ctx, device, dataset, data_dir, model, epochs, batch_size, lr, optimiz
     if main_rank:
         _check_out_dir(out, resuming=resume is not None)
 
-    spec = DATASETS[dataset]
     if not main_rank:
         comm.barrier()  # rank 0 reads the data first, so that a download happens once
-    train_images, train_labels = load_dataset(dataset, "train", data_dir=data_dir, download=not no_download,
-                                              progress=not quiet)
-    test_images, test_labels = load_dataset(dataset, "test", data_dir=data_dir, download=not no_download,
-                                            progress=not quiet)
+    data = _training_data(dataset, model, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume)
     if main_rank:
         comm.barrier()
     if not quiet:
-        click.echo(f"data: {dataset}, {len(train_labels):,} training and {len(test_labels):,} test images")
+        click.echo(data.summary)
 
-    network = build_model(model, num_classes=len(spec.classes), seed=seed).to(resolved)
+    network = build_model(model, seed=seed, **data.model_kwargs).to(resolved)
     opt = _make_optimizer(optimizer, list(network.parameters()), lr, momentum or 0.0, weight_decay)
     scheduler = _make_scheduler(schedule, opt, planned_epochs)
     config = {"dataset": dataset, "model_name": model, "optimizer": optimizer, "lr": lr, "momentum": momentum,
-              "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs}
+              "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs, **data.settings.record()}
     trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config, comm=comm,
                       graph=graph)
     if not quiet:
         click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
                    f"epochs {epochs}; writing to {out}")
-    history = trainer.fit((normalize(train_images, spec.mean, spec.std), train_labels),
-                          (normalize(test_images, spec.mean, spec.std), test_labels),
-                          epochs=epochs, batch_size=batch_size, resume=resume, progress=not quiet)
+    if extended and not quiet:
+        click.echo(f"extending the run to {epochs} epochs: the {schedule} schedule now spans all {epochs}")
+    history = trainer.fit(data.train, data.test, epochs=epochs, batch_size=batch_size, resume=resume,
+                          reschedule=extended, progress=not quiet)
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
@@ -289,24 +311,24 @@ def _load_model(checkpoint, device):
 
 @cli.command(name="evaluate")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--dataset", type=click.Choice(sorted(DATASETS)), default=None,
-              help="The data set whose test split to use. [default: the checkpoint's]")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="A folder holding the IDX files (or <folder>/<dataset>/).")
+@dataset_option()
+@data_dir_option
+@skip_bad_images_option
 @_device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Images per forward pass.")
+              help="Images per batch (one forward pass).")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
-def evaluate_command(checkpoint, dataset, data_dir, device, batch_size, no_download):
-    """Print a checkpoint's test loss and accuracy."""
+def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, batch_size, no_download):
+    """Print a checkpoint's test loss and accuracy (normalised with the statistics stored in it)."""
     resolved = _resolve_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
-    dataset = dataset or (ckpt.get("config") or {}).get("dataset")
-    if dataset is None:
-        raise ValueError(f"checkpoint {checkpoint} does not say which data set it was trained on; pass --dataset.")
-    spec = DATASETS[dataset]
-    images, labels = load_dataset(dataset, "test", data_dir=data_dir, download=not no_download)
-    x = backend.to_device(normalize(images, spec.mean, spec.std), resolved)
+    settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
+    images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, "test", data_dir,
+                                                             download=not no_download,
+                                                             skip_bad_images=skip_bad_images)
+    if note:
+        click.echo(note, err=True)
+    x = backend.to_device(images, resolved)
     result = evaluate(network, x, backend.to_device(labels, resolved), batch_size)
     click.echo(f"{dataset} test: loss {result['loss']:.4f}  accuracy {result['accuracy']:.2%}  "
                f"({len(labels):,} images, epoch {ckpt.get('epoch')})")
@@ -355,31 +377,51 @@ def read_pgm(path) -> np.ndarray:
     return (values / np.float32(maxval)).reshape(height, width)
 
 
-def _read_images(path: Path, image_shape) -> tuple[np.ndarray, bool]:
-    """Images of a .npy or .pgm file as (N, H, W) plus whether they are uint8 (else floats in [0, 1])."""
-    if path.suffix.lower() == ".pgm":
-        return read_pgm(path)[None], False
-    if path.suffix.lower() != ".npy":
-        raise ValueError(f"{path}: predict reads .npy arrays and .pgm images, not {path.suffix or 'this file'}.")
+PREDICT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def _read_images(path: Path, input_shape) -> np.ndarray:
+    """The images of one file as float32 pixels in [0, 1], shaped (N, C, H, W) = (N, *input_shape).
+
+    PNG/JPEG/... (Pillow) are converted to the model's colour mode and resized and
+    centre-cropped to its size; PGM and .npy must already have its size. A grey
+    PGM given to a colour model is repeated over the three channels.
+    """
+    from gpucnn.data.images import read_image  # noqa: PLC0415 - Pillow only when a picture is read
+    C, H, W = input_shape
+    suffix = path.suffix.lower()
+    if suffix in PREDICT_IMAGE_SUFFIXES:
+        return read_image(path, size=H, grey=C == 1)[None].astype(np.float32) / np.float32(255)
+    if suffix == ".pgm":
+        pixels = read_pgm(path)
+        if pixels.shape != (H, W):
+            raise ValueError(f"{path} is a {pixels.shape[1]}x{pixels.shape[0]} image; the model takes {W}x{H} "
+                             "(convert it to PNG to have it resized).")
+        return np.repeat(pixels[None, None], C, axis=1)
+    if suffix != ".npy":
+        raise ValueError(f"{path}: predict reads PNG/JPEG/BMP/GIF/TIFF/WebP images (Pillow), .pgm images and "
+                         f".npy arrays, not {path.suffix or 'this file'}.")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"{path} is not a readable .npy array ({exc}).") from None
-    H, W = image_shape
-    if array.shape == (H, W):
+    if C == 1 and array.shape == (H, W):
+        array = array[None, None]
+    elif C == 1 and array.ndim == 3 and array.shape[1:] == (H, W):
+        array = array[:, None]
+    elif array.shape == (C, H, W):
         array = array[None]
-    elif array.ndim == 4 and array.shape[1:] == (1, H, W):
-        array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (H, W) or len(array) == 0:
-        raise ValueError(f"{path} holds an array of shape {array.shape}; predict takes ({H}, {W}), "
-                         f"(N, {H}, {W}) or (N, 1, {H}, {W}).")
+    if array.ndim != 4 or array.shape[1:] != (C, H, W) or len(array) == 0:
+        accepted = f"({H}, {W}), (N, {H}, {W}) or " if C == 1 else ""
+        raise ValueError(f"{path} holds an array of shape {array.shape}; predict takes {accepted}"
+                         f"({C}, {H}, {W}) or (N, {C}, {H}, {W}).")
     if array.dtype == np.uint8:
-        return array, True
+        return array.astype(np.float32) / np.float32(255)
     if array.dtype.kind != "f":
         raise TypeError(f"{path} holds {array.dtype} values; predict takes uint8 pixels (0-255) or floats in [0, 1].")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
         raise ValueError(f"{path} holds floats outside [0, 1]; scale them to [0, 1] or save uint8 pixels (0-255).")
-    return array.astype(np.float32), False
+    return array.astype(np.float32)
 
 
 def _softmax(logits):
@@ -396,33 +438,35 @@ def _softmax(logits):
               help="How many of the most probable classes to print per image.")
 @_device_option
 def predict(checkpoint, files, top_k, device):
-    """Classify .npy or PGM images with a checkpoint.
+    """Classify images with a checkpoint: PNG, JPEG (and other formats Pillow reads), PGM or .npy.
 
-    FILE is a .npy array of shape (28, 28), (N, 28, 28) or (N, 1, 28, 28) holding
-    uint8 pixels (0-255) or floats in [0, 1], or a PGM image (P2 or P5). Prints one
-    line per image: the most probable classes (label, name, probability).
+    Pictures are converted to the model's colour mode (RGB or grey) and resized and
+    centre-cropped to its input size (needs Pillow: pip install 'gpucnn[images]').
+    A PGM image or a .npy array must have the model's size: (H, W), (N, H, W) or
+    (N, 1, H, W) for a grey model, (C, H, W) or (N, C, H, W) for any, holding uint8
+    pixels (0-255) or floats in [0, 1]. Pixels are normalised with the statistics
+    stored in the checkpoint. Prints one line per image: the most probable classes
+    (label, name, probability), named as in the training data (CIFAR-10's classes,
+    or the image folder's sub-folders).
     """
     resolved = _resolve_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
-    dataset = (ckpt.get("config") or {}).get("dataset")
-    if dataset not in DATASETS:
+    try:
+        settings = cli_data.checkpoint_settings(ckpt, checkpoint)
+    except (ValueError, KeyError):
         raise CheckpointError(f"checkpoint {checkpoint} does not name a known data set, so its pixel "
-                              "normalisation and class names are unknown.")
-    spec = DATASETS[dataset]
-    if top_k > len(spec.classes):
-        raise ValueError(f"--top-k {top_k} exceeds the {len(spec.classes)} classes of {dataset}.")
+                              "normalisation and class names are unknown.") from None
+    classes = settings.classes
+    if top_k > len(classes):
+        raise ValueError(f"--top-k {top_k} exceeds the {len(classes)} classes of {settings.dataset}.")
     network.eval()
     for path in files:
-        images, is_uint8 = _read_images(path, spec.image_shape)
-        if is_uint8:
-            x = normalize(images, spec.mean, spec.std)
-        else:
-            x = ((images - np.float32(spec.mean)) / np.float32(spec.std))[:, None].astype(np.float32)
+        x = cli_data.normalize_pixels(_read_images(path, tuple(network.input_shape)), settings)
         probs = backend.to_numpy(_softmax(network(backend.to_device(x, resolved))))
         for i, row in enumerate(probs):
             name = f"{path}[{i}]" if len(probs) > 1 else str(path)
             best = np.argsort(-row, kind="stable")[:top_k]
-            ranked = ", ".join(f"{k} {spec.classes[k]!r} {row[k]:.2%}" if spec.classes[k] != str(k)
+            ranked = ", ".join(f"{k} {classes[k]!r} {row[k]:.2%}" if classes[k] != str(k)
                                else f"{k} {row[k]:.2%}" for k in best)
             click.echo(f"{name}: {ranked}")
 
@@ -434,30 +478,57 @@ def _pair_text(pair) -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
+COVER_SIZE = 300   # the lecture's example: how deep until one neuron sees a whole 300x300 image
+
+
+def _input_shape(value):
+    """``"3,32,32"`` -> (3, 32, 32); None stays None."""
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise click.BadParameter(f"{value!r} is not C,H,W (three positive ints, e.g. 3,32,32).")
+    return shape
+
+
 @cli.command()
-@click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
-              help="The model to describe.")
-def summary(model):
+@_model_option
+@click.option("--input-shape", callback=lambda ctx, param, value: _input_shape(value), default=None,
+              metavar="C,H,W", help="The input to describe the model for, e.g. 3,32,32. [default: the model's own]")
+def summary(model, input_shape):
     """Print the layers, parameters and receptive fields of a model.
 
     Per layer: output shape, parameters ((KW*KH*Cin+1)*Cout for a convolution,
-    (IN+1)*OUT for a linear layer), receptive field (rf) and jump; then the total.
+    (IN+1)*OUT for a linear layer), receptive field (rf) and jump; then the total,
+    and how many stacked 3x3 layers one neuron needs to see a whole 300x300 image.
 
     rf is how many input pixels (per axis) one output sees; jump is the distance in
     input pixels between neighbouring outputs. From flatten on, every output sees
     the whole image ("-").
+
+    \b
+    Examples:
+      gpucnn summary --model vgg-small --input-shape 3,32,32
+      gpucnn summary --model lenet5 --input-shape 3,32,32
     """
-    from gpucnn.receptive import layer_geometry  # noqa: PLC0415
-    network = build_model(model)
+    from gpucnn.models import default_input_shape  # noqa: PLC0415
+    from gpucnn.receptive import layer_geometry, stacked_3x3_layers, window_strides  # noqa: PLC0415
+    C, H, W = input_shape or default_input_shape(model)
+    if H != W:
+        raise ValueError(f"--input-shape {C},{H},{W}: gpucnn's models take square images (H = W).")
+    network = build_model(model, in_channels=C, input_size=H)
     rows = layer_geometry(network, tuple(network.input_shape))
-    header = f"{'layer':<8} {'type':<10} {'output shape':<14} {'params':>7} {'rf':>4} {'jump':>5}"
+    header = f"{'layer':<8} {'type':<10} {'output shape':<16} {'params':>9} {'rf':>4} {'jump':>5}"
     rule = "-" * len(header)
     click.echo(f"{model} for input {tuple(network.input_shape)}")
     click.echo(header)
     click.echo(rule)
     for row in rows:
         shape = "(" + ", ".join(str(d) for d in row.output_shape) + ")"
-        click.echo(f"{row.name:<8} {row.type:<10} {shape:<14} {row.num_params:>7,} {_pair_text(row.rf):>4} "
+        click.echo(f"{row.name:<8} {row.type:<10} {shape:<16} {row.num_params:>9,} {_pair_text(row.rf):>4} "
                    f"{_pair_text(row.jump):>5}")
     click.echo(rule)
     total = sum(row.num_params for row in rows)
@@ -465,6 +536,12 @@ def summary(model):
     click.echo(f"total parameters: {total:,}")
     if spatial:
         click.echo(f"largest receptive field: {_pair_text(spatial[-1].rf)} pixels ({spatial[-1].name})")
+    strides = window_strides(rows)
+    plain = stacked_3x3_layers(COVER_SIZE)
+    strided = stacked_3x3_layers(COVER_SIZE, strides)
+    click.echo(f"{COVER_SIZE}x{COVER_SIZE} input: one neuron sees all of it after {plain} stacked 3x3 stride-1 "
+               f"layers (N layers see 2N+1 pixels), or after {strided} 3x3 layers with this model's strides "
+               f"({', '.join(map(str, strides))}, then 1)")
 
 
 # visualize and features live in their own module (gpucnn.cli_viz); they join the app here.

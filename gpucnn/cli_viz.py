@@ -1,7 +1,8 @@
 """The ``visualize`` and ``features`` commands, as Click commands to register in the main app.
 
-``gpucnn visualize CHECKPOINT`` draws the first layer's filters, the top input
-patches of every channel of the conv layers, and the training curves;
+``gpucnn visualize CHECKPOINT`` draws the first layer's filters (in colour for an
+RGB model), the top input patches of every channel of every conv layer (conv1,
+conv2, conv3, ...; in true colour), and the training curves;
 ``gpucnn features CHECKPOINT --layer NAME`` saves one layer's activations for a
 data set as .npy. Each command turns expected failures into one line on stderr
 and exit status 1 by itself, so it behaves the same in any Click group.
@@ -14,13 +15,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gpucnn import backend
+from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.data import DATASETS, load_dataset, normalize
+from gpucnn.cli_options import data_dir_option, dataset_option, renamed, skip_bad_images_option
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
 from gpucnn.viz import MissingDependencyError
 
 METRICS_FILE = "metrics.jsonl"   # the trainer's per-epoch log, looked for beside the checkpoint
+DEFAULT_MAX_CHANNELS = 16        # rows of a patch figure (the .npz keeps every channel)
 EXPECTED_ERRORS = (backend.DeviceError, MissingDependencyError, ValueError, TypeError, OSError)
 
 
@@ -40,16 +42,18 @@ def _one_line_errors(func):
 
 
 def _data_options(func):
-    """--data, --split, --data-dir, --limit, --batch-size, --device, --no-download, --quiet."""
+    """--dataset, --split, --data-dir, --skip-bad-images, --limit, --batch-size, --device, --no-download, --quiet."""
     options = [
-        click.option("--data", "dataset", type=click.Choice(sorted(DATASETS)), default=None,
-                     help="The data set to run. [default: the checkpoint's]"),
-        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
-        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="A folder holding the IDX files (or <folder>/<dataset>/)."),
+        dataset_option(),
+        renamed("--data", "--dataset"),
+        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+                     help="Which split of the data set to run."),
+        data_dir_option,
+        skip_bad_images_option,
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of the split. [default: all]"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                     help="Images per batch (one forward pass)."),
         click.option("--device", type=click.Choice(backend.DEVICES), default=None,
                      help=f"Where to compute: gpu, cpu, or auto. [default: ${backend.DEVICE_ENV} or auto]"),
         click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data."),
@@ -60,8 +64,8 @@ def _data_options(func):
     return func
 
 
-def _load(checkpoint, dataset, split, data_dir, limit, device, no_download, quiet, layers=None):
-    """(model on the device, normalised images (N, 1, H, W), labels (N,), dataset name).
+def _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device, no_download, quiet, layers=None):
+    """(model on the device, normalised images (N, C, H, W), labels (N,), dataset name, data settings).
 
     ``layers`` (names) are checked against the model before any data is loaded.
     """
@@ -73,15 +77,12 @@ def _load(checkpoint, dataset, split, data_dir, limit, device, no_download, quie
     unknown = [name for name in layers or () if name not in names]
     if unknown:
         raise ValueError(f"the model has no layer named {unknown[0]!r}; its layers are {names}.")
-    dataset = dataset or (ckpt.get("config") or {}).get("dataset")
-    if dataset not in DATASETS:
-        raise ValueError(f"checkpoint {checkpoint} does not name a known data set; pass --data.")
-    spec = DATASETS[dataset]
-    images, labels = load_dataset(dataset, split, data_dir=data_dir, download=not no_download, progress=not quiet)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    click.echo(f"data: {dataset} {split}, {len(labels):,} images")
-    return model, normalize(images, spec.mean, spec.std), labels, dataset
+    settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
+    images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, split, data_dir,
+                                                             download=not no_download, progress=not quiet,
+                                                             skip_bad_images=skip_bad_images, limit=limit)
+    click.echo(f"data: {dataset} {split}, {len(labels):,} images" + (f" ({note})" if note else ""))
+    return model, images, labels, dataset, settings
 
 
 def _layer_list(values) -> list[str] | None:
@@ -94,9 +95,13 @@ def _layer_list(values) -> list[str] | None:
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @_data_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the PNG files and patch data. [default: <checkpoint folder>/viz]")
-@click.option("--top-k", type=click.IntRange(min=1), default=9, show_default=True,
-              help="Patches per channel.")
+              help="Where to write the results: a folder for the PNG files and patch data. "
+                   "[default: <checkpoint folder>/viz]")
+@click.option("--patches", type=click.IntRange(min=1), default=9, show_default=True,
+              help="Input patches shown per channel (the strongest first).")
+@renamed("--top-k", "--patches")
+@click.option("--max-channels", type=click.IntRange(min=1), default=DEFAULT_MAX_CHANNELS, show_default=True,
+              help="Channels drawn per patch figure (the first ones; the .npz keeps every channel).")
 @click.option("--layers", multiple=True,
               help="Layers whose channels get top patches, comma-separated or repeated. [default: every conv layer]")
 @click.option("--all-positions", is_flag=True,
@@ -104,22 +109,26 @@ def _layer_list(values) -> list[str] | None:
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"The run's metrics log for the training curves. [default: {METRICS_FILE} beside the checkpoint]")
 @_one_line_errors
-def visualize(checkpoint, dataset, split, data_dir, limit, batch_size, device, no_download, quiet, out, top_k,
-              layers, all_positions, metrics):
+def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download, quiet,
+              out, patches, max_channels, layers, all_positions, metrics):
     """Draw a checkpoint's first-layer filters, the top input patches per channel, and its training curves.
 
     \b
     Writes into --out:
-      filters_<layer>.png   the first conv layer's filters (blue negative, red positive)
-      patches_<layer>.png   per channel, the --top-k input patches with the highest
-                            activation (the conv output before ReLU), each cropped to
-                            the channel's receptive field
+      filters_<layer>.png   the first conv layer's filters: grey models per input
+                            channel (blue negative, red positive), RGB models as
+                            colour images (grey = 0)
+      patches_<layer>.png   per channel (the first --max-channels), the --patches input
+                            patches with the highest activation (the conv output before
+                            ReLU), each cropped to the channel's receptive field, in
+                            the image's own colours
       patches_<layer>.npz   their activations, image indexes, positions and crops
       curves.png            loss and accuracy per epoch, train and test
 
     \b
     Example:
       gpucnn visualize runs/fashion-mnist/checkpoint.npz --out viz/
+      gpucnn visualize runs/cifar10/checkpoint.npz --dataset cifar10 --limit 2000
     """
     from gpucnn import viz  # noqa: PLC0415 - keeps matplotlib out of the other commands' imports
     viz.require_matplotlib()
@@ -129,8 +138,9 @@ def visualize(checkpoint, dataset, split, data_dir, limit, batch_size, device, n
         raise ValueError(f"metrics file {metrics} does not exist.")
     out = out if out is not None else checkpoint.parent / "viz"
     layers = _layer_list(layers)
-    model, images, _, dataset_name = _load(checkpoint, dataset, split, data_dir, limit, device, no_download, quiet,
-                                           layers)
+    model, images, _, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
+                                                     device, no_download, quiet, layers)
+    top_k = patches
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -138,19 +148,23 @@ def visualize(checkpoint, dataset, split, data_dir, limit, batch_size, device, n
     if convs:
         first = convs[0]
         weight = backend.to_numpy(dict(named_layers(model))[first].weight.data)
-        written.append(viz.filter_grid(weight, out / f"filters_{first}.png",
-                                       title=f"{first}: {weight.shape[0]} learned filters, "
-                                             f"{weight.shape[2]}x{weight.shape[3]}"))
+        title = f"{first}: {weight.shape[0]} learned filters, {weight.shape[2]}x{weight.shape[3]}"
+        draw = viz.colour_filter_grid if weight.shape[1] == 3 else viz.filter_grid
+        written.append(draw(weight, out / f"filters_{first}.png", title=title))
 
     found = top_patches(model, images, k=top_k, layers=layers, batch_size=batch_size,
                         distinct_images=not all_positions, progress=not quiet)
     source = f"{dataset_name} {split}, {len(images):,} images"
-    for name, patches in found.items():
-        patches.info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split,
-                        "images": len(images), "distinct_images": not all_positions}
-        written.append(patches.save(out / f"patches_{name}.npz"))
-        written.append(viz.patch_figure(patches, out / f"patches_{name}.png",
-                                        title=f"{name}: top {top_k} patches per channel ({source})"))
+    for name, found_patches in found.items():
+        found_patches.info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split,
+                              "images": len(images), "distinct_images": not all_positions,
+                              "mean": list(settings.mean), "std": list(settings.std)}
+        written.append(found_patches.save(out / f"patches_{name}.npz"))
+        shown = min(max_channels, found_patches.channels)
+        channels = f"channels 0-{shown - 1} of {found_patches.channels}, " if shown < found_patches.channels else ""
+        written.append(viz.patch_figure(found_patches, out / f"patches_{name}.png", max_channels=max_channels,
+                                        pixel_stats=(settings.mean, settings.std),
+                                        title=f"{name}: top {top_k} patches per channel ({channels}{source})"))
 
     if metrics.is_file():
         written.append(viz.training_curves(viz.read_metrics(metrics), out / "curves.png"))
@@ -165,12 +179,12 @@ def visualize(checkpoint, dataset, split, data_dir, limit, batch_size, device, n
 @click.option("--layer", required=True, help="The layer whose output to save, e.g. flatten (LeNet-5: 400 values).")
 @_data_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The .npy file for the activations, shape (N, ...) float32.")
+              help="Where to write the results: the .npy file for the activations, shape (N, ...) float32.")
 @click.option("--labels", "labels_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also save the images' labels (N,) int64 to this .npy file.")
 @_one_line_errors
-def features(checkpoint, layer, dataset, split, data_dir, limit, batch_size, device, no_download, quiet, out,
-             labels_out):
+def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download,
+             quiet, out, labels_out):
     """Save the activations of one layer of a checkpoint's model for a data set, as .npy.
 
     \b
@@ -179,8 +193,8 @@ def features(checkpoint, layer, dataset, split, data_dir, limit, batch_size, dev
     """
     if out.suffix != ".npy":
         raise ValueError(f"--out must name a .npy file, not {out}.")
-    model, images, labels, _ = _load(checkpoint, dataset, split, data_dir, limit, device, no_download, quiet,
-                                     [layer])
+    model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device,
+                                        no_download, quiet, [layer])
     activations = layer_features(model, images, layer, batch_size=batch_size, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, activations.astype(np.float32, copy=False))

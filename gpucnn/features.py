@@ -93,7 +93,8 @@ def layer_features(model, images, layer: str, batch_size: int = DEFAULT_BATCH_SI
 
     images (N, C, H, W) float on either device; the model runs on its own device
     in batches of ``batch_size``. For LeNet-5, ``layer="flatten"`` gives the
-    (N, 400) output of the convolutional part; "conv1" gives (N, 6, 28, 28).
+    (N, 400) output of the convolutional part; "conv1" gives (N, 6, 28, 28). For vgg-small on
+    colour 32x32 images "conv3_2" gives (N, 256, 8, 8) and "flatten" (N, 4096).
     """
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a layer name, not {layer!r}.")

@@ -284,8 +284,13 @@ class LRScheduler:
         return {"type": type(self).__name__, "base_lr": self.base_lr, "last_epoch": self.last_epoch,
                 **self._settings()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a ``state_dict()`` and set the optimizer's lr for the restored epoch."""
+    def load_state_dict(self, state_dict: dict, keep_settings: bool = False) -> None:
+        """Restore a ``state_dict()`` and set the optimizer's lr for the restored epoch.
+
+        ``keep_settings`` keeps this scheduler's own settings (T_max, step_size, ...) and takes
+        only the epoch count and base lr from the state: a run extended past its planned epochs
+        gets a schedule that spans the new total.
+        """
         name = type(self).__name__
         expected = {"type", "base_lr", "last_epoch", *self._settings()}
         if not isinstance(state_dict, dict):
@@ -300,8 +305,8 @@ class LRScheduler:
         base_lr = _number(state_dict["base_lr"], "base_lr")
         if base_lr <= 0:
             raise ValueError(f"base_lr must be greater than 0, got {base_lr}.")
-        settings = {k: state_dict[k] for k in self._settings()}
-        self._set_settings(**settings)
+        if not keep_settings:
+            self._set_settings(**{k: state_dict[k] for k in self._settings()})
         self.base_lr, self.last_epoch = base_lr, int(epoch)
         self.optimizer.lr = self.lr_at(self.last_epoch)
 

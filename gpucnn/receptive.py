@@ -175,3 +175,26 @@ def input_region(row: LayerGeometry, oy: int, ox: int, input_hw, clip: bool = Tr
     if not clip:
         return (y0, y1, x0, x1)
     return (max(y0, 0), min(y1, H), max(x0, 0), min(x1, W))
+
+
+def stacked_3x3_layers(size: int, strides=()) -> int:
+    """How many stacked 3x3 layers it takes for one output to see ``size`` input pixels along an axis.
+
+    Layer i has stride ``strides[i]`` (1 past the end of ``strides``); each 3x3
+    layer widens the receptive field by 2*jump, and its stride multiplies the jump.
+    With stride 1 throughout, N layers see 2N + 1 pixels, so 300 pixels need 150.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, not {size!r}.")
+    rf, jump, layers = 1, 1, 0
+    while rf < size:
+        stride = strides[layers] if layers < len(strides) else 1
+        rf += 2 * jump
+        jump *= stride
+        layers += 1
+    return layers
+
+
+def window_strides(rows) -> tuple[int, ...]:
+    """The stride along H of every windowed layer (convolution or pooling) of layer_geometry rows, in order."""
+    return tuple(row.stride[0] for row in rows if row.stride is not None)

@@ -246,7 +246,7 @@ class Trainer:
             return self.xp.zeros((), dtype=np.float32), self.xp.zeros((), dtype=np.int64)
         logits = self.model(x)
         loss, probs = softmax_cross_entropy(logits, y)
-        self.model.backward(softmax_cross_entropy_backward(probs, y))
+        self.model.backward(softmax_cross_entropy_backward(probs, y), input_grad=False)  # images need no gradient
         if self.comm.distributed:
             self._average_gradients(len(y))
         self.optimizer.step()
@@ -280,8 +280,13 @@ class Trainer:
         return {"loss": float(sums[0]) / len(labels), "accuracy": round(sums[1]) / len(labels)}
 
     # --- the loop -----------------------------------------------------------
-    def fit(self, train_data, test_data, epochs: int, batch_size: int, resume=None, progress: bool = True) -> list:
+    def fit(self, train_data, test_data, epochs: int, batch_size: int, resume=None, progress: bool = True,
+            reschedule: bool = False) -> list:
         """Train until ``epochs`` epochs are complete (counting those of a resumed checkpoint).
+
+        ``reschedule`` (with ``resume``): keep the scheduler's own settings (made for the new
+        total of epochs) and take only its epoch count from the checkpoint, for a run extended
+        past the epochs it was planned for.
 
         train_data / test_data: ``(images (N, C, H, W) float, labels (N,) int)``.
         ``resume``: a checkpoint path to continue from; it must have been written
@@ -312,7 +317,7 @@ class Trainer:
         start_epoch, start_step, partial = 0, 0, None
         self.interrupted = False
         if resume is not None:
-            start_epoch, start_step, partial = self._restore(resume, batch_size, len(batches))
+            start_epoch, start_step, partial = self._restore(resume, batch_size, len(batches), reschedule)
             if start_epoch >= epochs:
                 raise ValueError(f"the checkpoint {resume} has already completed {start_epoch} epochs; "
                                  f"ask for more than {start_epoch} epochs to continue it.")
@@ -535,7 +540,7 @@ class Trainer:
             # Only rank 0 writes; every rank knows the path (for messages and resuming).
             self.checkpoint_path = self._save(path, epoch, step, sums, batch_size) if self.comm.rank == 0 else path
 
-    def _restore(self, path, batch_size: int, steps_per_epoch: int):
+    def _restore(self, path, batch_size: int, steps_per_epoch: int, reschedule: bool = False):
         """Load a checkpoint into the model, optimizer, scheduler and generators; returns (epoch, step, partial)."""
         ckpt = load_checkpoint(path)
         required = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "trainer")
@@ -572,7 +577,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None:
-                self.scheduler.load_state_dict(ckpt["scheduler"])
+                self.scheduler.load_state_dict(ckpt["scheduler"], keep_settings=reschedule)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path}: its optimizer or scheduler state does not fit ({exc}).") \
                 from None

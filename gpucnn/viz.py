@@ -17,11 +17,14 @@ from gpucnn.features import TopPatches
 
 DPI = 100
 INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
-OUTSIDE_COLOR = "#5b84c4"   # receptive-field pixels beyond the image border (zero padding)
+OUTSIDE_COLOR = "#5b84c4"   # grey inputs: receptive-field pixels beyond the image border (zero padding)
+# RGB inputs: the same pixels as a checkerboard (any single colour could be the image's own)
+OUTSIDE_CHECKER = ("#ffffff", "#b4b4b4")
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 
 # filter grid layout, pixels
 FILTER_LEFT, FILTER_TOP, FILTER_BOTTOM, FILTER_COLORBAR = 60, 60, 10, 80
+COLOUR_FILTER_COLUMNS = 8
 # patch figure layout, pixels
 PATCH_LEFT, PATCH_TOP, PATCH_BOTTOM, PATCH_RIGHT, PATCH_CAPTION = 70, 70, 10, 10, 16
 # training curves, pixels
@@ -68,6 +71,15 @@ def _save(fig, path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=DPI, format="png")
     return path
+
+
+def _fitting_fontsize(text: str, width_px: float, largest: float) -> float:
+    """The font size (points, at most ``largest``) at which ``text`` fits a line ``width_px`` wide.
+
+    Estimated, not measured: an average character of DejaVu Sans is about 0.6 em wide.
+    """
+    em_px_needed = width_px * 0.95 / max(1, 0.6 * len(text))
+    return min(largest, em_px_needed * 72 / DPI)
 
 
 def _check_cell(cell_px) -> int:
@@ -118,6 +130,49 @@ def filter_grid(weight, path, title: str | None = None, cell_px: int = 96) -> Pa
     return _save(fig, path)
 
 
+def colour_filter_grid_size(OC: int, cell_px: int = 64) -> tuple[int, int]:
+    """(width, height) in pixels of ``colour_filter_grid`` for OC filters."""
+    columns = min(OC, COLOUR_FILTER_COLUMNS)
+    rows = -(-OC // columns)
+    return (FILTER_LEFT + columns * cell_px + FILTER_BOTTOM, FILTER_TOP + rows * (cell_px + PATCH_CAPTION)
+            + FILTER_BOTTOM)
+
+
+def colour_filter_grid(weight, path, title: str | None = None, cell_px: int = 64) -> Path:
+    """Draw RGB filters weight (OC, 3, KH, KW) as colour images, COLOUR_FILTER_COLUMNS to a row.
+
+    Each filter is shown as the colour patch it responds to most: the three
+    channels' weights mapped to 0.5 + 0.5 * w / max|w| (max over all filters), so
+    grey is zero, and a filter looking for red is red. The PNG is
+    ``colour_filter_grid_size(OC, cell_px)`` pixels. Returns the path written.
+    """
+    weight = np.asarray(weight)
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"colour filters must have shape (OC, 3, KH, KW), got shape {weight.shape}.")
+    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
+        raise ValueError("filter weights must be finite floating-point numbers.")
+    cell_px = _check_cell(cell_px)
+    OC, _, KH, KW = weight.shape
+    make = _figure_class()
+    width, height = colour_filter_grid_size(OC, cell_px)
+    fig = make(width, height)
+    limit = float(np.abs(weight).max()) or 1.0
+    rgb = np.clip(0.5 + 0.5 * np.moveaxis(weight, 1, -1) / limit, 0, 1)      # (OC, KH, KW, 3)
+    columns = min(OC, COLOUR_FILTER_COLUMNS)
+    gap = max(2, cell_px // 12)
+    for oc in range(OC):
+        row, column = divmod(oc, columns)
+        ax = _axes_at(fig, FILTER_LEFT + column * cell_px + gap / 2,
+                      FILTER_TOP + row * (cell_px + PATCH_CAPTION) + gap / 2, cell_px - gap, cell_px - gap)
+        ax.imshow(rgb[oc], interpolation="nearest")
+        _bare(ax)
+        ax.set_xlabel(f"{oc}", fontsize=7, labelpad=1)
+    fig.suptitle(title or f"{OC} filters, {KH}x{KW}", fontsize=11, y=1 - 14 / height, va="top")
+    fig.text(0.5, 1 - 34 / height, "RGB weights: grey = 0, a colour = the colour the filter responds to",
+             ha="center", va="top", fontsize=7.5, color="#444444")
+    return _save(fig, path)
+
+
 # --- top patches ---------------------------------------------------------------
 def patch_figure_size(channels: int, k: int, cell_px: int = 80) -> tuple[int, int]:
     """(width, height) in pixels of ``patch_figure`` for ``channels`` rows of k patches."""
@@ -133,18 +188,26 @@ def _patch_pixels(crop, low: float, high: float):
     rgb = np.clip((np.moveaxis(crop, 0, -1) - low) / max(high - low, 1e-12), 0, 1)
     outside = np.isnan(rgb).any(axis=-1)
     rgba = np.concatenate([np.nan_to_num(rgb), np.ones(rgb.shape[:2] + (1,))], axis=-1)
-    rgba[outside] = to_rgba(OUTSIDE_COLOR)
+    rows, cols = np.indices(outside.shape)
+    for parity, colour in enumerate(OUTSIDE_CHECKER):
+        rgba[outside & ((rows + cols) % 2 == parity)] = to_rgba(colour)
     return rgba
 
 
-def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: int = 80) -> Path:
+def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: int = 80, max_channels=None,
+                 pixel_stats=None) -> Path:
     """The lecture's figure: one row per channel, its k strongest input patches left to right.
 
     Each patch is the channel's receptive field in the input, drawn with
     nearest-neighbour upscaling; pixels of the field beyond the image border
-    (zero padding) are drawn in blue. Under each patch: the image index and the
+    (zero padding) are drawn in blue for grey inputs, as a grey-and-white
+    checkerboard for RGB ones. Under each patch: the image index and the
     activation. Grey (C=1) or RGB (C=3) inputs, one intensity scale for the
-    whole figure. The PNG is ``patch_figure_size(channels, k, cell_px)`` pixels.
+    whole figure. ``max_channels`` draws only the first channels (all when None).
+    ``pixel_stats`` = (mean, std), per channel or one each, undoes the training
+    normalisation, so the crops are drawn as the image's own pixels in [0, 1]
+    (true colours); without it the crops' own range is stretched over the scale.
+    The PNG is ``patch_figure_size(drawn channels, k, cell_px)`` pixels.
     """
     if not isinstance(patches, TopPatches):
         raise TypeError(f"patch_figure needs a TopPatches (from gpucnn.features.top_patches), "
@@ -153,11 +216,23 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
     OC, k, C = patches.crops.shape[:3]
     if C not in (1, 3):
         raise ValueError(f"patch_figure draws grey (1 channel) or RGB (3 channel) inputs, not {C} channels.")
+    if max_channels is not None:
+        if isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 1:
+            raise ValueError(f"max_channels must be a positive int or None, not {max_channels!r}.")
+        OC = min(OC, max_channels)
+    crops = patches.crops[:OC]
+    if pixel_stats is not None:
+        mean, std = (np.asarray(v, np.float32).reshape(-1) for v in pixel_stats)
+        if len(mean) not in (1, C) or len(std) not in (1, C):
+            raise ValueError(f"pixel_stats must hold one mean and std or one per channel ({C}).")
+        crops = crops * std.reshape(1, 1, -1, 1, 1) + mean.reshape(1, 1, -1, 1, 1)   # NaN padding stays NaN
+        low, high = 0.0, 1.0
+    else:
+        inside = crops[np.isfinite(crops)]
+        low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
     make = _figure_class()
     width, height = patch_figure_size(OC, k, cell_px)
     fig = make(width, height)
-    inside = patches.crops[np.isfinite(patches.crops)]
-    low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
     gap = max(2, cell_px // 16)
     row_px = cell_px + PATCH_CAPTION
     for c in range(OC):
@@ -165,7 +240,7 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
             ax = _axes_at(fig, PATCH_LEFT + r * cell_px + gap / 2, PATCH_TOP + c * row_px + gap / 2,
                           cell_px - gap, cell_px - gap)
             ax.set_facecolor(OUTSIDE_COLOR)
-            ax.imshow(_patch_pixels(patches.crops[c, r], low, high), cmap="gray", vmin=low, vmax=high,
+            ax.imshow(_patch_pixels(crops[c, r], low, high), cmap="gray", vmin=low, vmax=high,
                       interpolation="nearest")
             _bare(ax)
             ax.set_xlabel(f"#{patches.image[c, r]}  {patches.values[c, r]:.2f}", fontsize=7, labelpad=1)
@@ -173,9 +248,12 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
                 ax.set_ylabel(f"ch {c}", fontsize=9, rotation=0, ha="right", va="center", labelpad=6)
     RH, RW = patches.rf
     heading = title or f"{patches.layer}: top {k} input patches per channel"
-    fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=11)
-    fig.text(0.5, 1 - 32 / height, f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
-             "blue = beyond the image border", ha="center", va="top", fontsize=7.5, color="#444444")
+    fig.text(0.5, 1 - 10 / height, heading, ha="center", va="top", fontsize=_fitting_fontsize(heading, width, 11))
+    outside = "blue" if C == 1 else "checkered"
+    caption = (f"receptive field {RH}x{RW} px; under each patch: image # and activation; "
+               f"{outside} = beyond the image border")
+    fig.text(0.5, 1 - 32 / height, caption, ha="center", va="top", fontsize=_fitting_fontsize(caption, width, 7.5),
+             color="#444444")
     return _save(fig, path)
 
 

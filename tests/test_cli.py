@@ -130,8 +130,12 @@ def test_resume_continues_the_run(trained, data_dir, tmp_path):
     result = run_cli("train", "--resume", copy / "checkpoint.npz", "--epochs", 2, "--data-dir", data_dir,
                      "--no-download", "--device", "cpu", "--quiet")
     assert "done: epoch 2" in result.stdout
-    epochs = [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
+    records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    # The run was planned for one epoch: extended to two, its cosine schedule spans both (lr 0.003, then
+    # 0.0015), where the old schedule would have trained epoch 2 at lr 0.
+    assert [r["lr"] for r in records] == pytest.approx([3e-3, 1.5e-3])
+    assert load_checkpoint(copy / "checkpoint.npz")["config"]["epochs"] == 2
     conflicting = run_cli("train", "--resume", copy / "checkpoint.npz", "--epochs", 3, "--lr", 0.5,
                           "--data-dir", data_dir, "--no-download", check=False)
     assert conflicting.returncode == 1

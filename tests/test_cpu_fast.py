@@ -204,13 +204,15 @@ def test_lenet_runs_max_pool_before_relu_with_the_same_results_as_the_declared_o
             backward = models.LeNet5.backward if run is models.LeNet5.forward else nn.Sequential.backward
             backward(model, ops.softmax_cross_entropy_backward(probs, labels), input_grad=False)
             grads.append((logits, [p.grad for p in model.parameters()]))
-        assert models.LeNet5(seed=3)._run_order[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"]
+        assert models.LeNet5(seed=3)._run_order()[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"]
         assert models.LeNet5(seed=3).features(x, "act1").shape == (6, 6, 28, 28)
     np.testing.assert_array_equal(grads[0][0], grads[1][0])
     for got, want in zip(grads[0][1], grads[1][1]):
         np.testing.assert_array_equal(got, want)
     classic = models.LeNet5(variant="classic")
-    assert classic._run_order == list(classic._modules)  # tanh and average pooling do not commute
+    assert classic._run_order() == list(classic._modules)  # tanh and average pooling do not commute
+    vgg = models.VGGSmall(width=2, hidden=4)
+    assert vgg._run_order()[:6] == ["conv1_1", "act1_1", "conv1_2", "pool1", "act1_2", "conv2_1"]
 
 
 def test_the_callers_numpy_error_state_holds_in_the_helper_threads(threaded):

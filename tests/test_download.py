@@ -434,8 +434,10 @@ def test_normalize_with_the_mnist_statistics_standardises_real_digits():
 def test_normalize_validates_inputs():
     with pytest.raises(TypeError, match="expects uint8 images, not float32"):
         normalize(np.zeros((1, 2, 2), np.float32), 0.1, 0.3)
-    with pytest.raises(ValueError, match=r"shape \(N, H, W\), not \(1, 1, 2, 2\)"):
-        normalize(np.zeros((1, 1, 2, 2), np.uint8), 0.1, 0.3)
+    with pytest.raises(ValueError, match=r"shape \(N, H, W\) or \(N, C, H, W\), not \(1, 2\)"):
+        normalize(np.zeros((1, 2), np.uint8), 0.1, 0.3)
+    with pytest.raises(ValueError, match=r"one mean or one per channel \(3\)"):
+        normalize(np.zeros((1, 3, 2, 2), np.uint8), (0.1, 0.2), 0.3)
     with pytest.raises(ValueError, match="positive finite std"):
         normalize(np.zeros((1, 2, 2), np.uint8), 0.1, 0.0)
     with pytest.raises(TypeError, match="needs a NumPy or CuPy array"):

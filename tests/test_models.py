@@ -90,10 +90,12 @@ def test_state_dict_round_trip_and_strict_errors():
 
 
 def test_registry_and_config_rebuild():
-    assert available_models() == ["lenet5", "lenet5-classic"]
+    assert available_models() == ["lenet5", "lenet5-classic", "vgg-small"]
     model = build_model("lenet5-classic", seed=4)
     assert isinstance(model, LeNet5) and model.variant == "classic"
     assert model.config == {"name": "lenet5-classic", "num_classes": 10, "seed": 4}
+    colour = build_model("lenet5", in_channels=3, input_size=32)
+    assert colour.config == {"name": "lenet5", "num_classes": 10, "seed": None, "in_channels": 3, "input_size": 32}
     rebuilt = build_model(**model.config)
     for p, q in zip(model.parameters(), rebuilt.parameters()):
         assert_array_equal(p.data, q.data)

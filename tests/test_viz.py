@@ -169,7 +169,7 @@ def invoke(*args):
 def test_visualize_writes_legible_figures_and_patches_that_reproduce_their_activations(run, tmp_path):
     data, out = run
     result = invoke("visualize", out / "checkpoint.npz", "--data-dir", data, "--no-download", "-q",
-                    "--device", "cpu", "--limit", 40, "--top-k", 4, "--out", tmp_path)
+                    "--device", "cpu", "--limit", 40, "--patches", 4, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("device: cpu")
     assert "data: mnist test, 40 images" in result.output
@@ -205,7 +205,7 @@ def test_visualize_writes_legible_figures_and_patches_that_reproduce_their_activ
 
 def test_visualize_options_and_errors(run, tmp_path):
     data, out = run
-    common = ("--data-dir", data, "--no-download", "-q", "--device", "cpu", "--limit", 12, "--top-k", 2)
+    common = ("--data-dir", data, "--no-download", "-q", "--device", "cpu", "--limit", 12, "--patches", 2)
     result = invoke("visualize", out / "checkpoint.npz", *common, "--layers", "pool1", "--all-positions",
                     "--metrics", tmp_path / "none.jsonl", "--out", tmp_path)
     assert result.exit_code == 1
@@ -218,7 +218,7 @@ def test_visualize_options_and_errors(run, tmp_path):
         "patches_pool1.png"]
     assert not TopPatches.load(tmp_path / "v" / "patches_pool1.npz").info["distinct_images"]
     for bad, message in ((["--layers", "fc1"], "layer fc1 (Linear) has no spatial layout"),
-                         (["--top-k", 13], "k=13 exceeds the 12 images"),
+                         (["--patches", 13], "k=13 exceeds the 12 images"),
                          (["--layers", "conv7"], "no layer named 'conv7'")):
         result = invoke("visualize", out / "checkpoint.npz", *common, *bad, "--out", tmp_path / "e")
         lines = result.output.strip().splitlines()
@@ -233,7 +233,7 @@ def test_visualize_without_metrics_still_draws_the_rest(run, tmp_path):
     lone = tmp_path / "lone.npz"
     lone.write_bytes((out / "checkpoint.npz").read_bytes())
     result = invoke("visualize", lone, "--data-dir", data, "--no-download", "-q", "--device", "cpu",
-                    "--limit", 10, "--top-k", 1)
+                    "--limit", 10, "--patches", 1)
     assert result.exit_code == 0, result.output
     assert "no metrics.jsonl beside the checkpoint" in result.output
     assert sorted(p.name for p in (tmp_path / "viz").glob("*.png")) == [
@@ -264,6 +264,6 @@ def test_commands_plug_into_a_group_by_name():
     group = click.Group(commands=OrderedDict(visualize=visualize, features=features))
     assert isinstance(visualize, click.Command) and isinstance(features, click.Command)
     help_text = CliRunner().invoke(group, ["visualize", "--help"]).output
-    for option in ("--data", "--split", "--data-dir", "--limit", "--top-k", "--layers", "--device", "--metrics",
+    for option in ("--dataset", "--split", "--data-dir", "--limit", "--patches", "--layers", "--device", "--metrics",
                    "--out"):
         assert option in help_text

@@ -99,7 +99,6 @@ class CupyRuntime:
 
 _default = None
 _default_lock = threading.Lock()
-_emulator = None
 _active = []  # the wrapping runtimes in force (a recording step's), innermost last
 
 
@@ -112,14 +111,20 @@ def default_runtime() -> CupyRuntime:
         return _default
 
 
-def emulator_runtime():
+_emulators = {}        # thread order -> the emulator device's runtime in that order
+_emulator_order = None  # the order in force (None: $GPUCNN_EMULATOR_ORDER, default forward)
+
+
+def emulator_runtime(order: str | None = None):
     """The process-wide runtime of the ``"emulator"`` device: gpucnn.testing's emulator, outputs as EmulatorArray.
 
-    The thread order comes from ``$GPUCNN_EMULATOR_ORDER`` (forward, reverse or random; default forward).
+    One per thread order: ``order`` (forward, reverse or random), else the one ``emulator_order``
+    sets, else ``$GPUCNN_EMULATOR_ORDER`` (default forward).
     """
-    global _emulator
+    if order is None:
+        order = _emulator_order or os.environ.get(EMULATOR_ORDER_ENV, "forward").strip() or "forward"
     with _default_lock:
-        if _emulator is None:
+        if order not in _emulators:
             from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415 - only the emulator device needs it
 
             class EmulatorDeviceRuntime(EmulatorRuntime):
@@ -131,8 +136,20 @@ def emulator_runtime():
                 def zeros(self, shape, dtype):
                     return super().zeros(shape, dtype).view(backend.EmulatorArray)
 
-            _emulator = EmulatorDeviceRuntime(order=os.environ.get(EMULATOR_ORDER_ENV, "forward").strip() or "forward")
-        return _emulator
+            _emulators[order] = EmulatorDeviceRuntime(order=order)
+        return _emulators[order]
+
+
+@contextlib.contextmanager
+def emulator_order(order: str):
+    """Within the block, ops on emulator arrays run their kernels' threads in ``order``."""
+    global _emulator_order
+    emulator_runtime(order)  # refuses an unknown order before anything changes
+    previous, _emulator_order = _emulator_order, order
+    try:
+        yield
+    finally:
+        _emulator_order = previous
 
 
 def active_runtime(runtime=None):
@@ -159,6 +176,9 @@ def device_runtime(device: str):
 
 def runtime_for(device: str):
     """The runtime that runs the kernels for arrays on ``device`` now (a recording wrapper while one is in force)."""
+    for wrapper in reversed(_active):
+        if getattr(wrapper, "device", None) == device:
+            return wrapper
     return active_runtime(device_runtime(device))
 
 

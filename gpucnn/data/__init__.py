@@ -1,20 +1,27 @@
-"""Data: IDX files, MNIST / Fashion-MNIST lookup and download, and mini-batching."""
+"""Data: IDX files, MNIST / Fashion-MNIST and CIFAR-10 lookup and download, image folders, mini-batching."""
+from gpucnn.data.cifar import load_cifar10
 from gpucnn.data.datasets import (
     DATASETS,
     DatasetSpec,
     FileSpec,
+    channel_stats,
     download_dataset,
     find_dataset_dir,
     get_spec,
     load_dataset,
     normalize,
 )
+from gpucnn.data.folder import load_image_folder
 from gpucnn.data.idx import DataError, read_idx, write_idx
+from gpucnn.data.images import read_image
 from gpucnn.data.loader import BatchIterator, epoch_permutation
+from gpucnn.data.sources import DATASET_NAMES, Split, load_split
 
 __all__ = [
     "DATASETS", "DatasetSpec", "FileSpec", "DataError",
     "read_idx", "write_idx",
-    "find_dataset_dir", "load_dataset", "download_dataset", "get_spec", "normalize",
+    "find_dataset_dir", "load_dataset", "download_dataset", "get_spec", "normalize", "channel_stats",
+    "load_cifar10", "load_image_folder", "read_image",
+    "DATASET_NAMES", "Split", "load_split",
     "BatchIterator", "epoch_permutation",
 ]

@@ -132,21 +132,21 @@ def cache_root(cache_dir=None) -> Path:
     return Path(env).expanduser() if env else DEFAULT_CACHE_ROOT.expanduser()
 
 
-def _candidate_dirs(name: str, data_dir=None, cache_dir=None) -> list[Path]:
-    """The folders searched for ``name``'s files, in priority order."""
+def _candidate_dirs(name: str, data_dir=None, cache_dir=None, what: str = "the IDX files") -> list[Path]:
+    """The folders searched for ``name``'s files, in priority order (``what`` names the files in errors)."""
     candidates = []
     if data_dir is not None:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise DataError(f"data directory {root} does not exist or is not a folder; "
-                            "pass a folder holding the IDX files.")
+                            f"pass a folder holding {what}.")
         candidates += [root / name, root]
     env = os.environ.get(DATA_DIR_ENV, "").strip()
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise DataError(f"{DATA_DIR_ENV}={env} is not a folder; point it at a folder holding the "
-                            "IDX files or unset it.")
+            raise DataError(f"{DATA_DIR_ENV}={env} is not a folder; point it at a folder holding "
+                            f"{what} or unset it.")
         candidates += [root / name, root]
     candidates += [cache_root(cache_dir) / name, Path(SYSTEM_DATA_ROOT) / name]
     return candidates
@@ -340,24 +340,58 @@ def _load_checked(paths: tuple[Path, Path], spec: DatasetSpec, cached: bool) -> 
                         "and run again to download them afresh.") from None
 
 
-def normalize(images, mean: float, std: float):
-    """uint8 images (N, H, W) -> float32 (N, 1, H, W) holding ``(images / 255 - mean) / std``.
+def normalize(images, mean, std):
+    """uint8 images (N, H, W) or (N, C, H, W) -> float32 (N, C, H, W) holding ``(images / 255 - mean) / std``.
 
-    Works on NumPy or CuPy arrays; the result lives on the same device.
+    Grey (N, H, W) images get a channel axis (C = 1). ``mean`` and ``std`` are one
+    number for every channel or one per channel (a sequence of length C), e.g. the
+    training split's ``gpucnn.data.channel_stats``. Works on NumPy or CuPy arrays;
+    the result lives on the same device.
     """
     if not hasattr(images, "dtype") or not hasattr(images, "ndim"):
         raise TypeError(f"normalize needs a NumPy or CuPy array, not {type(images).__name__}.")
     if images.dtype != np.uint8:
         raise TypeError(f"normalize expects uint8 images, not {images.dtype}.")
-    if images.ndim != 3:
-        raise ValueError(f"normalize expects images of shape (N, H, W), not {tuple(images.shape)}.")
-    mean, std = float(mean), float(std)
-    if not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
-        raise ValueError(f"normalize needs a finite mean and a positive finite std, not mean={mean}, std={std}.")
+    if images.ndim not in (3, 4):
+        raise ValueError(f"normalize expects images of shape (N, H, W) or (N, C, H, W), not {tuple(images.shape)}.")
     xp = backend.get_array_module(images)
-    N, H, W = images.shape
-    out = images.astype(xp.float32).reshape(N, 1, H, W)
+    out = images.astype(xp.float32)
+    if images.ndim == 3:
+        out = out.reshape(images.shape[0], 1, *images.shape[1:])
+    C = out.shape[1]
+    means, stds = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (mean, std))
+    for name, values in (("mean", means), ("std", stds)):
+        if values.ndim != 1 or len(values) not in (1, C):
+            raise ValueError(f"normalize needs one {name} or one per channel ({C}), not {np.asarray(values).tolist()}.")
+    if not np.isfinite(means).all() or not np.isfinite(stds).all() or (stds <= 0).any():
+        raise ValueError(f"normalize needs a finite mean and a positive finite std, not mean={means.tolist()}, "
+                         f"std={stds.tolist()}.")
+    shape = (1, len(means), 1, 1)
     out *= np.float32(1.0 / 255.0)
-    out -= np.float32(mean)
-    out /= np.float32(std)
+    out -= xp.asarray(means.astype(np.float32).reshape(shape))
+    out /= xp.asarray(stds.astype(np.float32).reshape(1, len(stds), 1, 1))
     return out
+
+
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of uint8 images (N, H, W) or (N, C, H, W), as pixels scaled to [0, 1].
+
+    Exact (from a 256-bin histogram per channel, so no float sums over millions of
+    pixels); a channel with no spread gets std 1, so normalising it cannot divide by 0.
+    """
+    images = backend.to_numpy(images)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (3, 4) \
+            or images.shape[0] == 0:
+        raise ValueError("channel_stats needs a non-empty uint8 array of shape (N, H, W) or (N, C, H, W).")
+    if images.ndim == 3:
+        images = images[:, None]
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = np.bincount(np.ascontiguousarray(images[:, c]).reshape(-1), minlength=256).astype(np.float64)
+        total = counts.sum()
+        mean = float((counts * levels).sum() / total)
+        var = float((counts * (levels - mean) ** 2).sum() / total)
+        means.append(mean)
+        stds.append(var ** 0.5 if var > 0 else 1.0)
+    return tuple(means), tuple(stds)

@@ -1,0 +1,167 @@
+"""What the commands need to know about a run's data: loading, normalising, and the checkpoint record.
+
+``train`` stores ``data_record(...)`` in the checkpoint's config: the data set,
+its class names, the per-channel normalisation of its training split and, for
+image folders, the image size and colour mode. ``evaluate``, ``predict``,
+``visualize`` and ``features`` read it back with ``DataSettings.from_config`` so
+they feed the model exactly what it was trained on. Checkpoints written before
+the record existed (MNIST family only) get the data set's published statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpucnn.data import DATASETS, channel_stats, load_split, normalize
+from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
+from gpucnn.models import default_input_shape
+
+
+@dataclass
+class DataSettings:
+    """How a model sees its data: data set, classes, mean/std per channel, input (C, H, W), folder image mode."""
+    dataset: str
+    classes: tuple
+    mean: tuple
+    std: tuple
+    input_shape: tuple
+    image_size: int | None = None   # image folders: the resize target
+    grey: bool = False              # image folders: read as grey
+
+    def record(self) -> dict:
+        """The JSON-able entries train adds to the checkpoint config."""
+        return {"dataset": self.dataset, "classes": list(self.classes),
+                "normalization": {"mean": list(self.mean), "std": list(self.std)},
+                "image": {"size": self.image_size, "grey": self.grey, "shape": list(self.input_shape)}}
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "the checkpoint") -> "DataSettings":
+        """The settings recorded by train in a checkpoint's config (older MNIST checkpoints: the defaults)."""
+        config = config or {}
+        dataset = config.get("dataset")
+        if not isinstance(dataset, str):
+            raise ValueError(f"{where} does not say which data set it was trained on; pass --dataset.")
+        check_dataset(dataset)
+        model_config = config.get("model") or {}
+        C, H, _ = default_input_shape(model_config.get("name", "lenet5"))
+        size = model_config.get("input_size", H)
+        model_shape = (model_config.get("in_channels", C), size, size)
+        normalization = config.get("normalization")
+        image = config.get("image") or {}
+        if normalization is None:
+            if dataset not in DATASETS:
+                raise ValueError(f"{where} holds no normalisation statistics for {dataset}.")
+            spec = DATASETS[dataset]
+            mean, std = (spec.mean,), (spec.std,)
+        else:
+            mean, std = tuple(normalization["mean"]), tuple(normalization["std"])
+        classes = tuple(config.get("classes") or default_classes(dataset) or ())
+        if not classes:
+            raise ValueError(f"{where} does not record the class names of its image folder.")
+        shape = tuple(image.get("shape") or model_shape)
+        return cls(dataset, classes, mean, std, shape, image.get("size"), bool(image.get("grey", False)))
+
+
+def checkpoint_settings(ckpt: dict, checkpoint, dataset=None) -> DataSettings:
+    """The data settings stored in a loaded checkpoint (``dataset`` stands in where it names none)."""
+    config = dict(ckpt.get("config") or {})
+    if dataset is not None and "dataset" not in config:
+        config["dataset"] = dataset
+    return DataSettings.from_config(config, where=f"checkpoint {checkpoint}")
+
+
+def _describe_skipped(split, skipped) -> str:
+    if not skipped:
+        return ""
+    return f"; skipped {len(skipped)} unreadable {split} image{'s' if len(skipped) != 1 else ''} (first: {skipped[0]})"
+
+
+@dataclass
+class TrainingData:
+    """Normalised splits, ready for Trainer.fit, plus the settings and a console line."""
+    train: tuple
+    test: tuple
+    settings: DataSettings
+    summary: str
+
+    @property
+    def model_kwargs(self) -> dict:
+        C, H, _ = self.settings.input_shape
+        return {"num_classes": len(self.settings.classes), "in_channels": C, "input_size": H}
+
+
+def training_data(dataset, model_name, data_dir=None, download=True, progress=True, image_size=None, grey=False,
+                  skip_bad_images=False, stored: DataSettings | None = None) -> TrainingData:
+    """Both splits of ``dataset`` for training ``model_name``, normalised with the training split's statistics.
+
+    ``stored`` (a resumed run's settings) fixes the image mode and the statistics.
+    """
+    check_dataset(dataset)
+    if dataset != FOLDER and (image_size is not None or grey):
+        raise ValueError("--image-size and --grey apply to --dataset folder only; "
+                         f"{dataset} images are {'x'.join(map(str, native_input_shape(dataset)))}.")
+    if stored is not None and stored.dataset == FOLDER:
+        if (image_size is not None and image_size != stored.image_size) or (grey and not stored.grey):
+            raise ValueError(f"a resumed run keeps its image settings ({stored.image_size}x{stored.image_size}, "
+                             f"{'grey' if stored.grey else 'RGB'}); drop --image-size and --grey.")
+        image_size, grey = stored.image_size, stored.grey
+    if dataset == FOLDER and image_size is None:
+        image_size = default_input_shape(model_name)[1]
+    options = dict(data_dir=data_dir, download=download, progress=progress, image_size=image_size, grey=grey,
+                   skip_bad_images=skip_bad_images)
+    train, test = load_split(dataset, "train", **options), load_split(dataset, "test", **options)
+    if test.classes != train.classes:
+        raise ValueError(f"the {dataset} test split has classes {test.classes}, the training split {train.classes}.")
+    if stored is not None:
+        mean, std = stored.mean, stored.std
+    else:
+        mean, std = channel_stats(train.images)
+    input_shape = tuple(train.images.shape[1:])
+    settings = DataSettings(dataset, train.classes, tuple(mean), tuple(std), input_shape,
+                            image_size if dataset == FOLDER else None, bool(grey) if dataset == FOLDER else False)
+    cached = " (decoded earlier, read from the cache)" if train.from_cache and test.from_cache else ""
+    summary = (f"data: {dataset}, {len(train.labels):,} training and {len(test.labels):,} test images of "
+               f"{'x'.join(map(str, input_shape))}, {len(train.classes)} classes{cached}"
+               f"{_describe_skipped('training', train.skipped)}{_describe_skipped('test', test.skipped)}")
+    return TrainingData((normalize(train.images, mean, std), train.labels),
+                        (normalize(test.images, mean, std), test.labels), settings, summary)
+
+
+def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir=None, download=True, progress=True,
+                    skip_bad_images=False, limit=None):
+    """(images normalised as in training (N, C, H, W), labels (N,), dataset name, console note) of one split.
+
+    ``dataset`` (default: the checkpoint's) must give images of the model's input
+    shape; an image folder is read with the checkpoint's image size and colour mode.
+    """
+    dataset = dataset or settings.dataset
+    check_dataset(dataset)
+    if dataset == FOLDER:
+        C, H, _ = settings.input_shape
+        image_size, grey = settings.image_size or H, C == 1
+    else:
+        image_size, grey = None, False
+        native = native_input_shape(dataset)
+        if native != tuple(settings.input_shape):
+            raise ValueError(f"the checkpoint's model takes {'x'.join(map(str, settings.input_shape))} images, but "
+                             f"{dataset} images are {'x'.join(map(str, native))}.")
+    part = load_split(dataset, split, data_dir=data_dir, download=download, progress=progress,
+                      image_size=image_size, grey=grey, skip_bad_images=skip_bad_images)
+    if dataset == settings.dataset and dataset == FOLDER and part.classes != tuple(settings.classes):
+        raise ValueError(f"the image folder's classes {part.classes} are not the checkpoint's {settings.classes}.")
+    images, labels = part.images, part.labels
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    note = _describe_skipped(split, part.skipped).lstrip("; ")
+    return normalize(images, settings.mean, settings.std), labels, dataset, note
+
+
+def normalize_pixels(pixels, settings: DataSettings):
+    """Floats in [0, 1] (N, C, H, W) -> the model's input, with the checkpoint's statistics."""
+    C = pixels.shape[1]
+    mean = np.asarray(settings.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(settings.std, np.float32).reshape(1, -1, 1, 1)
+    if mean.shape[1] not in (1, C):
+        raise ValueError(f"the checkpoint's statistics cover {mean.shape[1]} channels, the images have {C}.")
+    return ((pixels - mean) / std).astype(np.float32)
