@@ -20,8 +20,9 @@ loading included on both sides). Epoch runs alternate libraries over --epoch-rep
 
 The load averages of the machine (`uptime`) are recorded before and after every part, and for
 every throughput row the mean number of cores that OTHER processes kept busy during its rounds
-(/proc/stat's busy time less the worker's own CPU time): on a shared machine only rows with a
-value near 0 compare the libraries at full speed.
+(/proc/stat's busy time less the worker's own CPU time) and the cores the hypervisor gave to
+other machines ("steal"): on a shared machine only rows with both near 0 compare the libraries
+at full speed.
 """
 from __future__ import annotations
 
@@ -93,15 +94,17 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat: busy counts every
+    process on every core; stolen is time the hypervisor gave the cores to other machines."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:
         return None
     ticks = [int(v) for v in fields]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
+    return busy / hz, ticks[7] / hz
 
 
 def median(values):
@@ -222,13 +225,15 @@ def _serve(args):
             for _ in range(args.warmup):
                 step()
             warmed.add((mode, batch_size))
-        start, cpu_start, busy_start = time.perf_counter(), time.process_time(), busy_cpu_seconds()
+        start, cpu_start, machine_start = time.perf_counter(), time.process_time(), machine_cpu_seconds()
         for _ in range(args.steps):
             step()
         seconds = time.perf_counter() - start
         answer = {"images_per_s": args.steps * batch_size / seconds, "seconds": seconds}
-        if busy_start is not None:  # CPU seconds that other processes used meanwhile
-            answer["other_cpu_seconds"] = busy_cpu_seconds() - busy_start - (time.process_time() - cpu_start)
+        if machine_start is not None:  # CPU seconds that other processes (and machines) took meanwhile
+            busy, stolen = machine_cpu_seconds()
+            answer["other_cpu_seconds"] = busy - machine_start[0] - (time.process_time() - cpu_start)
+            answer["stolen_cpu_seconds"] = stolen - machine_start[1]
         print(json.dumps(answer), flush=True)
 
 
@@ -363,10 +368,15 @@ def throughput(args) -> list:
                         answer = json.loads(answer)
                         rates[name].append(answer["images_per_s"])
                         if "other_cpu_seconds" in answer:
-                            others.append((answer["other_cpu_seconds"], answer["seconds"]))
+                            others.append((answer["other_cpu_seconds"], answer["stolen_cpu_seconds"],
+                                           answer["seconds"]))
                         time.sleep(0.05)  # let the other library's idle threads go to sleep
                 row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
-                       "load_after": load_average(), "other_cores_busy": max(0.0, sum(o[0] for o in others) / sum(o[1] for o in others)) if others else None}
+                       "load_after": load_average(), "other_cores_busy": None, "cores_stolen": None}
+                if others:
+                    seconds = sum(o[2] for o in others)
+                    row["other_cores_busy"] = max(0.0, sum(o[0] for o in others) / seconds)
+                    row["cores_stolen"] = sum(o[1] for o in others) / seconds
                 for name in args.libraries:
                     row[f"{name}_images_per_s"] = median(rates[name])
                     row[f"{name}_rounds"] = [round(r) for r in rates[name]]
@@ -386,9 +396,9 @@ def format_row(row, libraries) -> str:
         f" {row[name + '_images_per_s']:>14.0f}" for name in libraries)
     if "ratio" in row:
         text += f" {row['ratio']:>15.2f}"
-    others = row.get("other_cores_busy")
+    others, stolen = row.get("other_cores_busy"), row.get("cores_stolen")
     return text + f"   load {row['load_before']} -> {row['load_after']}" + (
-        f", other processes {others:.2f} cores" if others is not None else "")
+        f", other processes {others:.2f} cores, stolen {stolen:.2f} cores" if others is not None else "")
 
 
 def alternating(args, task, libraries) -> list:
