@@ -21,6 +21,8 @@ from gpucnn.ops.conv import ConvGeometry, conv2d_geometry
 COLUMN_CHUNK_BYTES = 2 << 20
 # Fewest chunks an op is cut into (when it has that many rows), so that every thread has work.
 MIN_CHUNKS = 4
+# Fewest rows of an input-gradient product cut by channels (else the batch is cut instead).
+MIN_GRAD_ROWS = 24
 
 
 def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False):
@@ -163,20 +165,36 @@ def _im2col_rows(padded, g: ConvGeometry, oh0: int, oh1: int, ones_row: bool):
 
 
 def _input_gradient(grad_y_chwn, weight, g: ConvGeometry):
-    """grad_x (N, C, H, W), a CHWN-ordered view: per chunk of input channels, columns W^T grad_y, then col2im.
+    """grad_x (N, C, H, W), a CHWN-ordered view: columns W^T grad_y, then col2im, in disjoint chunks.
 
-    Channel chunks write disjoint parts of grad_x, and in CHWN order grad_y is one (OC, OH*OW*N)
-    matrix (no copy) and every col2im add runs over OW*N contiguous numbers (stride 1).
+    Chunks of input channels when each chunk's product still has MIN_GRAD_ROWS rows or more (in
+    CHWN order grad_y is then one (OC, OH*OW*N) matrix, no copy, and every col2im add runs over
+    OW*N contiguous numbers); chunks of the batch otherwise (many channels and small kernels:
+    one channel's 3x3 rows would make a product too narrow for BLAS).
     """
+    per_channel = g.KH * g.KW * g.OH * g.OW * g.N * weight.itemsize
+    channels = max(1, min(COLUMN_CHUNK_BYTES // per_channel, -(-g.C // MIN_CHUNKS)))
+    if channels * g.KH * g.KW >= MIN_GRAD_ROWS:
+        return _input_gradient_by_channels(grad_y_chwn, weight, g, channels)
+    return _input_gradient_by_batch(grad_y_chwn, weight, g)
+
+
+def _col2im(grad_col, target, g: ConvGeometry) -> None:
+    """target (c, HP, WP, n) += every kernel offset's columns of grad_col (c, KH, KW, OH, OW, n)."""
+    for ky in range(g.KH):
+        for kx in range(g.KW):
+            window = _window(target, g, ky, kx, 0, g.OH)
+            np.add(window, grad_col[:, ky, kx], out=window)
+
+
+def _input_gradient_by_channels(grad_y_chwn, weight, g: ConvGeometry, channels: int):
     K = g.C * g.KH * g.KW
     weight_t = weight.reshape(g.OC, K).T  # (K, OC), rows (c, ky, kx)
     grad_y_matrix = grad_y_chwn.reshape(g.OC, -1)
     HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
     padded = g.PH > 0 or g.PW > 0
     grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
-    per_channel = g.KH * g.KW * g.OH * g.OW * g.N * weight.itemsize
-    step = max(1, min(COLUMN_CHUNK_BYTES // per_channel, -(-g.C // MIN_CHUNKS)))
-    channel_ranges = [(start, min(start + step, g.C)) for start in range(0, g.C, step)]
+    channel_ranges = [(start, min(start + channels, g.C)) for start in range(0, g.C, channels)]
 
     def work(i):
         c0, c1 = channel_ranges[i]
@@ -185,13 +203,34 @@ def _input_gradient(grad_y_chwn, weight, g: ConvGeometry):
                   out=grad_col.reshape((c1 - c0) * g.KH * g.KW, -1))
         target = scratch("grad_padded", (c1 - c0, HP, WP, g.N), weight.dtype) if padded else grad_x_chwn[c0:c1]
         target.fill(0)
-        # col2im: every offset adds its columns back onto the pixels it read.
-        for ky in range(g.KH):
-            for kx in range(g.KW):
-                window = _window(target, g, ky, kx, 0, g.OH)
-                np.add(window, grad_col[:, ky, kx], out=window)
+        _col2im(grad_col, target, g)
         if padded:
             grad_x_chwn[c0:c1] = target[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W]
 
-    run_chunks(work, len(channel_ranges), g.OC * per_channel / weight.itemsize * step)
+    run_chunks(work, len(channel_ranges), g.OC * channels * g.KH * g.KW * g.OH * g.OW * g.N)
+    return grad_x_chwn.transpose(3, 0, 1, 2)
+
+
+def _input_gradient_by_batch(grad_y_chwn, weight, g: ConvGeometry):
+    K = g.C * g.KH * g.KW
+    weight_t = weight.reshape(g.OC, K).T
+    HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
+    grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
+    per_image = K * g.OH * g.OW * weight.itemsize
+    step = max(1, min(COLUMN_CHUNK_BYTES // per_image, -(-g.N // MIN_CHUNKS)))
+    batch_ranges = [(start, min(start + step, g.N)) for start in range(0, g.N, step)]
+
+    def work(i):
+        start, stop = batch_ranges[i]
+        n = stop - start
+        grad_y_part = scratch("grad_y", (g.OC, g.OH, g.OW, n), weight.dtype)
+        np.copyto(grad_y_part, grad_y_chwn[..., start:stop])
+        grad_col = scratch("grad_col", (g.C, g.KH, g.KW, g.OH, g.OW, n), weight.dtype)
+        np.matmul(weight_t, grad_y_part.reshape(g.OC, -1), out=grad_col.reshape(K, -1))
+        grad_padded = scratch("grad_padded", (g.C, HP, WP, n), weight.dtype)
+        grad_padded.fill(0)
+        _col2im(grad_col, grad_padded, g)
+        grad_x_chwn[..., start:stop] = grad_padded[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W]
+
+    run_chunks(work, len(batch_ranges), g.OC * K * g.OH * g.OW * step)
     return grad_x_chwn.transpose(3, 0, 1, 2)
