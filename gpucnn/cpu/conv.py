@@ -4,7 +4,8 @@ im2col + matmul like the reference, but in chunks that threads share:
 - forward and the weight gradient cut the OUTPUT ROWS into chunks; in the CHWN layout
   the rows [oh0, oh1) of every channel are one (OC, rows*OW*N) matrix with a row stride,
   which BLAS reads (grad_y) or writes (y) in place: no transposing copy of y or grad_y;
-- the input gradient cuts the BATCH into chunks, which touch disjoint input pixels.
+- the input gradient cuts the input CHANNELS (or, for many channels and small kernels,
+  the BATCH) into chunks, which touch disjoint input pixels.
 Every chunk's columns stay near COLUMN_CHUNK_BYTES, so they live in cache.
 x and grad_y may come in any memory order; y and grad_x are returned as (N, C, H, W)
 views of CHWN-ordered arrays, which the fast pooling, ReLU and the next convolution
