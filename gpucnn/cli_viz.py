@@ -19,9 +19,9 @@ from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
 from gpucnn.cli_options import data_dir_option, dataset_option, renamed, skip_bad_images_option
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
+from gpucnn.metrics import METRICS_FILE
 from gpucnn.viz import MissingDependencyError
 
-METRICS_FILE = "metrics.jsonl"   # the trainer's per-epoch log, looked for beside the checkpoint
 DEFAULT_MAX_CHANNELS = 16        # rows of a patch figure (the .npz keeps every channel)
 EXPECTED_ERRORS = (backend.DeviceError, MissingDependencyError, ValueError, TypeError, OSError)
 

@@ -32,9 +32,7 @@ only rank 0 writes the files above and shows progress.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -47,12 +45,12 @@ from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_state_fits, load_checkpoint, save_checkpoint
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
+from gpucnn.metrics import METRICS_FILE, append_metrics, trim_metrics
 from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
 from gpucnn.step import TrainStep
 from gpucnn.utils import check_int
 
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.npz"
 BEST_FILE = "best.npz"
 REFRESH_STEPS = 10  # read the device-side metrics back every this many steps
@@ -123,16 +121,6 @@ class _StopRequest:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
         return False
-
-
-def _metrics_epoch(line: str) -> float:
-    """The epoch of a metrics.jsonl line; infinity for a blank line or one torn by a killed run."""
-    if not line.endswith("\n") or not line.strip():
-        return math.inf
-    try:
-        return json.loads(line).get("epoch", 0)
-    except (ValueError, AttributeError):
-        return math.inf
 
 
 def describe_epoch(record: dict, epochs: int) -> str:
@@ -590,18 +578,8 @@ class Trainer:
 
     def _trim_metrics(self, completed_epochs: int) -> None:
         """Drop metrics lines of epochs after the resumed checkpoint (e.g. when resuming from best.npz)."""
-        path = None if self.out_dir is None else self.out_dir / METRICS_FILE
-        if path is None or not path.is_file():
-            return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if _metrics_epoch(line) <= completed_epochs]
-        if len(kept) != len(lines):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
+        if self.out_dir is not None:
+            trim_metrics(self.out_dir / METRICS_FILE, completed_epochs)
 
     def _append_metrics(self, record: dict) -> None:
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_metrics(self.out_dir / METRICS_FILE, record)

@@ -8,19 +8,18 @@ follows from its contents (documented per function).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from gpucnn.features import TopPatches
+from gpucnn.metrics import check_records, read_metrics  # noqa: F401 - read_metrics is used as viz.read_metrics
 
 DPI = 100
 INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
 OUTSIDE_COLOR = "#5b84c4"   # grey inputs: receptive-field pixels beyond the image border (zero padding)
 # RGB inputs: the same pixels as a checkerboard (any single colour could be the image's own)
 OUTSIDE_CHECKER = ("#ffffff", "#b4b4b4")
-METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 
 # filter grid layout, pixels
 FILTER_LEFT, FILTER_TOP, FILTER_BOTTOM, FILTER_COLORBAR = 60, 60, 10, 80
@@ -258,45 +257,13 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
 
 
 # --- training curves -------------------------------------------------------------
-def read_metrics(path) -> list[dict]:
-    """The per-epoch records of a ``metrics.jsonl`` written by the trainer, sorted by epoch.
-
-    Each record must hold epoch, train_loss, test_loss, train_acc and test_acc;
-    when an epoch appears more than once (a run resumed over itself) the last wins.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} does not exist.")
-    by_epoch = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path} line {number} is not JSON.") from None
-            missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
-            if missing:
-                raise ValueError(f"{path} line {number} lacks {', '.join(missing)}; is it a gpucnn metrics.jsonl?")
-            by_epoch[int(record["epoch"])] = record
-    if not by_epoch:
-        raise ValueError(f"metrics file {path} holds no epochs yet.")
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
-
 def training_curves(records, path, title: str | None = None) -> Path:
     """Loss (left) and accuracy (right) per epoch, train and test lines; the PNG is CURVES_SIZE pixels.
 
     ``records`` is what ``read_metrics`` returns (dicts with epoch, train_loss,
     test_loss, train_acc, test_acc; accuracies as fractions).
     """
-    if not isinstance(records, (list, tuple)) or not records:
-        raise ValueError("training_curves needs a non-empty list of per-epoch metric records.")
-    for i, record in enumerate(records):
-        missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
-        if missing:
-            raise ValueError(f"metric record {i} lacks {', '.join(missing)}.")
+    check_records(records)
     make = _figure_class()
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - optional extra
     fig = make(*CURVES_SIZE)
