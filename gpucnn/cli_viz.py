@@ -9,7 +9,6 @@ and exit status 1 by itself, so it behaves the same in any Click group.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
@@ -17,28 +16,13 @@ import numpy as np
 
 from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.cli_options import data_dir_option, dataset_option, renamed, skip_bad_images_option
+from gpucnn.cli_errors import one_line_errors
+from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed, skip_bad_images_option,
+                                use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
 from gpucnn.metrics import METRICS_FILE
-from gpucnn.viz import MissingDependencyError
 
 DEFAULT_MAX_CHANNELS = 16        # rows of a patch figure (the .npz keeps every channel)
-EXPECTED_ERRORS = (backend.DeviceError, MissingDependencyError, ValueError, TypeError, OSError)
-
-
-def _one_line_errors(func):
-    """Report expected errors as ``Error: <one line>`` with exit status 1 instead of a traceback."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EXPECTED_ERRORS as exc:
-            if isinstance(exc, OSError) and exc.strerror and exc.filename:
-                text = f"{exc.filename}: {exc.strerror}"
-            else:
-                text = str(exc) or type(exc).__name__
-            raise click.ClickException(" ".join(text.split())) from None
-    return wrapper
 
 
 def _data_options(func):
@@ -54,25 +38,20 @@ def _data_options(func):
                      help="Use only the first N images of the split. [default: all]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
                      help="Images per batch (one forward pass)."),
-        click.option("--device", type=click.Choice(backend.DEVICES), default=None,
-                     help=f"Where to compute: gpu, cpu, or auto. [default: ${backend.DEVICE_ENV} or auto]"),
+        device_option,
         click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return apply_options(options)(func)
 
 
 def _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device, no_download, quiet, layers=None):
-    """(model on the device, normalised images (N, C, H, W), labels (N,), dataset name, data settings).
+    """(model on the resolved ``device``, normalised images (N, C, H, W), labels (N,), dataset name, data settings).
 
     ``layers`` (names) are checked against the model before any data is loaded.
     """
-    resolved = backend.resolve_device(device)
-    click.echo(f"device: {backend.describe(resolved)}")
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, resolved)
+    model = model_from_checkpoint(ckpt, device)
     names = [name for name, _ in named_layers(model)]
     unknown = [name for name in layers or () if name not in names]
     if unknown:
@@ -108,7 +87,7 @@ def _layer_list(values) -> list[str] | None:
               help="Let one image give several of a channel's patches (default: k different images).")
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"The run's metrics log for the training curves. [default: {METRICS_FILE} beside the checkpoint]")
-@_one_line_errors
+@one_line_errors
 def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download, quiet,
               out, patches, max_channels, layers, all_positions, metrics):
     """Draw a checkpoint's first-layer filters, the top input patches per channel, and its training curves.
@@ -139,7 +118,7 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
     out = out if out is not None else checkpoint.parent / "viz"
     layers = _layer_list(layers)
     model, images, _, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
-                                                     device, no_download, quiet, layers)
+                                                     use_device(device), no_download, quiet, layers)
     top_k = patches
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -182,7 +161,7 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
               help="Where to write the results: the .npy file for the activations, shape (N, ...) float32.")
 @click.option("--labels", "labels_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also save the images' labels (N,) int64 to this .npy file.")
-@_one_line_errors
+@one_line_errors
 def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download,
              quiet, out, labels_out):
     """Save the activations of one layer of a checkpoint's model for a data set, as .npy.
@@ -193,8 +172,8 @@ def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit
     """
     if out.suffix != ".npy":
         raise ValueError(f"--out must name a .npy file, not {out}.")
-    model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device,
-                                        no_download, quiet, [layer])
+    model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
+                                        use_device(device), no_download, quiet, [layer])
     activations = layer_features(model, images, layer, batch_size=batch_size, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, activations.astype(np.float32, copy=False))

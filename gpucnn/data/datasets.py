@@ -354,11 +354,20 @@ def normalize(images, mean, std):
         raise TypeError(f"normalize expects uint8 images, not {images.dtype}.")
     if images.ndim not in (3, 4):
         raise ValueError(f"normalize expects images of shape (N, H, W) or (N, C, H, W), not {tuple(images.shape)}.")
-    xp = backend.get_array_module(images)
-    out = images.astype(xp.float32)
+    out = images.astype(np.float32)
     if images.ndim == 3:
         out = out.reshape(images.shape[0], 1, *images.shape[1:])
-    C = out.shape[1]
+    out *= np.float32(1.0 / 255.0)
+    return standardize(out, mean, std, copy=False)
+
+
+def standardize(pixels, mean, std, copy: bool = True):
+    """float32 pixels in [0, 1] (N, C, H, W) -> ``(pixels - mean) / std``, on the pixels' device.
+
+    ``mean`` and ``std`` are one number for every channel or one per channel (C).
+    ``copy=False`` works in place (``normalize`` passes the copy it made).
+    """
+    C = pixels.shape[1]
     means, stds = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (mean, std))
     for name, values in (("mean", means), ("std", stds)):
         if values.ndim != 1 or len(values) not in (1, C):
@@ -366,9 +375,9 @@ def normalize(images, mean, std):
     if not np.isfinite(means).all() or not np.isfinite(stds).all() or (stds <= 0).any():
         raise ValueError(f"normalize needs a finite mean and a positive finite std, not mean={means.tolist()}, "
                          f"std={stds.tolist()}.")
-    shape = (1, len(means), 1, 1)
-    out *= np.float32(1.0 / 255.0)
-    out -= xp.asarray(means.astype(np.float32).reshape(shape))
+    xp = backend.get_array_module(pixels)
+    out = pixels.astype(np.float32, copy=copy)
+    out -= xp.asarray(means.astype(np.float32).reshape(1, len(means), 1, 1))
     out /= xp.asarray(stds.astype(np.float32).reshape(1, len(stds), 1, 1))
     return out
 

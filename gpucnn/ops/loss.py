@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn import dispatch
+from gpucnn import backend, dispatch
 from gpucnn.ops import check_float_array
 
 
@@ -47,10 +47,24 @@ def softmax_cross_entropy_backward(probs, labels):
     return dispatch.run("loss", "softmax_cross_entropy_backward", _check_backward, probs, labels)
 
 
+def log_softmax(logits):
+    """log softmax(logits) over the classes: (N, CLASSES) -> (N, CLASSES), on the logits' device.
+
+    The row maximum is subtracted first, so large logits do not overflow.
+    """
+    xp = backend.get_array_module(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(logits):
+    """softmax(logits) over the classes: (N, CLASSES) -> probabilities (N, CLASSES), on the logits' device."""
+    return backend.get_array_module(logits).exp(log_softmax(logits))
+
+
 def softmax_cross_entropy_reference(logits, labels):
     N = logits.shape[0]
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = log_softmax(logits)
     loss = -log_probs[np.arange(N), labels].mean()
     return np.asarray(loss, dtype=logits.dtype), np.exp(log_probs)
 
