@@ -17,8 +17,8 @@ import numpy as np
 from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
 from gpucnn.cli_errors import one_line_errors
-from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed, skip_bad_images_option,
-                                use_device)
+from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
+                                skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
 from gpucnn.metrics import METRICS_FILE
 
@@ -70,6 +70,47 @@ def _layer_list(values) -> list[str] | None:
     return names or None
 
 
+def _metrics_path(checkpoint: Path, metrics: Path | None) -> Path:
+    """--metrics, which must exist, or the metrics log beside the checkpoint, which may not."""
+    if metrics is None:
+        return checkpoint.parent / METRICS_FILE
+    if not metrics.is_file():
+        raise ValueError(f"metrics file {metrics} does not exist.")
+    return metrics
+
+
+def _draw_curves(viz, metrics: Path, out: Path) -> list[Path]:
+    """The training curves as out/curves.png; [] (and a note on stderr) without a metrics log."""
+    if not metrics.is_file():
+        click.echo(f"no {metrics.name} beside the checkpoint; no training curves (pass --metrics PATH)", err=True)
+        return []
+    return [viz.training_curves(viz.read_metrics(metrics), out / "curves.png")]
+
+
+def _draw_filters(viz, model, out: Path) -> list[Path]:
+    """The first conv layer's filters as out/filters_<layer>.png (colour for an RGB model); [] without convs."""
+    convs = conv_layer_names(model)
+    if not convs:
+        return []
+    first = convs[0]
+    weight = backend.to_numpy(dict(named_layers(model))[first].weight.data)
+    title = f"{first}: {weight.shape[0]} learned filters, {weight.shape[2]}x{weight.shape[3]}"
+    draw = viz.colour_filter_grid if weight.shape[1] == 3 else viz.filter_grid
+    return [draw(weight, out / f"filters_{first}.png", title=title)]
+
+
+def _draw_patches(viz, name: str, found, top_k: int, out: Path, max_channels: int, pixel_stats) -> list[Path]:
+    """One layer's top patches as out/patches_<layer>.npz (all channels) and .png (the first max_channels)."""
+    info = found.info
+    shown = min(max_channels, found.channels)
+    channels = f"channels 0-{shown - 1} of {found.channels}, " if shown < found.channels else ""
+    source = f"{info['dataset']} {info['split']}, {info['images']:,} images"
+    title = f"{name}: top {top_k} patches per channel ({channels}{source})"
+    return [found.save(out / f"patches_{name}.npz"),
+            viz.patch_figure(found, out / f"patches_{name}.png", max_channels=max_channels, pixel_stats=pixel_stats,
+                             title=title)]
+
+
 @click.command(name="visualize")
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @_data_options
@@ -111,44 +152,22 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
     """
     from gpucnn import viz  # noqa: PLC0415 - keeps matplotlib out of the other commands' imports
     viz.require_matplotlib()
-    metrics_given = metrics is not None
-    metrics = metrics if metrics_given else checkpoint.parent / METRICS_FILE
-    if metrics_given and not metrics.is_file():
-        raise ValueError(f"metrics file {metrics} does not exist.")
+    metrics = _metrics_path(checkpoint, metrics)
     out = out if out is not None else checkpoint.parent / "viz"
     layers = _layer_list(layers)
     model, images, _, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
                                                      use_device(device), no_download, quiet, layers)
-    top_k = patches
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    convs = conv_layer_names(model)
-    if convs:
-        first = convs[0]
-        weight = backend.to_numpy(dict(named_layers(model))[first].weight.data)
-        title = f"{first}: {weight.shape[0]} learned filters, {weight.shape[2]}x{weight.shape[3]}"
-        draw = viz.colour_filter_grid if weight.shape[1] == 3 else viz.filter_grid
-        written.append(draw(weight, out / f"filters_{first}.png", title=title))
-
-    found = top_patches(model, images, k=top_k, layers=layers, batch_size=batch_size,
+    written = _draw_filters(viz, model, out)
+    found = top_patches(model, images, k=patches, layers=layers, batch_size=batch_size,
                         distinct_images=not all_positions, progress=not quiet)
-    source = f"{dataset_name} {split}, {len(images):,} images"
+    info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split, "images": len(images),
+            "distinct_images": not all_positions, "mean": list(settings.mean), "std": list(settings.std)}
     for name, found_patches in found.items():
-        found_patches.info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split,
-                              "images": len(images), "distinct_images": not all_positions,
-                              "mean": list(settings.mean), "std": list(settings.std)}
-        written.append(found_patches.save(out / f"patches_{name}.npz"))
-        shown = min(max_channels, found_patches.channels)
-        channels = f"channels 0-{shown - 1} of {found_patches.channels}, " if shown < found_patches.channels else ""
-        written.append(viz.patch_figure(found_patches, out / f"patches_{name}.png", max_channels=max_channels,
-                                        pixel_stats=(settings.mean, settings.std),
-                                        title=f"{name}: top {top_k} patches per channel ({channels}{source})"))
-
-    if metrics.is_file():
-        written.append(viz.training_curves(viz.read_metrics(metrics), out / "curves.png"))
-    else:
-        click.echo(f"no {metrics.name} beside the checkpoint; no training curves (pass --metrics PATH)", err=True)
+        found_patches.info = info
+        written += _draw_patches(viz, name, found_patches, patches, out, max_channels,
+                                 (settings.mean, settings.std))
+    written += _draw_curves(viz, metrics, out)
     for path in written:
         click.echo(f"wrote {path}")
 

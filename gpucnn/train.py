@@ -326,25 +326,15 @@ class Trainer:
         test_images, test_labels = self._to_device(_check_data(test_data, "test_data"))
         epochs = check_int(epochs, "epochs", 1)
         batch_size = check_int(batch_size, "batch_size", 1)
-        if self.comm.distributed:
-            batches = distributed.ShardedBatchIterator(train_images, train_labels, batch_size, self.comm.rank,
-                                                       self.comm.size, seed=self.seed)
-        else:
-            batches = BatchIterator(train_images, train_labels, batch_size, shuffle=True, seed=self.seed)
+        batches = self._batches(train_images, train_labels, batch_size)
         main_rank = self.comm.rank == 0  # the one that writes files and shows progress
         progress = progress and main_rank
         if self.out_dir is not None and main_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-
-        start_epoch, start_step, partial = 0, 0, None
         self.interrupted = False
+        start_epoch, start_step, partial = 0, 0, None
         if resume is not None:
-            start_epoch, start_step, partial = self._restore(resume, batch_size, len(batches), reschedule)
-            if start_epoch >= epochs:
-                raise ValueError(f"the checkpoint {resume} has already completed {start_epoch} epochs; "
-                                 f"ask for more than {start_epoch} epochs to continue it.")
-            if main_rank:
-                self._trim_metrics(start_epoch)
+            start_epoch, start_step, partial = self._resume(resume, epochs, batch_size, len(batches), reschedule)
         self.comm.check_same("the run (training images, test images, batch size, seed, epochs, start epoch, step)",
                              (len(train_labels), len(test_labels), batch_size, self.seed, epochs, start_epoch,
                               start_step))
@@ -368,6 +358,23 @@ class Trainer:
                     self._stopped(progress)
                     return history
         return history
+
+    def _batches(self, images, labels, batch_size: int):
+        """The epochs' batches: shuffled by (seed, epoch); distributed, this rank's share of each batch."""
+        if self.comm.distributed:
+            return distributed.ShardedBatchIterator(images, labels, batch_size, self.comm.rank, self.comm.size,
+                                                    seed=self.seed)
+        return BatchIterator(images, labels, batch_size, shuffle=True, seed=self.seed)
+
+    def _resume(self, path, epochs: int, batch_size: int, steps_per_epoch: int, reschedule: bool):
+        """Restore the checkpoint at ``path`` for a run of ``epochs`` epochs; returns (epoch, step, partial)."""
+        start_epoch, start_step, partial = self._restore(path, batch_size, steps_per_epoch, reschedule)
+        if start_epoch >= epochs:
+            raise ValueError(f"the checkpoint {path} has already completed {start_epoch} epochs; "
+                             f"ask for more than {start_epoch} epochs to continue it.")
+        if self.comm.rank == 0:
+            self._trim_metrics(start_epoch)
+        return start_epoch, start_step, partial
 
     def _train_epoch(self, batches, epoch, epochs, partial, batch_size, stop, progress) -> EpochSums:
         """Run the remaining steps of one epoch; returns the (device-side) sums of the epoch so far."""

@@ -193,6 +193,22 @@ def _patch_pixels(crop, low: float, high: float):
     return rgba
 
 
+def _crops_to_draw(crops, pixel_stats):
+    """(crops (OC, k, C, RH, RW) to draw, low, high): the intensity scale of the whole figure.
+
+    With ``pixel_stats`` = (mean, std) the training normalisation is undone, and the
+    scale is [0, 1]; without, the crops' own range (NaN padding left out).
+    """
+    C = crops.shape[2]
+    if pixel_stats is None:
+        inside = crops[np.isfinite(crops)]
+        return (crops, *((float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)))
+    mean, std = (np.asarray(v, np.float32).reshape(-1) for v in pixel_stats)
+    if len(mean) not in (1, C) or len(std) not in (1, C):
+        raise ValueError(f"pixel_stats must hold one mean and std or one per channel ({C}).")
+    return crops * std.reshape(1, 1, -1, 1, 1) + mean.reshape(1, 1, -1, 1, 1), 0.0, 1.0   # NaN padding stays NaN
+
+
 def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: int = 80, max_channels=None,
                  pixel_stats=None) -> Path:
     """The lecture's figure: one row per channel, its k strongest input patches left to right.
@@ -219,16 +235,7 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
         if isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 1:
             raise ValueError(f"max_channels must be a positive int or None, not {max_channels!r}.")
         OC = min(OC, max_channels)
-    crops = patches.crops[:OC]
-    if pixel_stats is not None:
-        mean, std = (np.asarray(v, np.float32).reshape(-1) for v in pixel_stats)
-        if len(mean) not in (1, C) or len(std) not in (1, C):
-            raise ValueError(f"pixel_stats must hold one mean and std or one per channel ({C}).")
-        crops = crops * std.reshape(1, 1, -1, 1, 1) + mean.reshape(1, 1, -1, 1, 1)   # NaN padding stays NaN
-        low, high = 0.0, 1.0
-    else:
-        inside = crops[np.isfinite(crops)]
-        low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
+    crops, low, high = _crops_to_draw(patches.crops[:OC], pixel_stats)
     make = _figure_class()
     width, height = patch_figure_size(OC, k, cell_px)
     fig = make(width, height)
