@@ -459,11 +459,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="time gpucnn only")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b]
-    args.only = [g for g in args.only.split(",") if g]
-    unknown = sorted(set(args.only) - set(GROUPS))
-    if unknown:
-        parser.error(f"unknown groups {unknown}; choose from {','.join(GROUPS)}")
+    args.batches = gpu_env.comma_list(parser, args.batches, what="batch sizes", convert=int)
+    args.only = gpu_env.comma_list(parser, args.only, GROUPS, what="groups")
     if min(args.reps, args.inner) < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 1:
         parser.error("--reps and --inner must be at least 1, --warmup at least 0, and batch sizes positive")
     return args

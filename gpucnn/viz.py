@@ -88,6 +88,16 @@ def _check_cell(cell_px) -> int:
 
 
 # --- filters -------------------------------------------------------------------
+def _check_filters(weight, what: str, shape_text: str, channels: int | None = None) -> np.ndarray:
+    """``weight`` as a NumPy array, refused unless 4-d (with ``channels`` input channels) and finite float."""
+    weight = np.asarray(weight)
+    if weight.ndim != 4 or (channels is not None and weight.shape[1] != channels):
+        raise ValueError(f"{what} must have shape {shape_text}, got shape {weight.shape}.")
+    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
+        raise ValueError("filter weights must be finite floating-point numbers.")
+    return weight
+
+
 def filter_grid_size(OC: int, C: int, cell_px: int = 96) -> tuple[int, int]:
     """(width, height) in pixels of ``filter_grid`` for OC filters of C input channels."""
     return (FILTER_LEFT + OC * cell_px + FILTER_COLORBAR, FILTER_TOP + C * cell_px + FILTER_BOTTOM)
@@ -100,16 +110,11 @@ def filter_grid(weight, path, title: str | None = None, cell_px: int = 96) -> Pa
     about zero and shared by all tiles, with a colour bar. The PNG is
     ``filter_grid_size(OC, C, cell_px)`` pixels. Returns the path written.
     """
-    weight = np.asarray(weight)
-    if weight.ndim != 4:
-        raise ValueError(f"filter weights must have shape (OC, C, KH, KW), got shape {weight.shape}.")
-    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
-        raise ValueError("filter weights must be finite floating-point numbers.")
+    weight = _check_filters(weight, "filter weights", "(OC, C, KH, KW)")
     cell_px = _check_cell(cell_px)
     OC, C, KH, KW = weight.shape
-    make = _figure_class()
     width, height = filter_grid_size(OC, C, cell_px)
-    fig = make(width, height)
+    fig = _figure_class()(width, height)
     limit = float(np.abs(weight).max()) or 1.0
     gap = max(2, cell_px // 12)
     image = None
@@ -145,16 +150,11 @@ def colour_filter_grid(weight, path, title: str | None = None, cell_px: int = 64
     grey is zero, and a filter looking for red is red. The PNG is
     ``colour_filter_grid_size(OC, cell_px)`` pixels. Returns the path written.
     """
-    weight = np.asarray(weight)
-    if weight.ndim != 4 or weight.shape[1] != 3:
-        raise ValueError(f"colour filters must have shape (OC, 3, KH, KW), got shape {weight.shape}.")
-    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
-        raise ValueError("filter weights must be finite floating-point numbers.")
+    weight = _check_filters(weight, "colour filters", "(OC, 3, KH, KW)", channels=3)
     cell_px = _check_cell(cell_px)
     OC, _, KH, KW = weight.shape
-    make = _figure_class()
     width, height = colour_filter_grid_size(OC, cell_px)
-    fig = make(width, height)
+    fig = _figure_class()(width, height)
     limit = float(np.abs(weight).max()) or 1.0
     rgb = np.clip(0.5 + 0.5 * np.moveaxis(weight, 1, -1) / limit, 0, 1)      # (OC, KH, KW, 3)
     columns = min(OC, COLOUR_FILTER_COLUMNS)

@@ -21,23 +21,9 @@ from gpucnn.utils import conv_output_size, pair
 COLUMN_CHUNK_BYTES = 2 * 2**20
 
 
-class ConvGeometry(NamedTuple):
-    """Every size of one convolution, in the shared shape vocabulary."""
-    N: int
-    C: int
-    H: int
-    W: int
-    OC: int
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    PH: int
-    PW: int
-    DH: int
-    DW: int
-    OH: int
-    OW: int
+ConvGeometry = NamedTuple("ConvGeometry", [(size, int) for size in "N C H W OC KH KW SH SW PH PW DH DW OH OW".split()])
+ConvGeometry.__doc__ = "Every size of one convolution, in the shared shape vocabulary."
+
 
 
 def conv2d_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1) -> ConvGeometry:
