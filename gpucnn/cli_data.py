@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from gpucnn.data import DATASETS, channel_stats, load_split, normalize, standardize
 from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
 from gpucnn.models import default_input_shape

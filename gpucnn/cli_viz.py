@@ -16,7 +16,7 @@ import numpy as np
 
 from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.cli_errors import one_line_errors
+from gpucnn.cli_errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - EXPECTED_ERRORS: the one list
 from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
                                 skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches

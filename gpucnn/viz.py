@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn.features import TopPatches
-from gpucnn.metrics import check_records, read_metrics  # noqa: F401 - read_metrics is used as viz.read_metrics
+from gpucnn.metrics import METRIC_KEYS, check_records, read_metrics  # noqa: F401 - also viz.METRIC_KEYS, viz.read_metrics
 
 DPI = 100
 INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
