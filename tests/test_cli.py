@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from gpucnn import backend
 from gpucnn.checkpoint import load_checkpoint
 from gpucnn.train import CHECKPOINT_FILE
 from tests.helpers import ROOT, assert_one_line_error, clean_env, invoke, run_cli
