@@ -164,3 +164,14 @@ def tiny_cache(tmp_path, monkeypatch):
                        mirrors=("http://127.0.0.1:9/",), mean=0.5, std=0.25, classes=tuple("0123456789"))
     monkeypatch.setitem(DATASETS, "tiny", spec)
     return types.SimpleNamespace(files=files, spec=spec, cache=tmp_path / "cache" / "tiny", source=source)
+
+
+EMULATOR_ORDERS = ("forward", "reverse", "random")
+
+
+@pytest.fixture(scope="module", params=EMULATOR_ORDERS)
+def emulator(request):
+    """An EmulatorRuntime in each thread order, for the launcher tests (a given runtime, kernels_dir, ...)."""
+    from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415
+
+    return EmulatorRuntime(order=request.param, seed=3)

@@ -257,3 +257,22 @@ def fill_cache(tiny_cache, split="test"):
     for kind in ("images", "labels"):
         (tiny_cache.cache / MNIST_FILES[f"{split}-{kind}"]).write_bytes(tiny_cache.files[f"{split}-{kind}"])
 
+
+
+class LaunchRecorder:
+    """A runtime that launches through ``inner`` and keeps each launch (kernel, grid, block, args,
+    shared_mem), the way a captured CUDA graph keeps them; everything else is ``inner``'s."""
+
+    def __init__(self, inner):
+        self.inner, self.launches = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def function(self, file, name):
+        kernel = self.inner.function(file, name)
+
+        def launch(grid, block, args, shared_mem=0):
+            self.launches.append((kernel, grid, block, args, shared_mem))
+            kernel(grid, block, args, shared_mem=shared_mem)
+        return launch
