@@ -10,9 +10,9 @@ a capped grid), the fused optimizers and matmul's transposes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from collections import namedtuple
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,6 +43,8 @@ OPTIM_TOL = 1e-6      # per step, relative to max(1, max |parameter|)
 
 @dataclass(frozen=True)
 class ConvCase:
+    """x (N, C, H, W) convolved with weight (OC, C, KH, KW), bias (OC) or none, ReLU when asked."""
+
     name: str
     n: int
     c: int
@@ -59,6 +61,8 @@ class ConvCase:
 
 @dataclass(frozen=True)
 class PoolCase:
+    """x (N, C, H, W) pooled over a KH x KW window (stride None: the window)."""
+
     name: str
     n: int
     c: int
@@ -222,6 +226,8 @@ def check_avg_pool(case: PoolCase, runtime=None, to_device=np.asarray, to_host=n
 
 @dataclass(frozen=True)
 class LinearCase:
+    """x (N, D_IN) @ weight (D_OUT, D_IN).T + bias, ReLU when asked."""
+
     name: str
     n: int
     d_in: int
@@ -230,18 +236,14 @@ class LinearCase:
     bias: bool = True
 
 
-@dataclass(frozen=True)
-class MatmulCase:
-    name: str
-    m: int
-    k: int
-    n: int
-    trans_a: bool
-    trans_b: bool
+# op(a) @ op(b), op a transpose when asked: (M, K) @ (K, N)
+MatmulCase = namedtuple("MatmulCase", "name m k n trans_a trans_b")
 
 
 @dataclass(frozen=True)
 class LossCase:
+    """logits (N, K classes) and labels (N)."""
+
     name: str
     n: int
     k: int
@@ -250,6 +252,8 @@ class LossCase:
 
 @dataclass(frozen=True)
 class OptimCase:
+    """A fused optimizer and its gpucnn.optim counterpart, with the same settings."""
+
     name: str
     reference: type
     fused: type

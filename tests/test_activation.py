@@ -9,18 +9,10 @@ import pytest
 
 from gpucnn.cuda import activation as cuda_activation
 from gpucnn.cuda import optim as cuda_optim
-from gpucnn.ops import (
-    dropout_backward,
-    dropout_forward,
-    relu_backward,
-    relu_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    tanh_backward,
-    tanh_forward,
-)
+from gpucnn.ops import dropout_backward, dropout_forward, relu_backward, relu_forward
+from gpucnn.ops import sigmoid_backward, sigmoid_forward, tanh_backward, tanh_forward
 from gpucnn.testing.gradcheck import assert_gradient_close
-from tests.helpers import assert_refused_before_launch, f32
+from tests.helpers import assert_same_bits, assert_refused_before_launch, f32
 from tests.kernel_cases import OPTIM_CASES, RELU_SHAPES, check_fused_optimizer, check_relu
 from tests.loops import relu_backward_loops, relu_loops
 from tests.test_conv import run_twice_on_gpu
@@ -53,8 +45,7 @@ def test_relu_kernel_cases_match_loops(shape, backend):
     np.testing.assert_array_equal(y, relu_loops(x))
     np.testing.assert_array_equal(grad_x, relu_backward_loops(grad_y, relu_loops(x)))
     if backend.device == "gpu":
-        for first, second in zip(outputs, run_relu_case(backend, shape)):
-            assert first.tobytes() == second.tobytes(), "two runs gave different bits"
+        assert_same_bits(outputs, run_relu_case(backend, shape))
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences

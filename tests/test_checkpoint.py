@@ -212,7 +212,7 @@ def test_overwrite_replaces_the_whole_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints under SIGKILL and Ctrl-C, corrupt and incompatible ones (from tests/test_faults.py)
+# Checkpoints under SIGKILL and Ctrl-C, corrupt and incompatible ones
 
 
 def checkpoint_key(path: Path):

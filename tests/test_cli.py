@@ -227,7 +227,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad option values and combinations: one line, non-zero exit (from tests/test_faults.py)
+# Bad option values and combinations: one line, non-zero exit
 
 
 @pytest.mark.parametrize("args, code, fragment", [

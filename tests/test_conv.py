@@ -23,9 +23,17 @@ from gpucnn.ops import conv2d_backward, conv2d_forward
 from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
 from gpucnn.testing.gradcheck import assert_gradient_close, relative_error
 from tests.conftest import EMULATOR_ORDERS
-from tests.helpers import assert_close, assert_refused_before_launch, f32
-from tests.kernel_cases import (CONV_CASES, FORWARD_TOL, GRAD_PARAM_TOL, GRAD_X_TOL, ConvCase, case_id, check_conv,
-                                conv_inputs)
+from tests.helpers import assert_kernel_case, assert_same_bits, assert_refused_before_launch, f32
+from tests.kernel_cases import (
+    CONV_CASES,
+    FORWARD_TOL,
+    GRAD_PARAM_TOL,
+    GRAD_X_TOL,
+    ConvCase,
+    case_id,
+    check_conv,
+    conv_inputs,
+)
 from tests.loops import conv2d_backward_taps, conv2d_loops, conv2d_taps
 
 KERNELS = cuda_runtime.kernels_dir()
@@ -63,30 +71,7 @@ def run_conv_case(backend, case: ConvCase):
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
 def test_conv2d_kernel_cases_match_loops(case, backend):
-    outputs = run_conv_case(backend, case)
-    for name, got, want, tol in zip(("y", "grad_x", "grad_weight", "grad_bias"), outputs, expected_conv(case),
-                                    (FORWARD_TOL, GRAD_X_TOL, GRAD_PARAM_TOL, GRAD_PARAM_TOL)):
-        if want is None:
-            assert got is None, f"{name}: expected None without a bias"
-        else:
-            assert_close(name, got, want, tol)
-    if backend.device == "gpu":
-        for first, second in zip(outputs, run_conv_case(backend, case)):
-            assert (first is None and second is None) or first.tobytes() == second.tobytes(), \
-                "two runs gave different bits"
-
-
-def test_conv2d_results_are_bitwise_identical_across_thread_orders():
-    case = ConvCase("orders", 2, 3, 9, 9, 5, (3, 3), stride=(2, 1), padding=(1, 1))
-    x, weight, bias, grad_y = conv_inputs(case)
-    results = []
-    for order in EMULATOR_ORDERS:
-        rt = EmulatorRuntime(order=order, seed=9)
-        y = cuda_conv.conv2d_forward(x, weight, bias, (2, 1), (1, 1), runtime=rt)
-        results.append((y, *cuda_conv.conv2d_backward(grad_y, x, weight, (2, 1), (1, 1), runtime=rt)))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert np.array_equal(a, b)
+    assert_kernel_case(backend, lambda: run_conv_case(backend, case), expected_conv(case), (FORWARD_TOL, GRAD_X_TOL, GRAD_PARAM_TOL, GRAD_PARAM_TOL))
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences
@@ -254,13 +239,10 @@ def test_rejects_wrong_ndim():
         conv2d_forward(x, w, b[:, None])
 
 
-def test_rejects_channel_mismatch():
+def test_rejects_channel_mismatch_and_a_bias_of_wrong_length():
     x, w, b = arrays(shape_w=(4, 2, 3, 3))
     with pytest.raises(ValueError, match="2 input channels .* x has 3"):
         conv2d_forward(x, w, b)
-
-
-def test_rejects_bias_of_wrong_length():
     x, w, _ = arrays()
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         conv2d_forward(x, w, np.zeros(3, np.float32))
@@ -331,11 +313,7 @@ def run_twice_on_gpu(check, case, **kwargs):
     to_gpu = lambda array: gpucnn_backend.to_device(array, "gpu")  # noqa: E731
     first = check(case, runtime=None, to_device=to_gpu, to_host=gpucnn_backend.to_numpy, **kwargs)
     second = check(case, runtime=None, to_device=to_gpu, to_host=gpucnn_backend.to_numpy, **kwargs)
-    for a, b in zip(first, second):
-        if a is None:
-            assert b is None
-        else:
-            assert a.tobytes() == b.tobytes(), "two runs gave different bits"
+    assert_same_bits(first, second)
 
 
 @pytest.mark.gpu

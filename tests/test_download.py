@@ -386,7 +386,7 @@ def test_normalize_validates_inputs():
 
 
 # ------------------------------------------------------------------------------------------------
-# Downloads killed midway and checksum mismatches (from tests/test_faults.py)
+# Downloads killed midway and checksum mismatches
 
 
 DOWNLOAD_SCRIPT = """

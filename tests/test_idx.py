@@ -237,7 +237,7 @@ def test_published_mnist_checksums_match_the_real_files():
 
 
 # ------------------------------------------------------------------------------------------------
-# Damaged, missing and forged data files (from tests/test_faults.py)
+# Damaged, missing and forged data files
 
 
 def test_missing_files_say_where_gpucnn_looked(tiny_cache, tmp_path):

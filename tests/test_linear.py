@@ -17,10 +17,22 @@ from gpucnn import backend as gpucnn_backend
 from gpucnn.cuda import linear as cuda_linear
 from gpucnn.ops import linear_backward, linear_forward, relu_forward
 from gpucnn.testing.gradcheck import assert_gradient_close
-from tests.helpers import assert_close, assert_refused_before_launch, f32
-from tests.kernel_cases import (FORWARD_TOL, GRAD_PARAM_TOL, LINEAR_CASES, MATMUL_CASES, LinearCase, broken_kernel_copy,
-                                caught_under_some_order, case_id, check_linear, check_matmul, copy_kernels,
-                                kernel_define, remove_barrier)
+from tests.helpers import assert_kernel_case, assert_close, assert_refused_before_launch, f32
+from tests.kernel_cases import (
+    FORWARD_TOL,
+    GRAD_PARAM_TOL,
+    LINEAR_CASES,
+    MATMUL_CASES,
+    LinearCase,
+    broken_kernel_copy,
+    caught_under_some_order,
+    case_id,
+    check_linear,
+    check_matmul,
+    copy_kernels,
+    kernel_define,
+    remove_barrier,
+)
 from tests.loops import linear_backward_loops, linear_loops
 from tests.test_conv import run_twice_on_gpu
 
@@ -64,17 +76,7 @@ def run_linear_case(backend, case: LinearCase):
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=case_id)
 def test_linear_kernel_cases_match_loops(case, backend):
-    outputs = run_linear_case(backend, case)
-    for name, got, want, tol in zip(("y", "grad_x", "grad_weight", "grad_bias"), outputs, expected_linear(case),
-                                    (FORWARD_TOL, FORWARD_TOL, GRAD_PARAM_TOL, GRAD_PARAM_TOL)):
-        if want is None:
-            assert got is None, f"{name}: expected None without a bias"
-        else:
-            assert_close(name, got, want, tol)
-    if backend.device == "gpu":
-        for first, second in zip(outputs, run_linear_case(backend, case)):
-            assert (first is None and second is None) or first.tobytes() == second.tobytes(), \
-                "two runs gave different bits"
+    assert_kernel_case(backend, lambda: run_linear_case(backend, case), expected_linear(case), (FORWARD_TOL, FORWARD_TOL, GRAD_PARAM_TOL, GRAD_PARAM_TOL))
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences

@@ -20,9 +20,20 @@ from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
 from gpucnn.testing.emulator import EmulatorRuntime
 from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.conftest import EMULATOR_ORDERS
-from tests.helpers import assert_close, assert_refused_before_launch, f32
-from tests.kernel_cases import (FORWARD_TOL, LOSS_CASES, LossCase, broken_kernel_copy, caught_under_some_order, case_id,
-                                check_loss, copy_kernels, kernel_define, loss_inputs, remove_barrier)
+from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, f32
+from tests.kernel_cases import (
+    FORWARD_TOL,
+    LOSS_CASES,
+    LossCase,
+    broken_kernel_copy,
+    caught_under_some_order,
+    case_id,
+    check_loss,
+    copy_kernels,
+    kernel_define,
+    loss_inputs,
+    remove_barrier,
+)
 from tests.loops import softmax_cross_entropy_backward_loops, softmax_cross_entropy_loops
 from tests.test_conv import run_twice_on_gpu
 
@@ -57,8 +68,7 @@ def test_softmax_cross_entropy_kernel_cases_match_loops(case, backend):
     assert_close("probs", probs, want_probs, FORWARD_TOL)
     assert_close("grad_logits", grad, want_grad, FORWARD_TOL)
     if backend.device == "gpu":
-        for first, second in zip(outputs, run_loss_case(backend, case)):
-            assert first.tobytes() == second.tobytes(), "two runs gave different bits"
+        assert_same_bits(outputs, run_loss_case(backend, case))
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences

@@ -449,7 +449,7 @@ def test_gpu_forward_backward_match_cpu_and_device_mismatch_is_reported():
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input to layers and ops: one sentence naming the layer and the shape (from tests/test_faults.py)
+# Bad input to layers and ops: one sentence naming the layer and the shape
 
 
 def test_wrong_ndim_names_the_layer_and_the_shape():

@@ -12,8 +12,15 @@ from gpucnn.models import LeNet5
 from gpucnn.nn import Parameter
 from gpucnn.ops import loss as ops_loss
 from tests.helpers import LaunchRecorder, NoLaunchRuntime, assert_close, assert_refused_before_launch, f32
-from tests.kernel_cases import (OPTIM_CASES, OPTIM_TOL, broken_kernel_copy, caught_under_some_order, case_id,
-                                check_fused_optimizer, copy_kernels)
+from tests.kernel_cases import (
+    OPTIM_CASES,
+    OPTIM_TOL,
+    broken_kernel_copy,
+    caught_under_some_order,
+    case_id,
+    check_fused_optimizer,
+    copy_kernels,
+)
 from tests.test_conv import run_twice_on_gpu
 
 

@@ -17,9 +17,17 @@ from gpucnn.cuda import pool as cuda_pool
 from gpucnn.ops import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
 from gpucnn.ops import pool as ops_pool
 from gpucnn.testing.gradcheck import assert_gradient_close
-from tests.helpers import assert_close, assert_refused_before_launch, f32, tie_free
-from tests.kernel_cases import (FORWARD_TOL, GRAD_X_TOL, POOL_CASES, PoolCase, case_id, check_avg_pool,
-                                check_max_pool, pool_output_shape)
+from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, f32, tie_free
+from tests.kernel_cases import (
+    FORWARD_TOL,
+    GRAD_X_TOL,
+    POOL_CASES,
+    PoolCase,
+    case_id,
+    check_avg_pool,
+    check_max_pool,
+    pool_output_shape,
+)
 from tests.loops import (
     avg_pool2d_backward_loops,
     avg_pool2d_loops,
@@ -93,8 +101,7 @@ def test_pool2d_kernel_cases_match_loops(case, backend):
     assert_close("avg y", avg_y, want_avg_y, FORWARD_TOL)
     assert_close("avg grad_x", avg_grad_x, want_avg_grad_x, GRAD_X_TOL)
     if backend.device == "gpu":
-        for first, second in zip(outputs, run_pool_case(backend, case)):
-            assert first.tobytes() == second.tobytes(), "two runs gave different bits"
+        assert_same_bits(outputs, run_pool_case(backend, case))
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences

@@ -277,7 +277,7 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_metrics_lines(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# A loss going NaN, running out of memory (from tests/test_faults.py)
+# A loss going NaN, running out of memory
 
 
 def small_data(n=40, seed=0):
