@@ -246,7 +246,7 @@ class Trainer:
             return self.xp.zeros((), dtype=np.float32), self.xp.zeros((), dtype=np.int64)
         logits = self.model(x)
         loss, probs = softmax_cross_entropy(logits, y)
-        self.model.backward(softmax_cross_entropy_backward(probs, y))
+        self.model.backward(softmax_cross_entropy_backward(probs, y), input_grad=False)  # images need no gradient
         if self.comm.distributed:
             self._average_gradients(len(y))
         self.optimizer.step()

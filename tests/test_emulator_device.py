@@ -52,6 +52,13 @@ def test_the_dispatch_table_picks_by_device():
             pass
 
 
+def test_features_on_the_emulator_match_the_cpu():
+    x = np.random.default_rng(4).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    on_cpu = LeNet5(seed=4).features(x, "flatten")
+    on_emulator = LeNet5(seed=4).to("emulator").features(backend.to_device(x, "emulator"), "flatten")
+    np.testing.assert_allclose(backend.to_numpy(on_emulator), on_cpu, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_parameters_are_refused_on_a_kernel_device():
     with pytest.raises(ValueError, match=r"float32 kernels, but parameter conv1.weight is float64; call model.float"):
         LeNet5().double().to("emulator")

@@ -137,13 +137,15 @@ class _Misbehaving(nn.Module):
             backend.to_numpy(x)
         if self.what == "numpy":
             return x * 1.0
+        if self.what == "synchronize":
+            backend.synchronize("emulator")
         return x
 
     def backward(self, grad_output, input_grad=True):
         return grad_output
 
 
-@pytest.mark.parametrize("what", ["allocation", "host read", "numpy"])
+@pytest.mark.parametrize("what", ["allocation", "host read", "numpy", "synchronize"])
 def test_recording_refuses_what_a_graph_cannot_hold(what):
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _Misbehaving(what), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
     model.input_shape = (1, 6, 6)
