@@ -148,7 +148,7 @@ MUTATION_LINEAR = LinearCase("mutation", 40, 50, 70)
 @pytest.mark.parametrize("kernel, index", [("linear_matmul_tiled", 0), ("linear_matmul_tiled", 1),
                                            ("linear_column_sums", 0)],
                          ids=["matmul_before_compute", "matmul_before_next_load", "column_sums"])
-def test_mutation_missing_barrier_iscaught_under_some_order(tmp_path, kernel, index):
+def test_mutation_missing_barrier_is_caught(tmp_path, kernel, index):
     assert caught_under_some_order(broken_kernel_copy(tmp_path, "linear.cu", remove_barrier(kernel, index)),
                                    lambda rt: check_linear(MUTATION_LINEAR, runtime=rt))
 

@@ -158,13 +158,13 @@ def test_results_are_bitwise_identical_across_thread_orders():
 
 @pytest.mark.emulator
 @pytest.mark.parametrize("index", [0, 1], ids=["mean_before_tree", "mean_in_tree"])
-def test_mutation_missing_barrier_iscaught_under_some_order(tmp_path, index):
+def test_mutation_missing_barrier_is_caught(tmp_path, index):
     assert caught_under_some_order(broken_kernel_copy(tmp_path, "loss.cu", remove_barrier("softmax_xent_mean", index)),
                                    lambda rt: check_loss(LossCase("mutation", 600, 3), runtime=rt))
 
 
 @pytest.mark.emulator
-def test_mutation_partial_shuffle_mask_iscaught_under_some_order(tmp_path):
+def test_mutation_partial_shuffle_mask_is_caught(tmp_path):
     def half_mask(source):
         return source.replace("__shfl_xor_sync(FULL_WARP, sum, offset)", "__shfl_xor_sync(0x0000ffffu, sum, offset)")
     assert caught_under_some_order(broken_kernel_copy(tmp_path, "loss.cu", half_mask),

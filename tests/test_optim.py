@@ -444,7 +444,7 @@ def test_flat_parameters_views_and_gather(emulator):
 
 
 @pytest.mark.emulator
-def test_mutation_wrong_adam_coefficient_iscaught_under_some_order(tmp_path):
+def test_mutation_wrong_adam_coefficient_is_caught(tmp_path):
     def wrong_beta(source):
         return source.replace("const float b2 = (float)beta2;", "const float b2 = (float)beta1;")
     assert caught_under_some_order(broken_kernel_copy(tmp_path, "optim.cu", wrong_beta),
