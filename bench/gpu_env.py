@@ -15,6 +15,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def comma_list(parser, text: str, allowed=None, what: str = "entries", convert=str) -> list:
+    """A comma-separated option value as a list of ``convert``-ed entries; ``parser.error`` names a bad one."""
+    try:
+        values = [convert(part) for part in text.split(",") if part]
+    except ValueError:
+        parser.error(f"{text!r} is not a comma-separated list of {what}")
+    unknown = sorted(set(values) - set(allowed)) if allowed is not None else []
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(map(str, unknown))}; choose from {', '.join(allowed)}")
+    return values
+
+
 def require_gpu():
     """The CuPy module; exits with status 1 and the line "no GPU: <reason>" where no GPU is usable."""
     os.environ["CUPY_TF32"] = "0"  # fp32 products everywhere: the ceilings and cuBLAS stay full precision

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_env  # noqa: E402 - also puts the repository on sys.path
 
+from gpucnn.testing.recording import Launch, RecordingRuntime, replay  # noqa: E402, F401 - gpu_ops.RecordingRuntime
+
 GROUPS = ("conv", "pool", "linear", "loss", "relu", "adam", "large", "vgg")
 VGG_BATCH = 128
 # vgg-small (gpucnn.models.VGGSmall) at 3x32x32: (label, C, H=W, OC) of each 3x3 pad 1 convolution ...
@@ -47,53 +49,7 @@ VGG_CASES = [("conv1_1", 3, 32, 64), ("conv1_2", 64, 32, 64), ("conv2_1", 64, 16
 VGG_POOL_CASES = [("pool1", 64, 32), ("pool2", 128, 16), ("pool3", 256, 8)]
 
 
-# ---- recording the launches a launcher makes ----------------------------------------------------
-
-@dataclass
-class Launch:
-    name: str
-    kernel: object
-    grid: tuple
-    block: tuple
-    args: tuple
-    shared_mem: int
-
-
-class RecordingRuntime:
-    """A runtime that launches through ``inner`` and records every launch, to be replayed later.
-
-    Replays reuse the recorded argument arrays: refill the inputs in place for fresh data.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.xp = inner.xp
-        self.launches: list[Launch] = []
-
-    def function(self, file, name):
-        kernel = self.inner.function(file, name)
-
-        def launch(grid, block, args, shared_mem=0):
-            self.launches.append(Launch(name, kernel, tuple(grid), tuple(block), tuple(args), shared_mem))
-            kernel(grid, block, args, shared_mem=shared_mem)
-        return launch
-
-    def empty(self, shape, dtype):
-        return self.inner.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return self.inner.zeros(shape, dtype)
-
-    def take(self) -> list[Launch]:
-        """The launches recorded since the last take()."""
-        launches, self.launches = self.launches, []
-        return launches
-
-
-def replay(launches) -> None:
-    for launch in launches:
-        launch.kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
-
+# ---- recording the launches a launcher makes: gpucnn.testing.recording (Launch, RecordingRuntime, replay)
 
 # ---- rows ------------------------------------------------------------------------------------------
 
@@ -459,11 +415,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="time gpucnn only")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b]
-    args.only = [g for g in args.only.split(",") if g]
-    unknown = sorted(set(args.only) - set(GROUPS))
-    if unknown:
-        parser.error(f"unknown groups {unknown}; choose from {','.join(GROUPS)}")
+    args.batches = gpu_env.comma_list(parser, args.batches, what="batch sizes", convert=int)
+    args.only = gpu_env.comma_list(parser, args.only, GROUPS, what="groups")
     if min(args.reps, args.inner) < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 1:
         parser.error("--reps and --inner must be at least 1, --warmup at least 0, and batch sizes positive")
     return args

@@ -448,11 +448,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    args.only = [v for v in args.only.split(",") if v]
-    unknown = sorted(set(args.only) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.batch_sizes = gpu_env.comma_list(parser, args.batch_sizes, what="batch sizes", convert=int)
+    args.only = gpu_env.comma_list(parser, args.only, VARIANTS, what="variant(s)")
     if args.no_torch:
         args.only = [v for v in args.only if v not in ("pytorch-eager", "torch-compile")]
     if not args.batch_sizes or min(args.batch_sizes) < 1 or min(args.rounds, args.round_steps, args.pool) < 1 \

@@ -225,3 +225,48 @@ def model_from_checkpoint(checkpoint: dict, device: str = "cpu"):
     check_state_fits(checkpoint["model"], model.state_dict())
     model.load_state_dict(checkpoint["model"])
     return model.to(device)
+
+
+def rule_name(optimizer) -> str:
+    """The gpucnn.optim class name of an optimizer, fused or not ("Adam" for a fused Adam)."""
+    return type(getattr(optimizer, "rule", optimizer)).__name__
+
+
+def check_resumable(ckpt: dict, path, model, optimizer, scheduler, generators: dict, *, seed: int,
+                    batch_size: int, ranks: int, steps_per_epoch: int) -> None:
+    """Raise CheckpointError (or ValueError for a run setting) unless ``ckpt`` can continue this run exactly.
+
+    ``ckpt`` is what ``load_checkpoint(path)`` returned; the rest describes the run
+    that would continue it: its model, optimizer and scheduler (or None), the
+    model's random generators (``"module.attribute" -> Generator``), the seed,
+    batch size, number of ranks, and steps in one epoch of its training data.
+    """
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "trainer") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)}.")
+    check_state_fits(ckpt["model"], {name: p.data for name, p in model.named_parameters()})
+    # Same shapes do not make the same model (lenet5 and lenet5-classic share every shape).
+    stored_name = ((ckpt.get("config") or {}).get("model") or {}).get("name")
+    own_name = (getattr(model, "config", None) or {}).get("name")
+    if stored_name is not None and own_name is not None and stored_name != own_name:
+        raise CheckpointError(f"checkpoint {path} holds a {stored_name} model, but this run trains {own_name}.")
+    state = ckpt["trainer"]
+    if state["seed"] != seed or state["batch_size"] != batch_size:
+        raise ValueError(f"checkpoint {path} was trained with seed {state['seed']} and batch size "
+                         f"{state['batch_size']}; resume with the same (got seed {seed}, "
+                         f"batch size {batch_size}) so the batch order continues.")
+    stored_ranks = state.get("ranks", 1)  # checkpoints from before distributed training: one process
+    if stored_ranks != ranks:
+        raise ValueError(f"checkpoint {path} was trained on {stored_ranks} rank(s) with batch size {batch_size} "
+                         f"each; resume it on {stored_ranks} (got {ranks}) so the batch order continues.")
+    for part, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        stored = state[f"{part}_class"]
+        current = None if obj is None else rule_name(obj)
+        if stored != current:
+            raise CheckpointError(f"checkpoint {path} holds {part} {stored} state, but this run uses {current}.")
+    if not 0 <= ckpt["step"] < steps_per_epoch:
+        raise CheckpointError(f"checkpoint {path} stopped at step {ckpt['step']} of an epoch, but an epoch "
+                              f"here has {steps_per_epoch} steps; resume on the same training data.")
+    if set(ckpt["rng"]) != set(generators):
+        raise CheckpointError(f"checkpoint {path} holds random generators {sorted(ckpt['rng'])}, "
+                              f"but the model has {sorted(generators)}.")

@@ -11,7 +11,7 @@ import math
 import sys
 import tempfile
 import time
-import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -19,11 +19,14 @@ import numpy as np
 
 from gpucnn import __version__, backend, cli_data, cli_viz, distributed
 from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from gpucnn.cli_options import (data_dir_option, dataset_option, grey_option, image_size_option,
-                                skip_bad_images_option)
-from gpucnn.data import DataError
+from gpucnn.cli_errors import EXPECTED_ERRORS, expected_errors, rank_error_text  # noqa: F401 - EXPECTED_ERRORS
+from gpucnn.cli_options import (data_dir_option, dataset_option, device_option, grey_option, image_size_option,
+                                skip_bad_images_option, use_device, apply_options)
+from gpucnn.data import read_model_input, read_pgm  # noqa: F401 - read_pgm: gpucnn.cli.read_pgm
 from gpucnn.models import MODEL_HELP, available_models, build_model
-from gpucnn.train import CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainingError, evaluate
+from gpucnn.metrics import METRICS_FILE
+from gpucnn.ops.loss import softmax
+from gpucnn.train import CHECKPOINT_FILE, Trainer, evaluate
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_MOMENTUM = 0.9          # SGD only
@@ -34,39 +37,15 @@ EXIT_INTERRUPTED = 130
 RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
                     "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
                     "schedule": "schedule", "seed": "seed"}
-EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,
-                   ValueError, TypeError, OSError)
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror and exc.filename:
-        text = f"{exc.filename}: {exc.strerror}"
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
-
-
-def _rank_error_text(exc: BaseException) -> str:
-    """What a rank of a distributed run writes about the error that aborts the job."""
-    if isinstance(exc, EXPECTED_ERRORS):
-        return f"Error: {_one_line(exc)}"
-    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 class _App(click.Group):
     """A Click group that turns expected errors into one line on stderr instead of a traceback."""
 
     def invoke(self, ctx):
-        try:
-            # Overflow in a diverging run is reported once, as a NaN/Inf loss, not as NumPy warnings.
-            with np.errstate(all="ignore"):
-                return super().invoke(ctx)
-        except EXPECTED_ERRORS as exc:
-            raise click.ClickException(_one_line(exc)) from None
-        except Exception as exc:  # CuPy's OutOfMemoryError, NumPy's MemoryError
-            if not backend.is_out_of_memory(exc):
-                raise
-            raise click.ClickException(f"out of memory ({_one_line(exc)}); try a smaller --batch-size.") from None
+        # Overflow in a diverging run is reported once, as a NaN/Inf loss, not as NumPy warnings.
+        with np.errstate(all="ignore"), expected_errors():
+            return super().invoke(ctx)
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs.pop("standalone_mode", None)
@@ -93,19 +72,6 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value} is not a finite number.", param, ctx)
         return number
-
-
-def _device_option(func):
-    return click.option("--device", type=click.Choice(backend.DEVICES), default=None,
-                        help=f"Where to compute: gpu, cpu, emulator (gpucnn's CUDA kernels on the CPU under its "
-                             f"emulator: slow, for tests and kernel debugging), or auto (the GPU when CuPy finds one). "
-                             f"[default: ${backend.DEVICE_ENV} or auto]")(func)
-
-
-def _resolve_device(device) -> str:
-    resolved = backend.resolve_device(device)
-    click.echo(f"device: {backend.describe(resolved)}")
-    return resolved
 
 
 @click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,47 +146,53 @@ def _model_option(func):
                              + ".")(func)
 
 
+# The options of train, in --help order.
+_TRAIN_OPTIONS = [
+    device_option,
+    dataset_option(default="mnist"),
+    data_dir_option,
+    image_size_option,
+    grey_option,
+    skip_bad_images_option,
+    _model_option,
+    click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+                 help="Epochs in total (a resumed run counts the checkpoint's epochs; asking a resumed run for "
+                      "more epochs than it was planned for stretches its schedule over the new total)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Images per batch (one training step)."),
+    click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
+                 help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]"),
+    click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
+                 help="sgd (with momentum), adam, or adamw (decoupled weight decay)."),
+    click.option("--momentum", type=FiniteFloatRange(min=0, max=1, max_open=True), default=None,
+                 help=f"SGD momentum (sgd only). [default: {DEFAULT_MOMENTUM}]"),
+    click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
+                 help=f"L2 penalty (decoupled for adamw). [default: {DEFAULT_ADAMW_WEIGHT_DECAY} for adamw, else 0]"),
+    click.option("--schedule", type=click.Choice(["none", "step", "cosine"]), default="cosine", show_default=True,
+                 help="Per-epoch learning-rate schedule: cosine to 0 over the run, or x0.1 every third of it."),
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Seeds the initial weights and the batch order."),
+    click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
+                      "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]"),
+    click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Continue the run saved in this checkpoint, with its settings, up to --epochs."),
+    click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no per-epoch lines."),
+    click.option("--distributed", "data_parallel", is_flag=True,
+                 help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
+                      "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
+                      "Needs gpucnn[mpi]."),
+    click.option("--graph/--no-graph", "graph", default=None,
+                 help="Replay each training step as one recorded CUDA graph (gpu, emulator) instead of running it "
+                      "op by op. [default: --graph on the gpu, --no-graph on the emulator; ignored on the cpu]"),
+]
+
+
 @cli.command()
-@_device_option
-@dataset_option(default="mnist")
-@data_dir_option
-@image_size_option
-@grey_option
-@skip_bad_images_option
-@_model_option
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Epochs in total (a resumed run counts the checkpoint's epochs; asking a resumed run for "
-                   "more epochs than it was planned for stretches its schedule over the new total).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per batch (one training step).")
-@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=None,
-              help="Learning rate. [default: 1e-3 for adam/adamw, 0.01 for sgd]")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adam", show_default=True,
-              help="sgd (with momentum), adam, or adamw (decoupled weight decay).")
-@click.option("--momentum", type=FiniteFloatRange(min=0, max=1, max_open=True), default=None,
-              help=f"SGD momentum (sgd only). [default: {DEFAULT_MOMENTUM}]")
-@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
-              help=f"L2 penalty (decoupled for adamw). [default: {DEFAULT_ADAMW_WEIGHT_DECAY} for adamw, else 0]")
-@click.option("--schedule", type=click.Choice(["none", "step", "cosine"]), default="cosine", show_default=True,
-              help="Per-epoch learning-rate schedule: cosine to 0 over the run, or x0.1 every third of it.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seeds the initial weights and the batch order.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
-                   "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Continue the run saved in this checkpoint, with its settings, up to --epochs.")
-@click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars, and no per-epoch lines.")
-@click.option("--distributed", "data_parallel", is_flag=True,
-              help="Train data-parallel on every rank of an MPI job (mpirun -n N gpucnn train --distributed ...): "
-                   "gradients averaged by MPI (cpu) or NCCL (gpu, one GPU per rank); --batch-size is per rank. "
-                   "Needs gpucnn[mpi].")
-@click.option("--graph/--no-graph", "graph", default=None,
-              help="Replay each training step as one recorded CUDA graph (gpu, emulator) instead of running it "
-                   "op by op. [default: --graph on the gpu, --no-graph on the emulator; ignored on the cpu]")
+@apply_options(_TRAIN_OPTIONS)
 @click.pass_context
-@distributed.abort_on_error(describe=_rank_error_text, passthrough=(click.exceptions.Exit,))
+@distributed.abort_on_error(describe=rank_error_text, passthrough=(click.exceptions.Exit,))
 def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, model, epochs, batch_size, lr,
           optimizer, momentum, weight_decay, schedule, seed, out, resume, no_download, quiet, data_parallel, graph):
     """Train a model, writing metrics and checkpoints to --out.
@@ -238,68 +210,104 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     """
     given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed}
-    planned_epochs, extended = epochs, False
-    if resume is not None:
-        settings = _settings_from_checkpoint(ctx, resume, given)
-        stored_plan = settings.pop("planned_epochs") or epochs
-        # Extending a run: the schedule spans the new total (a cosine fitted to the old one would be at 0).
-        extended = epochs > stored_plan
-        planned_epochs = epochs if extended else stored_plan
-        dataset, model, batch_size, lr = settings["dataset"], settings["model"], settings["batch_size"], settings["lr"]
-        optimizer, momentum, weight_decay = settings["optimizer"], settings["momentum"], settings["weight_decay"]
-        schedule, seed = settings["schedule"], settings["seed"]
-        out = out if out is not None else resume.parent
-    else:
-        if momentum is not None and optimizer != "sgd":
-            raise ValueError(f"--momentum applies to --optimizer sgd only, not {optimizer}.")
-        lr = DEFAULT_LR[optimizer] if lr is None else lr
-        momentum = (DEFAULT_MOMENTUM if momentum is None else momentum) if optimizer == "sgd" else None
-        if weight_decay is None:
-            weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
-        out = out if out is not None else Path("runs") / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-    comm = distributed.init(device) if data_parallel else distributed.Communicator()
+    plan = _resumed_plan(ctx, resume, given, epochs, out) if resume is not None else _new_plan(given, epochs, out)
+    resolved = use_device(device, echo=False)   # the one resolution; everything below gets the name
+    comm = distributed.init(resolved) if data_parallel else distributed.Communicator()
     main_rank = comm.rank == 0  # the only rank that prints and writes files
     quiet = quiet or not main_rank
-    resolved = _resolve_device(device) if main_rank else backend.resolve_device(device)
-    if data_parallel and main_rank:
-        click.echo(f"distributed: {comm.describe()}; batch {batch_size} per rank, {batch_size * comm.size} per step")
     if main_rank:
-        _check_out_dir(out, resuming=resume is not None)
-
+        click.echo(f"device: {backend.describe(resolved)}")  # after init: a rank's own GPU
+        if data_parallel:
+            click.echo(f"distributed: {comm.describe()}; batch {plan.batch_size} per rank, "
+                       f"{plan.batch_size * comm.size} per step")
+        _check_out_dir(plan.out, resuming=resume is not None)
     if not main_rank:
         comm.barrier()  # rank 0 reads the data first, so that a download happens once
-    data = _training_data(dataset, model, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume)
+    data = _training_data(plan.dataset, plan.model, data_dir, no_download, quiet, image_size, grey, skip_bad_images,
+                          resume)
     if main_rank:
         comm.barrier()
     if not quiet:
         click.echo(data.summary)
-
-    network = build_model(model, seed=seed, **data.model_kwargs).to(resolved)
-    opt = _make_optimizer(optimizer, list(network.parameters()), lr, momentum or 0.0, weight_decay)
-    scheduler = _make_scheduler(schedule, opt, planned_epochs)
-    config = {"dataset": dataset, "model_name": model, "optimizer": optimizer, "lr": lr, "momentum": momentum,
-              "weight_decay": weight_decay, "schedule": schedule, "epochs": planned_epochs, **data.settings.record()}
-    trainer = Trainer(network, opt, scheduler, device=resolved, out_dir=out, seed=seed, config=config, comm=comm,
-                      graph=graph)
+    trainer = _make_trainer(plan, data, resolved, comm, graph)
     if not quiet:
-        click.echo(f"run: {model}, {optimizer} lr {lr:g}, schedule {schedule}, batch {batch_size}, seed {seed}, "
-                   f"epochs {epochs}; writing to {out}")
-    if extended and not quiet:
-        click.echo(f"extending the run to {epochs} epochs: the {schedule} schedule now spans all {epochs}")
-    history = trainer.fit(data.train, data.test, epochs=epochs, batch_size=batch_size, resume=resume,
-                          reschedule=extended, progress=not quiet)
+        click.echo(plan.describe(epochs))
+    history = trainer.fit(data.train, data.test, epochs=epochs, batch_size=plan.batch_size, resume=resume,
+                          reschedule=plan.extended, progress=not quiet)
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
             click.echo(f"interrupted; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
                        err=True)
         ctx.exit(EXIT_INTERRUPTED)
-    last = history[-1]
     if main_rank:
+        last = history[-1]
         click.echo(f"done: epoch {last['epoch']} test accuracy {last['test_acc']:.2%} "
-                   f"(best {trainer.best_accuracy:.2%}); checkpoint {out / CHECKPOINT_FILE}, "
-                   f"metrics {out / METRICS_FILE}")
+                   f"(best {trainer.best_accuracy:.2%}); checkpoint {plan.out / CHECKPOINT_FILE}, "
+                   f"metrics {plan.out / METRICS_FILE}")
+
+
+@dataclass
+class _RunPlan:
+    """The settings of a training run: the options given, or those stored in the checkpoint it resumes."""
+    dataset: str
+    model: str
+    batch_size: int
+    lr: float
+    optimizer: str
+    momentum: float | None   # SGD only
+    weight_decay: float
+    schedule: str
+    seed: int
+    out: Path
+    planned_epochs: int      # what the schedule spans
+    extended: bool = False   # a resumed run asked for more epochs than it was planned for
+
+    def config(self, data) -> dict:
+        """The run settings the checkpoints store (see RESUMED_SETTINGS)."""
+        return {"dataset": self.dataset, "model_name": self.model, "optimizer": self.optimizer, "lr": self.lr,
+                "momentum": self.momentum, "weight_decay": self.weight_decay, "schedule": self.schedule,
+                "epochs": self.planned_epochs, **data.settings.record()}
+
+    def describe(self, epochs: int) -> str:
+        text = (f"run: {self.model}, {self.optimizer} lr {self.lr:g}, schedule {self.schedule}, "
+                f"batch {self.batch_size}, seed {self.seed}, epochs {epochs}; writing to {self.out}")
+        if self.extended:
+            text += f"\nextending the run to {epochs} epochs: the {self.schedule} schedule now spans all {epochs}"
+        return text
+
+
+def _new_plan(given: dict, epochs: int, out) -> _RunPlan:
+    """A fresh run's settings: the options, with the defaults that depend on the optimizer filled in."""
+    optimizer, momentum, weight_decay = given["optimizer"], given["momentum"], given["weight_decay"]
+    if momentum is not None and optimizer != "sgd":
+        raise ValueError(f"--momentum applies to --optimizer sgd only, not {optimizer}.")
+    momentum = (DEFAULT_MOMENTUM if momentum is None else momentum) if optimizer == "sgd" else None
+    if weight_decay is None:
+        weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
+    out = out if out is not None else Path("runs") / f"{given['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _RunPlan(**{**given, "lr": DEFAULT_LR[optimizer] if given["lr"] is None else given["lr"],
+                       "momentum": momentum, "weight_decay": weight_decay}, out=out, planned_epochs=epochs)
+
+
+def _resumed_plan(ctx, resume, given: dict, epochs: int, out) -> _RunPlan:
+    """A resumed run's settings, from its checkpoint; asked for more epochs, its schedule spans the new total."""
+    settings = _settings_from_checkpoint(ctx, resume, given)
+    stored_plan = settings.pop("planned_epochs") or epochs
+    # Extending a run: the schedule spans the new total (a cosine fitted to the old one would be at 0).
+    extended = epochs > stored_plan
+    return _RunPlan(**settings, out=out if out is not None else resume.parent,
+                    planned_epochs=epochs if extended else stored_plan, extended=extended)
+
+
+def _make_trainer(plan: _RunPlan, data, device: str, comm, graph) -> Trainer:
+    """The model, optimizer, scheduler and Trainer of a run, on the resolved ``device``."""
+    network = build_model(plan.model, seed=plan.seed, **data.model_kwargs).to(device)
+    opt = _make_optimizer(plan.optimizer, list(network.parameters()), plan.lr, plan.momentum or 0.0,
+                          plan.weight_decay)
+    scheduler = _make_scheduler(plan.schedule, opt, plan.planned_epochs)
+    return Trainer(network, opt, scheduler, device=device, out_dir=plan.out, seed=plan.seed,
+                   config=plan.config(data), comm=comm, graph=graph)
 
 
 # --- evaluate -----------------------------------------------------------------
@@ -314,13 +322,13 @@ def _load_model(checkpoint, device):
 @dataset_option()
 @data_dir_option
 @skip_bad_images_option
-@_device_option
+@device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
               help="Images per batch (one forward pass).")
 @click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
 def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, batch_size, no_download):
     """Print a checkpoint's test loss and accuracy (normalised with the statistics stored in it)."""
-    resolved = _resolve_device(device)
+    resolved = use_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
     settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
     images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, "test", data_dir,
@@ -335,108 +343,12 @@ def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, bat
 
 
 # --- predict ------------------------------------------------------------------
-def read_pgm(path) -> np.ndarray:
-    """A PGM image (P2 text or P5 binary) as float32 (H, W) intensities in [0, 1] (value / maxval)."""
-    path = Path(path)
-    data = path.read_bytes()
-    if data[:2] not in (b"P2", b"P5"):
-        raise ValueError(f"{path} is not a PGM image (it starts with {data[:2]!r}, not P2 or P5).")
-    fields, pos = [], 2
-    while len(fields) < 3:  # width, height, maxval; '#' starts a comment running to the end of the line
-        while pos < len(data) and (data[pos:pos + 1].isspace() or data[pos:pos + 1] == b"#"):
-            if data[pos:pos + 1] == b"#":
-                end = data.find(b"\n", pos)
-                pos = len(data) if end < 0 else end
-            pos += 1
-        start = pos
-        while pos < len(data) and data[pos:pos + 1].isdigit():
-            pos += 1
-        if start == pos:
-            raise ValueError(f"{path} has a malformed PGM header (expected width, height and maxval).")
-        fields.append(int(data[start:pos]))
-    width, height, maxval = fields
-    if width < 1 or height < 1 or not 1 <= maxval <= 65535:
-        raise ValueError(f"{path} has an invalid PGM header: {width}x{height}, maxval {maxval}.")
-    count = width * height
-    if data[:2] == b"P5":
-        dtype = np.dtype("u1") if maxval < 256 else np.dtype(">u2")
-        raster = data[pos + 1:pos + 1 + count * dtype.itemsize]  # one whitespace byte follows maxval
-        if len(raster) < count * dtype.itemsize:
-            raise ValueError(f"{path} is truncated: {width}x{height} pixels need {count * dtype.itemsize} bytes.")
-        values = np.frombuffer(raster, dtype=dtype).astype(np.float32)
-    else:
-        tokens = data[pos:].split()
-        if len(tokens) < count:
-            raise ValueError(f"{path} is truncated: {width}x{height} pixels, found {len(tokens)} values.")
-        try:
-            values = np.array([int(t) for t in tokens[:count]], dtype=np.float32)
-        except ValueError:
-            raise ValueError(f"{path} holds a non-integer pixel value.") from None
-    if values.max() > maxval:
-        raise ValueError(f"{path} holds a pixel value above its maxval {maxval}.")
-    return (values / np.float32(maxval)).reshape(height, width)
-
-
-PREDICT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-
-
-def _read_images(path: Path, input_shape) -> np.ndarray:
-    """The images of one file as float32 pixels in [0, 1], shaped (N, C, H, W) = (N, *input_shape).
-
-    PNG/JPEG/... (Pillow) are converted to the model's colour mode and resized and
-    centre-cropped to its size; PGM and .npy must already have its size. A grey
-    PGM given to a colour model is repeated over the three channels.
-    """
-    from gpucnn.data.images import read_image  # noqa: PLC0415 - Pillow only when a picture is read
-    C, H, W = input_shape
-    suffix = path.suffix.lower()
-    if suffix in PREDICT_IMAGE_SUFFIXES:
-        return read_image(path, size=H, grey=C == 1)[None].astype(np.float32) / np.float32(255)
-    if suffix == ".pgm":
-        pixels = read_pgm(path)
-        if pixels.shape != (H, W):
-            raise ValueError(f"{path} is a {pixels.shape[1]}x{pixels.shape[0]} image; the model takes {W}x{H} "
-                             "(convert it to PNG to have it resized).")
-        return np.repeat(pixels[None, None], C, axis=1)
-    if suffix != ".npy":
-        raise ValueError(f"{path}: predict reads PNG/JPEG/BMP/GIF/TIFF/WebP images (Pillow), .pgm images and "
-                         f".npy arrays, not {path.suffix or 'this file'}.")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a readable .npy array ({exc}).") from None
-    if C == 1 and array.shape == (H, W):
-        array = array[None, None]
-    elif C == 1 and array.ndim == 3 and array.shape[1:] == (H, W):
-        array = array[:, None]
-    elif array.shape == (C, H, W):
-        array = array[None]
-    if array.ndim != 4 or array.shape[1:] != (C, H, W) or len(array) == 0:
-        accepted = f"({H}, {W}), (N, {H}, {W}) or " if C == 1 else ""
-        raise ValueError(f"{path} holds an array of shape {array.shape}; predict takes {accepted}"
-                         f"({C}, {H}, {W}) or (N, {C}, {H}, {W}).")
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / np.float32(255)
-    if array.dtype.kind != "f":
-        raise TypeError(f"{path} holds {array.dtype} values; predict takes uint8 pixels (0-255) or floats in [0, 1].")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise ValueError(f"{path} holds floats outside [0, 1]; scale them to [0, 1] or save uint8 pixels (0-255).")
-    return array.astype(np.float32)
-
-
-def _softmax(logits):
-    xp = backend.get_array_module(logits)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = xp.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="How many of the most probable classes to print per image.")
-@_device_option
+@device_option
 def predict(checkpoint, files, top_k, device):
     """Classify images with a checkpoint: PNG, JPEG (and other formats Pillow reads), PGM or .npy.
 
@@ -449,7 +361,7 @@ def predict(checkpoint, files, top_k, device):
     (label, name, probability), named as in the training data (CIFAR-10's classes,
     or the image folder's sub-folders).
     """
-    resolved = _resolve_device(device)
+    resolved = use_device(device)
     network, ckpt = _load_model(checkpoint, resolved)
     try:
         settings = cli_data.checkpoint_settings(ckpt, checkpoint)
@@ -461,8 +373,8 @@ def predict(checkpoint, files, top_k, device):
         raise ValueError(f"--top-k {top_k} exceeds the {len(classes)} classes of {settings.dataset}.")
     network.eval()
     for path in files:
-        x = cli_data.normalize_pixels(_read_images(path, tuple(network.input_shape)), settings)
-        probs = backend.to_numpy(_softmax(network(backend.to_device(x, resolved))))
+        x = cli_data.normalize_pixels(read_model_input(path, tuple(network.input_shape)), settings)
+        probs = backend.to_numpy(softmax(network(backend.to_device(x, resolved))))
         for i, row in enumerate(probs):
             name = f"{path}[{i}]" if len(probs) > 1 else str(path)
             best = np.argsort(-row, kind="stable")[:top_k]

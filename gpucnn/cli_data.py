@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from gpucnn.data import DATASETS, channel_stats, load_split, normalize
+from gpucnn.data import DATASETS, channel_stats, load_split, normalize, standardize
 from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
 from gpucnn.models import default_input_shape
 
@@ -159,9 +157,4 @@ def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir
 
 def normalize_pixels(pixels, settings: DataSettings):
     """Floats in [0, 1] (N, C, H, W) -> the model's input, with the checkpoint's statistics."""
-    C = pixels.shape[1]
-    mean = np.asarray(settings.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(settings.std, np.float32).reshape(1, -1, 1, 1)
-    if mean.shape[1] not in (1, C):
-        raise ValueError(f"the checkpoint's statistics cover {mean.shape[1]} channels, the images have {C}.")
-    return ((pixels - mean) / std).astype(np.float32)
+    return standardize(pixels, settings.mean, settings.std)

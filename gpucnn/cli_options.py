@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from gpucnn import backend
 from gpucnn.data.sources import DATASET_NAMES
 
 MEANING_END = ".,:;(["           # what ends the first phrase of a help text, its meaning
@@ -80,3 +81,32 @@ def skip_bad_images_option(func):
     """``--skip-bad-images`` (image folders)."""
     return click.option("--skip-bad-images", is_flag=True, default=False,
                         help="Leave unreadable images out (and count them) instead of stopping (image folders).")(func)
+
+
+def device_option(func):
+    """``--device NAME`` (one of gpucnn.backend.DEVICES; None means $GPUCNN_DEVICE or auto)."""
+    return click.option("--device", type=click.Choice(backend.DEVICES), default=None,
+                        help=f"Where to compute: gpu, cpu, emulator (gpucnn's CUDA kernels on the CPU under its "
+                             f"emulator: slow, for tests and kernel debugging), or auto (the GPU when CuPy finds one). "
+                             f"[default: ${backend.DEVICE_ENV} or auto]")(func)
+
+
+def use_device(device, echo: bool = True) -> str:
+    """The one place a command turns its --device into a device name ("cpu", "gpu" or "emulator").
+
+    Commands call this once, at their entry, and pass the name it returns down
+    (to models, the trainer, the communicator); ``echo`` prints which device it is.
+    """
+    resolved = backend.resolve_device(device)
+    if echo:
+        click.echo(f"device: {backend.describe(resolved)}")
+    return resolved
+
+
+def apply_options(options):
+    """Decorator adding a list of option decorators to a command, the first one first in --help."""
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate

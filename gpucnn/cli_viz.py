@@ -9,7 +9,6 @@ and exit status 1 by itself, so it behaves the same in any Click group.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
@@ -17,28 +16,13 @@ import numpy as np
 
 from gpucnn import backend, cli_data
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.cli_options import data_dir_option, dataset_option, renamed, skip_bad_images_option
+from gpucnn.cli_errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - EXPECTED_ERRORS: the one list
+from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
+                                skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
-from gpucnn.viz import MissingDependencyError
+from gpucnn.metrics import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"   # the trainer's per-epoch log, looked for beside the checkpoint
 DEFAULT_MAX_CHANNELS = 16        # rows of a patch figure (the .npz keeps every channel)
-EXPECTED_ERRORS = (backend.DeviceError, MissingDependencyError, ValueError, TypeError, OSError)
-
-
-def _one_line_errors(func):
-    """Report expected errors as ``Error: <one line>`` with exit status 1 instead of a traceback."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EXPECTED_ERRORS as exc:
-            if isinstance(exc, OSError) and exc.strerror and exc.filename:
-                text = f"{exc.filename}: {exc.strerror}"
-            else:
-                text = str(exc) or type(exc).__name__
-            raise click.ClickException(" ".join(text.split())) from None
-    return wrapper
 
 
 def _data_options(func):
@@ -54,25 +38,20 @@ def _data_options(func):
                      help="Use only the first N images of the split. [default: all]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
                      help="Images per batch (one forward pass)."),
-        click.option("--device", type=click.Choice(backend.DEVICES), default=None,
-                     help=f"Where to compute: gpu, cpu, or auto. [default: ${backend.DEVICE_ENV} or auto]"),
+        device_option,
         click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return apply_options(options)(func)
 
 
 def _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device, no_download, quiet, layers=None):
-    """(model on the device, normalised images (N, C, H, W), labels (N,), dataset name, data settings).
+    """(model on the resolved ``device``, normalised images (N, C, H, W), labels (N,), dataset name, data settings).
 
     ``layers`` (names) are checked against the model before any data is loaded.
     """
-    resolved = backend.resolve_device(device)
-    click.echo(f"device: {backend.describe(resolved)}")
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, resolved)
+    model = model_from_checkpoint(ckpt, device)
     names = [name for name, _ in named_layers(model)]
     unknown = [name for name in layers or () if name not in names]
     if unknown:
@@ -89,6 +68,47 @@ def _layer_list(values) -> list[str] | None:
     """``("conv1,conv2", "pool1")`` -> ["conv1", "conv2", "pool1"]; None when no --layers was given."""
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     return names or None
+
+
+def _metrics_path(checkpoint: Path, metrics: Path | None) -> Path:
+    """--metrics, which must exist, or the metrics log beside the checkpoint, which may not."""
+    if metrics is None:
+        return checkpoint.parent / METRICS_FILE
+    if not metrics.is_file():
+        raise ValueError(f"metrics file {metrics} does not exist.")
+    return metrics
+
+
+def _draw_curves(viz, metrics: Path, out: Path) -> list[Path]:
+    """The training curves as out/curves.png; [] (and a note on stderr) without a metrics log."""
+    if not metrics.is_file():
+        click.echo(f"no {metrics.name} beside the checkpoint; no training curves (pass --metrics PATH)", err=True)
+        return []
+    return [viz.training_curves(viz.read_metrics(metrics), out / "curves.png")]
+
+
+def _draw_filters(viz, model, out: Path) -> list[Path]:
+    """The first conv layer's filters as out/filters_<layer>.png (colour for an RGB model); [] without convs."""
+    convs = conv_layer_names(model)
+    if not convs:
+        return []
+    first = convs[0]
+    weight = backend.to_numpy(dict(named_layers(model))[first].weight.data)
+    title = f"{first}: {weight.shape[0]} learned filters, {weight.shape[2]}x{weight.shape[3]}"
+    draw = viz.colour_filter_grid if weight.shape[1] == 3 else viz.filter_grid
+    return [draw(weight, out / f"filters_{first}.png", title=title)]
+
+
+def _draw_patches(viz, name: str, found, top_k: int, out: Path, max_channels: int, pixel_stats) -> list[Path]:
+    """One layer's top patches as out/patches_<layer>.npz (all channels) and .png (the first max_channels)."""
+    info = found.info
+    shown = min(max_channels, found.channels)
+    channels = f"channels 0-{shown - 1} of {found.channels}, " if shown < found.channels else ""
+    source = f"{info['dataset']} {info['split']}, {info['images']:,} images"
+    title = f"{name}: top {top_k} patches per channel ({channels}{source})"
+    return [found.save(out / f"patches_{name}.npz"),
+            viz.patch_figure(found, out / f"patches_{name}.png", max_channels=max_channels, pixel_stats=pixel_stats,
+                             title=title)]
 
 
 @click.command(name="visualize")
@@ -108,7 +128,7 @@ def _layer_list(values) -> list[str] | None:
               help="Let one image give several of a channel's patches (default: k different images).")
 @click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"The run's metrics log for the training curves. [default: {METRICS_FILE} beside the checkpoint]")
-@_one_line_errors
+@one_line_errors
 def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download, quiet,
               out, patches, max_channels, layers, all_positions, metrics):
     """Draw a checkpoint's first-layer filters, the top input patches per channel, and its training curves.
@@ -132,44 +152,22 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
     """
     from gpucnn import viz  # noqa: PLC0415 - keeps matplotlib out of the other commands' imports
     viz.require_matplotlib()
-    metrics_given = metrics is not None
-    metrics = metrics if metrics_given else checkpoint.parent / METRICS_FILE
-    if metrics_given and not metrics.is_file():
-        raise ValueError(f"metrics file {metrics} does not exist.")
+    metrics = _metrics_path(checkpoint, metrics)
     out = out if out is not None else checkpoint.parent / "viz"
     layers = _layer_list(layers)
     model, images, _, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
-                                                     device, no_download, quiet, layers)
-    top_k = patches
+                                                     use_device(device), no_download, quiet, layers)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    convs = conv_layer_names(model)
-    if convs:
-        first = convs[0]
-        weight = backend.to_numpy(dict(named_layers(model))[first].weight.data)
-        title = f"{first}: {weight.shape[0]} learned filters, {weight.shape[2]}x{weight.shape[3]}"
-        draw = viz.colour_filter_grid if weight.shape[1] == 3 else viz.filter_grid
-        written.append(draw(weight, out / f"filters_{first}.png", title=title))
-
-    found = top_patches(model, images, k=top_k, layers=layers, batch_size=batch_size,
+    written = _draw_filters(viz, model, out)
+    found = top_patches(model, images, k=patches, layers=layers, batch_size=batch_size,
                         distinct_images=not all_positions, progress=not quiet)
-    source = f"{dataset_name} {split}, {len(images):,} images"
+    info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split, "images": len(images),
+            "distinct_images": not all_positions, "mean": list(settings.mean), "std": list(settings.std)}
     for name, found_patches in found.items():
-        found_patches.info = {"checkpoint": str(checkpoint), "dataset": dataset_name, "split": split,
-                              "images": len(images), "distinct_images": not all_positions,
-                              "mean": list(settings.mean), "std": list(settings.std)}
-        written.append(found_patches.save(out / f"patches_{name}.npz"))
-        shown = min(max_channels, found_patches.channels)
-        channels = f"channels 0-{shown - 1} of {found_patches.channels}, " if shown < found_patches.channels else ""
-        written.append(viz.patch_figure(found_patches, out / f"patches_{name}.png", max_channels=max_channels,
-                                        pixel_stats=(settings.mean, settings.std),
-                                        title=f"{name}: top {top_k} patches per channel ({channels}{source})"))
-
-    if metrics.is_file():
-        written.append(viz.training_curves(viz.read_metrics(metrics), out / "curves.png"))
-    else:
-        click.echo(f"no {metrics.name} beside the checkpoint; no training curves (pass --metrics PATH)", err=True)
+        found_patches.info = info
+        written += _draw_patches(viz, name, found_patches, patches, out, max_channels,
+                                 (settings.mean, settings.std))
+    written += _draw_curves(viz, metrics, out)
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -182,7 +180,7 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
               help="Where to write the results: the .npy file for the activations, shape (N, ...) float32.")
 @click.option("--labels", "labels_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also save the images' labels (N,) int64 to this .npy file.")
-@_one_line_errors
+@one_line_errors
 def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download,
              quiet, out, labels_out):
     """Save the activations of one layer of a checkpoint's model for a data set, as .npy.
@@ -193,8 +191,8 @@ def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit
     """
     if out.suffix != ".npy":
         raise ValueError(f"--out must name a .npy file, not {out}.")
-    model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device,
-                                        no_download, quiet, [layer])
+    model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
+                                        use_device(device), no_download, quiet, [layer])
     activations = layer_features(model, images, layer, batch_size=batch_size, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, activations.astype(np.float32, copy=False))

@@ -32,6 +32,12 @@ def _number(value, name: str) -> float:
     return value
 
 
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
 def _at_least(value, name: str, low: float) -> float:
     value = _number(value, name)
     if value < low:
@@ -322,12 +328,10 @@ class StepLR(LRScheduler):
         self._set_settings(step_size=step_size, gamma=gamma)
 
     def _set_settings(self, step_size, gamma) -> None:
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, np.integer)) or step_size < 1:
-            raise ValueError(f"step_size must be a positive int, got {step_size!r}.")
-        gamma = _number(gamma, "gamma")
+        step_size, gamma = _positive_int(step_size, "step_size"), _number(gamma, "gamma")
         if gamma <= 0:
             raise ValueError(f"gamma must be greater than 0, got {gamma}.")
-        self.step_size, self.gamma = int(step_size), gamma
+        self.step_size, self.gamma = step_size, gamma
 
     def _settings(self) -> dict:
         return {"step_size": self.step_size, "gamma": self.gamma}
@@ -344,10 +348,7 @@ class CosineAnnealingLR(LRScheduler):
         self._set_settings(T_max=T_max, eta_min=eta_min)
 
     def _set_settings(self, T_max, eta_min) -> None:
-        if isinstance(T_max, bool) or not isinstance(T_max, (int, np.integer)) or T_max < 1:
-            raise ValueError(f"T_max must be a positive int, got {T_max!r}.")
-        eta_min = _at_least(eta_min, "eta_min", 0.0)
-        self.T_max, self.eta_min = int(T_max), eta_min
+        self.T_max, self.eta_min = _positive_int(T_max, "T_max"), _at_least(eta_min, "eta_min", 0.0)
 
     def _settings(self) -> dict:
         return {"T_max": self.T_max, "eta_min": self.eta_min}

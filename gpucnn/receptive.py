@@ -78,6 +78,38 @@ def linear_params(in_features: int, out_features: int, bias: bool = True) -> int
     return (in_features + int(bias)) * out_features
 
 
+def _window_output(name, layer, shape, batch) -> tuple[tuple, int]:
+    """(output shape (OC, OH, OW), parameter count) of a conv or pool layer receiving (C, H, W) ``shape``."""
+    if len(shape) != 3:
+        raise ValueError(f"layer {name} ({type(layer).__name__}) needs a (C, H, W) input, "
+                         f"but receives shape {batch + shape}.")
+    C, H, W = shape
+    if isinstance(layer, nn.Conv2d):
+        if C != layer.in_channels:
+            raise ValueError(f"layer {name} ({layer!r}) expects {layer.in_channels} channels, "
+                             f"but receives shape {batch + shape}.")
+        OC = layer.out_channels
+        params = conv_params(layer.kernel_size, C, OC, layer.bias is not None)
+    else:
+        OC, params = C, 0
+    window = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    OH, OW = (conv_output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), *window))
+    if OH < 1 or OW < 1:
+        raise ValueError(f"layer {name} ({layer!r}) receives shape {batch + shape}, "
+                         f"too small for its window (output would be {OH}x{OW}).")
+    return (OC, OH, OW), params
+
+
+def _grow_field(layer, rf, jump, start, first):
+    """(rf, jump, start, first) after a window layer, per axis (rf and jump in input pixels)."""
+    k_eff = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation))
+    start = tuple(st + ((ke - 1) / 2 - p) * j for st, ke, p, j in zip(start, k_eff, layer.padding, jump))
+    first = tuple(f - p * j for f, p, j in zip(first, layer.padding, jump))
+    rf = tuple(r + (ke - 1) * j for r, ke, j in zip(rf, k_eff, jump))
+    jump = tuple(j * s for j, s in zip(jump, layer.stride))
+    return rf, jump, start, first
+
+
 def layer_geometry(model, input_shape) -> list[LayerGeometry]:
     """One LayerGeometry per layer of the Sequential ``model`` for inputs of ``input_shape``.
 
@@ -99,30 +131,10 @@ def layer_geometry(model, input_shape) -> list[LayerGeometry]:
     for name, layer in flatten_layers(model):
         window = None
         if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            if len(shape) != 3:
-                raise ValueError(f"layer {name} ({type(layer).__name__}) needs a (C, H, W) input, "
-                                 f"but receives shape {batch + shape}.")
-            C, H, W = shape
-            if isinstance(layer, nn.Conv2d):
-                if C != layer.in_channels:
-                    raise ValueError(f"layer {name} ({layer!r}) expects {layer.in_channels} channels, "
-                                     f"but receives shape {batch + shape}.")
-                out_channels = layer.out_channels
-                params = conv_params(layer.kernel_size, C, out_channels, layer.bias is not None)
-            else:
-                out_channels, params = C, 0
+            shape, params = _window_output(name, layer, shape, batch)
             window = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-            OH, OW = (conv_output_size(size, k, s, p, d) for size, k, s, p, d in zip((H, W), *window))
-            if OH < 1 or OW < 1:
-                raise ValueError(f"layer {name} ({layer!r}) receives shape {batch + shape}, "
-                                 f"too small for its window (output would be {OH}x{OW}).")
-            shape = (out_channels, OH, OW)
             if rf is not None:
-                k_eff = tuple(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation))
-                start = tuple(st + ((ke - 1) / 2 - p) * j for st, ke, p, j in zip(start, k_eff, layer.padding, jump))
-                first = tuple(f - p * j for f, p, j in zip(first, layer.padding, jump))
-                rf = tuple(r + (ke - 1) * j for r, ke, j in zip(rf, k_eff, jump))
-                jump = tuple(j * s for j, s in zip(jump, layer.stride))
+                rf, jump, start, first = _grow_field(layer, rf, jump, start, first)
         elif isinstance(layer, ELEMENTWISE):
             params = 0
         elif isinstance(layer, nn.Flatten):

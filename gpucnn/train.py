@@ -32,27 +32,27 @@ only rank 0 writes the files above and shows progress.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from gpucnn import backend, distributed
-from gpucnn.checkpoint import CheckpointError, check_state_fits, load_checkpoint, save_checkpoint
+from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
+from gpucnn.metrics import METRICS_FILE, append_metrics, trim_metrics
 from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
 from gpucnn.step import TrainStep
 from gpucnn.utils import check_int
 
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.npz"
 BEST_FILE = "best.npz"
 REFRESH_STEPS = 10  # read the device-side metrics back every this many steps
@@ -90,9 +90,41 @@ def _check_data(data, name: str):
     return images, labels
 
 
-def _rule_name(optimizer) -> str:
-    """The gpucnn.optim class name of an optimizer, fused or not ("Adam" for a fused Adam)."""
-    return type(getattr(optimizer, "rule", optimizer)).__name__
+@dataclass
+class EpochSums:
+    """What one epoch has added up so far (a partial epoch in a mid-epoch checkpoint).
+
+    ``loss`` (sum of per-image losses) and ``correct`` are 0-d float64 / int64 arrays
+    on the training device, so a step adds to them without a host round trip;
+    ``seen`` images, ``steps`` and ``seconds`` are host numbers. ``synced`` holds
+    (loss, correct, seen) as every rank had them at the last synchronisation
+    (distributed runs); ``stopped`` says the epoch's loop ended on a stop request.
+    """
+    loss: Any
+    correct: Any
+    seen: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+    synced: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    @classmethod
+    def start(cls, xp, partial: dict | None = None) -> "EpochSums":
+        """Zero sums, or those of a checkpoint's partial epoch (``to_partial``'s dict)."""
+        if partial is None:
+            return cls(xp.zeros((), dtype=np.float64), xp.zeros((), dtype=np.int64))
+        loss, correct, seen = float(partial["loss"]), int(partial["correct"]), int(partial["seen"])
+        return cls(xp.asarray(loss, dtype=np.float64), xp.asarray(correct, dtype=np.int64), seen,
+                   int(partial["steps"]), float(partial["seconds"]), synced=np.array([loss, correct, seen], float))
+
+    def to_partial(self) -> dict:
+        """The host dict a mid-epoch checkpoint stores (its format predates this class)."""
+        return {"loss": backend.to_numpy(self.loss), "correct": backend.to_numpy(self.correct),
+                "seen": self.seen, "steps": self.steps, "seconds": self.seconds}
+
+    def host_totals(self) -> np.ndarray:
+        """(loss, correct, seen) as float64 on the host (one device read)."""
+        return np.array([float(self.loss), int(self.correct), self.seen], dtype=np.float64)
 
 
 class _StopRequest:
@@ -123,16 +155,6 @@ class _StopRequest:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
         return False
-
-
-def _metrics_epoch(line: str) -> float:
-    """The epoch of a metrics.jsonl line; infinity for a blank line or one torn by a killed run."""
-    if not line.endswith("\n") or not line.strip():
-        return math.inf
-    try:
-        return json.loads(line).get("epoch", 0)
-    except (ValueError, AttributeError):
-        return math.inf
 
 
 def describe_epoch(record: dict, epochs: int) -> str:
@@ -304,25 +326,15 @@ class Trainer:
         test_images, test_labels = self._to_device(_check_data(test_data, "test_data"))
         epochs = check_int(epochs, "epochs", 1)
         batch_size = check_int(batch_size, "batch_size", 1)
-        if self.comm.distributed:
-            batches = distributed.ShardedBatchIterator(train_images, train_labels, batch_size, self.comm.rank,
-                                                       self.comm.size, seed=self.seed)
-        else:
-            batches = BatchIterator(train_images, train_labels, batch_size, shuffle=True, seed=self.seed)
+        batches = self._batches(train_images, train_labels, batch_size)
         main_rank = self.comm.rank == 0  # the one that writes files and shows progress
         progress = progress and main_rank
         if self.out_dir is not None and main_rank:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-
-        start_epoch, start_step, partial = 0, 0, None
         self.interrupted = False
+        start_epoch, start_step, partial = 0, 0, None
         if resume is not None:
-            start_epoch, start_step, partial = self._restore(resume, batch_size, len(batches), reschedule)
-            if start_epoch >= epochs:
-                raise ValueError(f"the checkpoint {resume} has already completed {start_epoch} epochs; "
-                                 f"ask for more than {start_epoch} epochs to continue it.")
-            if main_rank:
-                self._trim_metrics(start_epoch)
+            start_epoch, start_step, partial = self._resume(resume, epochs, batch_size, len(batches), reschedule)
         self.comm.check_same("the run (training images, test images, batch size, seed, epochs, start epoch, step)",
                              (len(train_labels), len(test_labels), batch_size, self.seed, epochs, start_epoch,
                               start_step))
@@ -334,8 +346,8 @@ class Trainer:
                 batches.set_epoch(epoch, start_batch=start_step if epoch == start_epoch else 0)
                 sums = self._train_epoch(batches, epoch, epochs, partial if epoch == start_epoch else None,
                                          batch_size, stop, progress)
-                if sums["stopped"] and sums["steps"] < len(batches):
-                    self._save_latest(epoch, sums["steps"], sums, batch_size)
+                if sums.stopped and sums.steps < len(batches):
+                    self._save_latest(epoch, sums.steps, sums, batch_size)
                     self._stopped(progress)
                     return history
                 record = self._finish_epoch(epoch, sums, (test_images, test_labels), batch_size)
@@ -347,77 +359,85 @@ class Trainer:
                     return history
         return history
 
-    def _train_epoch(self, batches, epoch, epochs, partial, batch_size, stop, progress) -> dict:
+    def _batches(self, images, labels, batch_size: int):
+        """The epochs' batches: shuffled by (seed, epoch); distributed, this rank's share of each batch."""
+        if self.comm.distributed:
+            return distributed.ShardedBatchIterator(images, labels, batch_size, self.comm.rank, self.comm.size,
+                                                    seed=self.seed)
+        return BatchIterator(images, labels, batch_size, shuffle=True, seed=self.seed)
+
+    def _resume(self, path, epochs: int, batch_size: int, steps_per_epoch: int, reschedule: bool):
+        """Restore the checkpoint at ``path`` for a run of ``epochs`` epochs; returns (epoch, step, partial)."""
+        start_epoch, start_step, partial = self._restore(path, batch_size, steps_per_epoch, reschedule)
+        if start_epoch >= epochs:
+            raise ValueError(f"the checkpoint {path} has already completed {start_epoch} epochs; "
+                             f"ask for more than {start_epoch} epochs to continue it.")
+        if self.comm.rank == 0:
+            self._trim_metrics(start_epoch)
+        return start_epoch, start_step, partial
+
+    def _train_epoch(self, batches, epoch, epochs, partial, batch_size, stop, progress) -> EpochSums:
         """Run the remaining steps of one epoch; returns the (device-side) sums of the epoch so far."""
-        xp = self.xp
-        if partial is None:
-            sums = {"loss": xp.zeros((), dtype=np.float64), "correct": xp.zeros((), dtype=np.int64),
-                    "seen": 0, "steps": 0, "seconds": 0.0}
-        else:
-            sums = {"loss": xp.asarray(partial["loss"], dtype=np.float64),
-                    "correct": xp.asarray(partial["correct"], dtype=np.int64),
-                    "seen": int(partial["seen"]), "steps": int(partial["steps"]),
-                    "seconds": float(partial["seconds"])}
-        sums["stopped"] = False  # the loop ended on a stop request
+        sums = EpochSums.start(self.xp, partial)
         if self._uses_steps:  # the kernel steps add into one device buffer, read back at each refresh
-            self._step_sums[...] = backend.to_device(np.array([float(sums["loss"]), int(sums["correct"])],
-                                                              np.float64), self.device)
-        # loss, correct and seen as every rank had them at the last synchronisation (distributed runs)
-        sums["synced"] = (np.zeros(3) if partial is None else
-                          np.array([float(partial["loss"]), int(partial["correct"]), int(partial["seen"])], float))
+            self._step_sums[...] = backend.to_device(sums.host_totals()[:2], self.device)
         self.model.train()
         started = time.perf_counter()
-        seconds_before = sums["seconds"]
-        bar = tqdm(total=len(batches), initial=sums["steps"], desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+        seconds_before = sums.seconds
+        bar = tqdm(total=len(batches), initial=sums.steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                    disable=not progress, dynamic_ncols=True, leave=False)
         try:
             for x, y in batches:
-                try:
-                    self._step_and_sum(x, y, sums)
-                except Exception as exc:
-                    if not backend.is_out_of_memory(exc):
-                        raise
-                    raise TrainingError(self._out_of_memory_text(exc, batch_size)) from None
-                sums["seen"] += len(y)
-                sums["steps"] += 1
+                self._step_and_sum(x, y, sums, batch_size)
                 bar.update(1)
-                last = sums["steps"] == len(batches)
                 # Distributed ranks look at stop requests only when they synchronise, so they stop together.
                 stopping = stop.requested and not self.comm.distributed
-                if sums["steps"] % REFRESH_STEPS == 0 or last or stopping:
-                    self._read_step_sums(sums)
-                    stopping = self._sync_sums(sums, stop)
-                    mean_loss = float(sums["loss"]) / sums["seen"]  # the host round trip of this refresh
-                    self._check_finite(mean_loss, "training", epoch, sums["steps"])
-                    sums["seconds"] = seconds_before + time.perf_counter() - started
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(sums['correct']) / sums['seen']:.2%}",
-                                    img_s=f"{sums['seen'] / max(sums['seconds'], 1e-9):,.0f}", refresh=False)
+                if sums.steps % REFRESH_STEPS == 0 or sums.steps == len(batches) or stopping:
+                    sums.seconds = seconds_before + time.perf_counter() - started
+                    stopping = self._refresh(sums, stop, epoch, bar)
                 if stopping:
-                    sums["stopped"] = True
+                    sums.stopped = True
                     break
         finally:
             bar.close()
         return sums
 
-    def _step_and_sum(self, x, y, sums) -> None:
-        """One training step; its loss sum and correct count go into ``sums`` (or the device buffer)."""
-        if not self._uses_steps:
-            loss, correct = self.train_step(x, y)
-            sums["loss"] += loss * len(y)
-            sums["correct"] += correct
-            return
-        step = self._steps.get(len(y))
-        if step is None:  # one per batch size: the full batches' and a short last batch's
-            step = self._steps[len(y)] = TrainStep(self.model, self.optimizer, len(y), graph=self.graph,
-                                                   sums=self._step_sums)
-        step(x, y)
+    def _refresh(self, sums: EpochSums, stop, epoch, bar) -> bool:
+        """Read the sums back (over all ranks), check the loss, update the bar; returns whether to stop."""
+        self._read_step_sums(sums)
+        stopping = self._sync_sums(sums, stop)
+        mean_loss = float(sums.loss) / sums.seen  # the host round trip of this refresh
+        self._check_finite(mean_loss, "training", epoch, sums.steps)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(sums.correct) / sums.seen:.2%}",
+                        img_s=f"{sums.seen / max(sums.seconds, 1e-9):,.0f}", refresh=False)
+        return stopping
 
-    def _read_step_sums(self, sums) -> None:
+    def _step_and_sum(self, x, y, sums: EpochSums, batch_size: int) -> None:
+        """One training step; its loss sum and correct count go into ``sums`` (or the device buffer)."""
+        try:
+            if self._uses_steps:
+                step = self._steps.get(len(y))
+                if step is None:  # one per batch size: the full batches' and a short last batch's
+                    step = self._steps[len(y)] = TrainStep(self.model, self.optimizer, len(y), graph=self.graph,
+                                                           sums=self._step_sums)
+                step(x, y)
+            else:
+                loss, correct = self.train_step(x, y)
+                sums.loss += loss * len(y)
+                sums.correct += correct
+        except Exception as exc:
+            if not backend.is_out_of_memory(exc):
+                raise
+            raise TrainingError(self._out_of_memory_text(exc, batch_size)) from None
+        sums.seen += len(y)
+        sums.steps += 1
+
+    def _read_step_sums(self, sums: EpochSums) -> None:
         if self._uses_steps:
             loss_sum, correct = (float(v) for v in backend.to_numpy(self._step_sums))
-            sums["loss"], sums["correct"] = np.float64(loss_sum), np.int64(round(correct))
+            sums.loss, sums.correct = np.float64(loss_sum), np.int64(round(correct))
 
-    def _sync_sums(self, sums, stop) -> bool:
+    def _sync_sums(self, sums: EpochSums, stop) -> bool:
         """Make the epoch sums of every rank the sums over all ranks; returns whether any rank asked to stop.
 
         One process: nothing changes, and the answer is its own stop request.
@@ -427,22 +447,21 @@ class Trainer:
         """
         if not self.comm.distributed:
             return stop.requested
-        local = np.array([float(sums["loss"]), int(sums["correct"]), sums["seen"]], dtype=np.float64)
-        change = np.append(local - sums["synced"], float(stop.requested))
+        change = np.append(sums.host_totals() - sums.synced, float(stop.requested))
         self.comm.allreduce_sum(change)
-        total = sums["synced"] + change[:3]
+        total = sums.synced + change[:3]
         total[1:] = np.round(total[1:])  # counts
-        sums["loss"] = self.xp.asarray(total[0], dtype=np.float64)
-        sums["correct"] = self.xp.asarray(int(total[1]), dtype=np.int64)
-        sums["seen"] = int(total[2])
-        sums["synced"] = total
+        sums.loss = self.xp.asarray(total[0], dtype=np.float64)
+        sums.correct = self.xp.asarray(int(total[1]), dtype=np.int64)
+        sums.seen = int(total[2])
+        sums.synced = total
         return bool(change[3] > 0)
 
-    def _finish_epoch(self, epoch, sums, test_data, batch_size) -> dict:
+    def _finish_epoch(self, epoch, sums: EpochSums, test_data, batch_size) -> dict:
         """Evaluate, step the scheduler, write checkpoints and the metrics line; returns the record."""
         evaluated = time.perf_counter()
         test = self._evaluate_over_ranks(*test_data)
-        self._check_finite(test["loss"], "test", epoch, sums["steps"])
+        self._check_finite(test["loss"], "test", epoch, sums.steps)
         lr = self._current_lr()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -451,13 +470,13 @@ class Trainer:
             self.best_accuracy = test["accuracy"]
         record = {
             "epoch": epoch + 1,
-            "train_loss": float(sums["loss"]) / sums["seen"],
-            "train_acc": int(sums["correct"]) / sums["seen"],
+            "train_loss": float(sums.loss) / sums.seen,
+            "train_acc": int(sums.correct) / sums.seen,
             "test_loss": test["loss"],
             "test_acc": test["accuracy"],
             "lr": lr,
-            "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
-            "seconds": sums["seconds"] + time.perf_counter() - evaluated,
+            "images_per_s": sums.seen / max(sums.seconds, 1e-9),
+            "seconds": sums.seconds + time.perf_counter() - evaluated,
         }
         if self.out_dir is not None:
             # checkpoint.npz last: a run killed before it resumes from the previous epoch, which
@@ -513,10 +532,7 @@ class Trainer:
         return found
 
     def _save(self, path: Path, epoch: int, step: int, sums, batch_size: int) -> Path:
-        partial = None
-        if sums is not None:
-            partial = {"loss": backend.to_numpy(sums["loss"]), "correct": backend.to_numpy(sums["correct"]),
-                       "seen": sums["seen"], "steps": sums["steps"], "seconds": sums["seconds"]}
+        partial = None if sums is None else sums.to_partial()
         config = {**self.config, "model": getattr(self.model, "config", None), "batch_size": batch_size,
                   "seed": self.seed}
         return save_checkpoint(
@@ -529,7 +545,7 @@ class Trainer:
             rng={name: gen.bit_generator.state for name, gen in self._generators().items()},
             trainer={"seed": self.seed, "batch_size": batch_size, "ranks": self.comm.size,
                      "best_accuracy": self.best_accuracy,
-                     "partial": partial, "optimizer_class": _rule_name(self.optimizer),
+                     "partial": partial, "optimizer_class": rule_name(self.optimizer),
                      "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__},
             config=config,
         )
@@ -543,37 +559,10 @@ class Trainer:
     def _restore(self, path, batch_size: int, steps_per_epoch: int, reschedule: bool = False):
         """Load a checkpoint into the model, optimizer, scheduler and generators; returns (epoch, step, partial)."""
         ckpt = load_checkpoint(path)
-        required = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "trainer")
-        missing = [k for k in required if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)}.")
-        check_state_fits(ckpt["model"], {name: p.data for name, p in self.model.named_parameters()})
-        # Same shapes do not make the same model (lenet5 and lenet5-classic share every shape).
-        stored_name = ((ckpt.get("config") or {}).get("model") or {}).get("name")
-        own_name = (getattr(self.model, "config", None) or {}).get("name")
-        if stored_name is not None and own_name is not None and stored_name != own_name:
-            raise CheckpointError(f"checkpoint {path} holds a {stored_name} model, but this run trains {own_name}.")
-        state = ckpt["trainer"]
-        if state["seed"] != self.seed or state["batch_size"] != batch_size:
-            raise ValueError(f"checkpoint {path} was trained with seed {state['seed']} and batch size "
-                             f"{state['batch_size']}; resume with the same (got seed {self.seed}, "
-                             f"batch size {batch_size}) so the batch order continues.")
-        ranks = state.get("ranks", 1)  # checkpoints from before distributed training: one process
-        if ranks != self.comm.size:
-            raise ValueError(f"checkpoint {path} was trained on {ranks} rank(s) with batch size {batch_size} each; "
-                             f"resume it on {ranks} (got {self.comm.size}) so the batch order continues.")
-        for part, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
-            stored = state[f"{part}_class"]
-            current = None if obj is None else _rule_name(obj)
-            if stored != current:
-                raise CheckpointError(f"checkpoint {path} holds {part} {stored} state, but this run uses {current}.")
-        if not 0 <= ckpt["step"] < steps_per_epoch:
-            raise CheckpointError(f"checkpoint {path} stopped at step {ckpt['step']} of an epoch, but an epoch "
-                                  f"here has {steps_per_epoch} steps; resume on the same training data.")
         generators = self._generators()
-        if set(ckpt["rng"]) != set(generators):
-            raise CheckpointError(f"checkpoint {path} holds random generators {sorted(ckpt['rng'])}, "
-                                  f"but the model has {sorted(generators)}.")
+        check_resumable(ckpt, path, self.model, self.optimizer, self.scheduler, generators,
+                        seed=self.seed, batch_size=batch_size, ranks=self.comm.size, steps_per_epoch=steps_per_epoch)
+        state = ckpt["trainer"]
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None:
@@ -590,18 +579,8 @@ class Trainer:
 
     def _trim_metrics(self, completed_epochs: int) -> None:
         """Drop metrics lines of epochs after the resumed checkpoint (e.g. when resuming from best.npz)."""
-        path = None if self.out_dir is None else self.out_dir / METRICS_FILE
-        if path is None or not path.is_file():
-            return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if _metrics_epoch(line) <= completed_epochs]
-        if len(kept) != len(lines):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
+        if self.out_dir is not None:
+            trim_metrics(self.out_dir / METRICS_FILE, completed_epochs)
 
     def _append_metrics(self, record: dict) -> None:
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_metrics(self.out_dir / METRICS_FILE, record)

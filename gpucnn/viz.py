@@ -8,19 +8,18 @@ follows from its contents (documented per function).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from gpucnn.features import TopPatches
+from gpucnn.metrics import METRIC_KEYS, check_records, read_metrics  # noqa: F401 - also viz.METRIC_KEYS, viz.read_metrics
 
 DPI = 100
 INSTALL_HINT = "matplotlib is needed for visualize: pip install 'gpucnn[viz]'"
 OUTSIDE_COLOR = "#5b84c4"   # grey inputs: receptive-field pixels beyond the image border (zero padding)
 # RGB inputs: the same pixels as a checkerboard (any single colour could be the image's own)
 OUTSIDE_CHECKER = ("#ffffff", "#b4b4b4")
-METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 
 # filter grid layout, pixels
 FILTER_LEFT, FILTER_TOP, FILTER_BOTTOM, FILTER_COLORBAR = 60, 60, 10, 80
@@ -89,6 +88,16 @@ def _check_cell(cell_px) -> int:
 
 
 # --- filters -------------------------------------------------------------------
+def _check_filters(weight, what: str, shape_text: str, channels: int | None = None) -> np.ndarray:
+    """``weight`` as a NumPy array, refused unless 4-d (with ``channels`` input channels) and finite float."""
+    weight = np.asarray(weight)
+    if weight.ndim != 4 or (channels is not None and weight.shape[1] != channels):
+        raise ValueError(f"{what} must have shape {shape_text}, got shape {weight.shape}.")
+    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
+        raise ValueError("filter weights must be finite floating-point numbers.")
+    return weight
+
+
 def filter_grid_size(OC: int, C: int, cell_px: int = 96) -> tuple[int, int]:
     """(width, height) in pixels of ``filter_grid`` for OC filters of C input channels."""
     return (FILTER_LEFT + OC * cell_px + FILTER_COLORBAR, FILTER_TOP + C * cell_px + FILTER_BOTTOM)
@@ -101,16 +110,11 @@ def filter_grid(weight, path, title: str | None = None, cell_px: int = 96) -> Pa
     about zero and shared by all tiles, with a colour bar. The PNG is
     ``filter_grid_size(OC, C, cell_px)`` pixels. Returns the path written.
     """
-    weight = np.asarray(weight)
-    if weight.ndim != 4:
-        raise ValueError(f"filter weights must have shape (OC, C, KH, KW), got shape {weight.shape}.")
-    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
-        raise ValueError("filter weights must be finite floating-point numbers.")
+    weight = _check_filters(weight, "filter weights", "(OC, C, KH, KW)")
     cell_px = _check_cell(cell_px)
     OC, C, KH, KW = weight.shape
-    make = _figure_class()
     width, height = filter_grid_size(OC, C, cell_px)
-    fig = make(width, height)
+    fig = _figure_class()(width, height)
     limit = float(np.abs(weight).max()) or 1.0
     gap = max(2, cell_px // 12)
     image = None
@@ -146,16 +150,11 @@ def colour_filter_grid(weight, path, title: str | None = None, cell_px: int = 64
     grey is zero, and a filter looking for red is red. The PNG is
     ``colour_filter_grid_size(OC, cell_px)`` pixels. Returns the path written.
     """
-    weight = np.asarray(weight)
-    if weight.ndim != 4 or weight.shape[1] != 3:
-        raise ValueError(f"colour filters must have shape (OC, 3, KH, KW), got shape {weight.shape}.")
-    if not np.issubdtype(weight.dtype, np.floating) or not np.all(np.isfinite(weight)):
-        raise ValueError("filter weights must be finite floating-point numbers.")
+    weight = _check_filters(weight, "colour filters", "(OC, 3, KH, KW)", channels=3)
     cell_px = _check_cell(cell_px)
     OC, _, KH, KW = weight.shape
-    make = _figure_class()
     width, height = colour_filter_grid_size(OC, cell_px)
-    fig = make(width, height)
+    fig = _figure_class()(width, height)
     limit = float(np.abs(weight).max()) or 1.0
     rgb = np.clip(0.5 + 0.5 * np.moveaxis(weight, 1, -1) / limit, 0, 1)      # (OC, KH, KW, 3)
     columns = min(OC, COLOUR_FILTER_COLUMNS)
@@ -194,6 +193,22 @@ def _patch_pixels(crop, low: float, high: float):
     return rgba
 
 
+def _crops_to_draw(crops, pixel_stats):
+    """(crops (OC, k, C, RH, RW) to draw, low, high): the intensity scale of the whole figure.
+
+    With ``pixel_stats`` = (mean, std) the training normalisation is undone, and the
+    scale is [0, 1]; without, the crops' own range (NaN padding left out).
+    """
+    C = crops.shape[2]
+    if pixel_stats is None:
+        inside = crops[np.isfinite(crops)]
+        return (crops, *((float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)))
+    mean, std = (np.asarray(v, np.float32).reshape(-1) for v in pixel_stats)
+    if len(mean) not in (1, C) or len(std) not in (1, C):
+        raise ValueError(f"pixel_stats must hold one mean and std or one per channel ({C}).")
+    return crops * std.reshape(1, 1, -1, 1, 1) + mean.reshape(1, 1, -1, 1, 1), 0.0, 1.0   # NaN padding stays NaN
+
+
 def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: int = 80, max_channels=None,
                  pixel_stats=None) -> Path:
     """The lecture's figure: one row per channel, its k strongest input patches left to right.
@@ -220,16 +235,7 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
         if isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 1:
             raise ValueError(f"max_channels must be a positive int or None, not {max_channels!r}.")
         OC = min(OC, max_channels)
-    crops = patches.crops[:OC]
-    if pixel_stats is not None:
-        mean, std = (np.asarray(v, np.float32).reshape(-1) for v in pixel_stats)
-        if len(mean) not in (1, C) or len(std) not in (1, C):
-            raise ValueError(f"pixel_stats must hold one mean and std or one per channel ({C}).")
-        crops = crops * std.reshape(1, 1, -1, 1, 1) + mean.reshape(1, 1, -1, 1, 1)   # NaN padding stays NaN
-        low, high = 0.0, 1.0
-    else:
-        inside = crops[np.isfinite(crops)]
-        low, high = (float(inside.min()), float(inside.max())) if inside.size else (0.0, 1.0)
+    crops, low, high = _crops_to_draw(patches.crops[:OC], pixel_stats)
     make = _figure_class()
     width, height = patch_figure_size(OC, k, cell_px)
     fig = make(width, height)
@@ -258,45 +264,13 @@ def patch_figure(patches: TopPatches, path, title: str | None = None, cell_px: i
 
 
 # --- training curves -------------------------------------------------------------
-def read_metrics(path) -> list[dict]:
-    """The per-epoch records of a ``metrics.jsonl`` written by the trainer, sorted by epoch.
-
-    Each record must hold epoch, train_loss, test_loss, train_acc and test_acc;
-    when an epoch appears more than once (a run resumed over itself) the last wins.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} does not exist.")
-    by_epoch = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path} line {number} is not JSON.") from None
-            missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
-            if missing:
-                raise ValueError(f"{path} line {number} lacks {', '.join(missing)}; is it a gpucnn metrics.jsonl?")
-            by_epoch[int(record["epoch"])] = record
-    if not by_epoch:
-        raise ValueError(f"metrics file {path} holds no epochs yet.")
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
-
-
 def training_curves(records, path, title: str | None = None) -> Path:
     """Loss (left) and accuracy (right) per epoch, train and test lines; the PNG is CURVES_SIZE pixels.
 
     ``records`` is what ``read_metrics`` returns (dicts with epoch, train_loss,
     test_loss, train_acc, test_acc; accuracies as fractions).
     """
-    if not isinstance(records, (list, tuple)) or not records:
-        raise ValueError("training_curves needs a non-empty list of per-epoch metric records.")
-    for i, record in enumerate(records):
-        missing = [key for key in METRIC_KEYS if not isinstance(record, dict) or key not in record]
-        if missing:
-            raise ValueError(f"metric record {i} lacks {', '.join(missing)}.")
+    check_records(records)
     make = _figure_class()
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - optional extra
     fig = make(*CURVES_SIZE)

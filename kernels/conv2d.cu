@@ -28,6 +28,17 @@
 
 #define OCB 8  // output channels per thread in conv2d_forward_tiled; gpucnn/cuda/conv.py agrees
 
+// The coordinates (image b, channel ch, row y, column x) of element idx of a C-contiguous
+// (n, channels, height, width) array.
+__device__ __forceinline__ void unravel_nchw(int idx, int channels, int height, int width,
+                                             int* b, int* ch, int* y, int* x)
+{
+    *x = idx % width;
+    *y = (idx / width) % height;
+    *ch = (idx / (width * height)) % channels;
+    *b = idx / (width * height * channels);
+}
+
 extern "C" __global__ void conv2d_forward_tiled(
     const float* x, const float* weight, const float* bias, float* y,
     int n, int c, int h, int w, int oc, int kh, int kw,
@@ -107,10 +118,8 @@ extern "C" __global__ void conv2d_forward_direct(
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * oc * oh * ow) return;
-    const int ox = idx % ow;
-    const int oy = (idx / ow) % oh;
-    const int o = (idx / (ow * oh)) % oc;
-    const int b = idx / (ow * oh * oc);
+    int b, o, oy, ox;
+    unravel_nchw(idx, oc, oh, ow, &b, &o, &oy, &ox);
 
     float acc = 0.0f;
     for (int ci = 0; ci < c; ++ci) {
@@ -138,10 +147,8 @@ extern "C" __global__ void conv2d_backward_data(
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * c * h * w) return;
-    const int ix = idx % w;
-    const int iy = (idx / w) % h;
-    const int ci = (idx / (w * h)) % c;
-    const int b = idx / (w * h * c);
+    int b, ci, iy, ix;
+    unravel_nchw(idx, c, h, w, &b, &ci, &iy, &ix);
 
     // Input row iy is read by output row oy through kernel row ky when oy*sh - ph + ky*dh == iy.
     float acc = 0.0f;

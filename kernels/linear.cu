@@ -1,9 +1,11 @@
 // Fully connected layers: a tiled fp32 matrix product with a fused bias (+ ReLU), and column sums.
 //
 // Layout: every array is C-contiguous float32, row-major.
-//   c (m, n) = op(a) (m, k) @ op(b) (k, n) [+ bias (n)] [then max(0, .)]
-//   op(a) = a, stored (m, k), or a^T with a stored (k, m) when trans_a != 0; likewise op(b) = b stored
-//   (k, n), or b^T with b stored (n, k) when trans_b != 0.
+//   c (rows, cols) = op(a) (rows, depth) @ op(b) (depth, cols) [+ bias (cols)] [then max(0, .)]
+//   op(a) = a, stored (rows, depth), or a^T with a stored (depth, rows) when trans_a != 0; likewise
+//   op(b) = b stored (depth, cols), or b^T with b stored (cols, depth) when trans_b != 0.
+// (The usual GEMM names M, N, K for rows, cols and depth survive only in the tile sizes TILE_M,
+// TILE_N, TILE_K and in "split-k"; everywhere else in gpucnn N is the batch and K is not used.)
 // The linear layer's three products (gpucnn/cuda/linear.py):
 //   y      (N, OUT) = x (N, IN) @ weight^T        a = x,      b = weight (trans_b)
 //   grad_x (N, IN)  = grad_y (N, OUT) @ weight    a = grad_y, b = weight
@@ -13,14 +15,14 @@
 // Kernels and what they write:
 //   linear_matmul_tiled    c, or one slice of partial sums. A block of 16 x 16 threads owns a
 //                          TILE_M x TILE_N tile of c; thread (tx, ty) computes the 4 x 4 elements at
-//                          rows ty + 16*i and columns tx + 16*j. The k axis is walked TILE_K at a time
-//                          through two shared tiles, stored k-major so the inner loop reads rows of
-//                          each. Split-k: block z sums only k in [z*k_slice, (z+1)*k_slice) and writes
-//                          slice z of c, shaped (gridDim.z, m, n); with gridDim.z == 1 that is c itself.
-//                          has_bias / relu apply the epilogue here (the launcher sets them only when
-//                          there is one slice).
-//   linear_reduce_slices   c (m, n): the slices of partial summed in slice order, then bias and ReLU.
-//                          One thread per element of c.
+//                          rows ty + 16*i and columns tx + 16*j. The depth axis is walked TILE_K at a
+//                          time through two shared tiles, stored depth-major so the inner loop reads
+//                          rows of each. Split-k: block z sums only depth in [z*depth_slice,
+//                          (z+1)*depth_slice) and writes slice z of c, shaped (gridDim.z, rows, cols);
+//                          with gridDim.z == 1 that is c itself. has_bias / relu apply the epilogue
+//                          here (the launcher sets them only when there is one slice).
+//   linear_reduce_slices   c (rows, cols): the slices of partial summed in slice order, then bias and
+//                          ReLU. One thread per element of c.
 //   linear_column_sums     out (cols): the sum of each column of g (rows, cols), the bias gradient.
 //                          A block of 32 x COLSUM_ROWS threads owns 32 columns; thread (tx, ty) sums
 //                          rows ty, ty + COLSUM_ROWS, ... of its column, then thread (tx, 0) adds the
@@ -28,16 +30,38 @@
 // Every sum runs in an order fixed by the sizes and the launch shape, never by scheduling (no
 // atomics), so results are bitwise reproducible.
 
-#define TILE_M 64
-#define TILE_N 64
-#define TILE_K 16
+#define TILE_M 64       // rows of c per block
+#define TILE_N 64       // columns of c per block (= TILE_M: load_tile serves both operands)
+#define TILE_K 16       // depths per step of the depth loop
 #define COLSUM_ROWS 8  // blockDim.y of linear_column_sums; gpucnn/cuda/linear.py agrees
+
+// Loads one shared tile, tile[dd][o] = op(src)[o0 + o][d0 + dd] for TILE_K depths and TILE_M (= TILE_N)
+// entries o of the other axis: op(a)'s rows or op(b)^T's columns, `outer` of them. The operand stores
+// element (o, d) at src[d * outer + o] when depth_major, else at src[o * depth + d]; entries past outer
+// or d_end are 0. 1024 elements per tile, 4 per thread; consecutive threads read consecutive addresses.
+__device__ __forceinline__ void load_tile(
+    const float* src, float tile[TILE_K][TILE_M + 1], int tid, int o0, int d0, int outer, int depth, int d_end,
+    int depth_major)
+{
+    #pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int idx = tid + r * 256;
+        int o, dd;
+        if (depth_major) { o = idx % TILE_M; dd = idx / TILE_M; }
+        else             { dd = idx % TILE_K; o = idx / TILE_K; }
+        const int go = o0 + o;
+        const int gd = d0 + dd;
+        float v = 0.0f;
+        if (go < outer && gd < d_end) v = depth_major ? src[gd * outer + go] : src[go * depth + gd];
+        tile[dd][o] = v;
+    }
+}
 
 extern "C" __global__ void linear_matmul_tiled(
     const float* a, const float* b, const float* bias, float* c,
-    int m, int n, int k, int trans_a, int trans_b, int k_slice, int has_bias, int relu)
+    int rows, int cols, int depth, int trans_a, int trans_b, int depth_slice, int has_bias, int relu)
 {
-    // One padding column keeps the k-major stores of non-transposed tiles free of bank conflicts.
+    // One padding column keeps the depth-major stores of non-transposed tiles free of bank conflicts.
     __shared__ float a_tile[TILE_K][TILE_M + 1];
     __shared__ float b_tile[TILE_K][TILE_N + 1];
 
@@ -46,8 +70,8 @@ extern "C" __global__ void linear_matmul_tiled(
     const int tid = ty * 16 + tx;
     const int row0 = (int)blockIdx.y * TILE_M;
     const int col0 = (int)blockIdx.x * TILE_N;
-    const int k_begin = (int)blockIdx.z * k_slice;
-    const int k_end = min(k_begin + k_slice, k);
+    const int d_begin = (int)blockIdx.z * depth_slice;
+    const int d_end = min(d_begin + depth_slice, depth);
 
     float acc[4][4];
     #pragma unroll
@@ -57,41 +81,18 @@ extern "C" __global__ void linear_matmul_tiled(
     }
 
     // The loop bounds depend only on blockIdx, so every thread of the block reaches each barrier.
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        // 1024 elements per tile, 4 per thread; consecutive threads read consecutive addresses.
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int idx = tid + r * 256;
-            int i, kk;
-            if (trans_a) { i = idx % TILE_M; kk = idx / TILE_M; }
-            else         { kk = idx % TILE_K; i = idx / TILE_K; }
-            const int gi = row0 + i;
-            const int gk = k0 + kk;
-            float v = 0.0f;
-            if (gi < m && gk < k_end) v = trans_a ? a[gk * m + gi] : a[gi * k + gk];
-            a_tile[kk][i] = v;
-        }
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int idx = tid + r * 256;
-            int j, kk;
-            if (trans_b) { kk = idx % TILE_K; j = idx / TILE_K; }
-            else         { j = idx % TILE_N; kk = idx / TILE_N; }
-            const int gj = col0 + j;
-            const int gk = k0 + kk;
-            float v = 0.0f;
-            if (gj < n && gk < k_end) v = trans_b ? b[gj * k + gk] : b[gk * n + gj];
-            b_tile[kk][j] = v;
-        }
+    for (int d0 = d_begin; d0 < d_end; d0 += TILE_K) {
+        load_tile(a, a_tile, tid, row0, d0, rows, depth, d_end, trans_a);
+        load_tile(b, b_tile, tid, col0, d0, cols, depth, d_end, !trans_b);
         __syncthreads();
         #pragma unroll
-        for (int kk = 0; kk < TILE_K; ++kk) {
+        for (int dd = 0; dd < TILE_K; ++dd) {
             float a_frag[4];
             float b_frag[4];
             #pragma unroll
-            for (int i = 0; i < 4; ++i) a_frag[i] = a_tile[kk][ty + 16 * i];
+            for (int i = 0; i < 4; ++i) a_frag[i] = a_tile[dd][ty + 16 * i];
             #pragma unroll
-            for (int j = 0; j < 4; ++j) b_frag[j] = b_tile[kk][tx + 16 * j];
+            for (int j = 0; j < 4; ++j) b_frag[j] = b_tile[dd][tx + 16 * j];
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 #pragma unroll
@@ -102,31 +103,31 @@ extern "C" __global__ void linear_matmul_tiled(
         __syncthreads();
     }
 
-    float* c_slice = c + (int)blockIdx.z * m * n;
+    float* c_slice = c + (int)blockIdx.z * rows * cols;
     #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int gi = row0 + ty + 16 * i;
-        if (gi >= m) continue;
+        if (gi >= rows) continue;
         #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int gj = col0 + tx + 16 * j;
-            if (gj >= n) continue;
+            if (gj >= cols) continue;
             float r = acc[i][j];
             if (has_bias) r += bias[gj];
             if (relu && r < 0.0f) r = 0.0f;
-            c_slice[gi * n + gj] = r;
+            c_slice[gi * cols + gj] = r;
         }
     }
 }
 
 extern "C" __global__ void linear_reduce_slices(
-    const float* partial, const float* bias, float* c, int m, int n, int slices, int has_bias, int relu)
+    const float* partial, const float* bias, float* c, int rows, int cols, int slices, int has_bias, int relu)
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= m * n) return;
+    if (idx >= rows * cols) return;
     float r = 0.0f;
-    for (int s = 0; s < slices; ++s) r += partial[s * m * n + idx];
-    if (has_bias) r += bias[idx % n];
+    for (int s = 0; s < slices; ++s) r += partial[s * rows * cols + idx];
+    if (has_bias) r += bias[idx % cols];
     if (relu && r < 0.0f) r = 0.0f;
     c[idx] = r;
 }

@@ -27,12 +27,13 @@ __device__ __forceinline__ void windows_containing(int i, int k, int s, int p, i
     *end = min((i + p) / s + 1, o);
 }
 
-extern "C" __global__ void max_pool2d_forward(
-    const float* x, float* y, int* argmax,
-    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
+// Over the window of output element idx of (n, c, oh, ow): the first maximum of x, its window-local
+// index ky*kw + kx going to *best_k (max pooling), or with best_k null the sum of x (average pooling).
+// Both walk the window in the same order (ky, then kx), skipping padding.
+__device__ __forceinline__ float reduce_window(
+    const float* x, int idx, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow,
+    int* best_k)
 {
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * c * oh * ow) return;
     const int ox = idx % ow;
     const int oy = (idx / ow) % oh;
     const int plane = idx / (ow * oh);
@@ -40,8 +41,8 @@ extern "C" __global__ void max_pool2d_forward(
     const int iy0 = oy * sh - ph;
     const int ix0 = ox * sw - pw;
 
-    float best = 0.0f;
-    int best_k = -1;
+    float acc = 0.0f;  // the maximum so far, or the sum
+    int found = -1;
     for (int ky = 0; ky < kh; ++ky) {
         const int iy = iy0 + ky;
         if (iy < 0 || iy >= h) continue;
@@ -49,22 +50,24 @@ extern "C" __global__ void max_pool2d_forward(
             const int ix = ix0 + kx;
             if (ix < 0 || ix >= w) continue;
             const float v = x_plane[iy * w + ix];
-            if (best_k < 0 || (!isnan(best) && (v > best || isnan(v)))) {
-                best = v;
-                best_k = ky * kw + kx;
+            if (best_k == 0) {
+                acc += v;
+            } else if (found < 0 || (!isnan(acc) && (v > acc || isnan(v)))) {
+                acc = v;
+                found = ky * kw + kx;
             }
         }
     }
-    y[idx] = best;
-    argmax[idx] = best_k;
+    if (best_k != 0) *best_k = found;
+    return acc;
 }
 
-extern "C" __global__ void max_pool2d_backward(
-    const float* grad_y, const int* argmax, float* grad_x,
-    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
+// Over the output windows that contain input element idx of (n, c, h, w): the sum of grad_y, of every
+// such window (average pooling, argmax null) or only of those whose argmax points at this element.
+__device__ __forceinline__ float gather_windows(
+    const float* grad_y, const int* argmax, int idx, int h, int w, int kh, int kw, int sh, int sw,
+    int ph, int pw, int oh, int ow)
 {
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * c * h * w) return;
     const int ix = idx % w;
     const int iy = (idx / w) % h;
     const int plane = idx / (w * h);
@@ -78,10 +81,30 @@ extern "C" __global__ void max_pool2d_backward(
         for (int ox = ox_begin; ox < ox_end; ++ox) {
             const int kx = ix + pw - ox * sw;
             const int o = (plane * oh + oy) * ow + ox;
-            if (argmax[o] == ky * kw + kx) acc += grad_y[o];
+            if (argmax == 0 || argmax[o] == ky * kw + kx) acc += grad_y[o];
         }
     }
-    grad_x[idx] = acc;
+    return acc;
+}
+
+extern "C" __global__ void max_pool2d_forward(
+    const float* x, float* y, int* argmax,
+    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
+{
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * c * oh * ow) return;
+    int best_k;
+    y[idx] = reduce_window(x, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, &best_k);
+    argmax[idx] = best_k;
+}
+
+extern "C" __global__ void max_pool2d_backward(
+    const float* grad_y, const int* argmax, float* grad_x,
+    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
+{
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * c * h * w) return;
+    grad_x[idx] = gather_windows(grad_y, argmax, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow);
 }
 
 extern "C" __global__ void avg_pool2d_forward(
@@ -90,24 +113,7 @@ extern "C" __global__ void avg_pool2d_forward(
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * c * oh * ow) return;
-    const int ox = idx % ow;
-    const int oy = (idx / ow) % oh;
-    const int plane = idx / (ow * oh);
-    const float* x_plane = x + plane * h * w;
-    const int iy0 = oy * sh - ph;
-    const int ix0 = ox * sw - pw;
-
-    float acc = 0.0f;
-    for (int ky = 0; ky < kh; ++ky) {
-        const int iy = iy0 + ky;
-        if (iy < 0 || iy >= h) continue;
-        for (int kx = 0; kx < kw; ++kx) {
-            const int ix = ix0 + kx;
-            if (ix < 0 || ix >= w) continue;
-            acc += x_plane[iy * w + ix];
-        }
-    }
-    y[idx] = acc / (float)(kh * kw);
+    y[idx] = reduce_window(x, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, 0) / (float)(kh * kw);
 }
 
 extern "C" __global__ void avg_pool2d_backward(
@@ -116,18 +122,5 @@ extern "C" __global__ void avg_pool2d_backward(
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * c * h * w) return;
-    const int ix = idx % w;
-    const int iy = (idx / w) % h;
-    const int plane = idx / (w * h);
-
-    int oy_begin, oy_end, ox_begin, ox_end;
-    windows_containing(iy, kh, sh, ph, oh, &oy_begin, &oy_end);
-    windows_containing(ix, kw, sw, pw, ow, &ox_begin, &ox_end);
-    float acc = 0.0f;
-    for (int oy = oy_begin; oy < oy_end; ++oy) {
-        for (int ox = ox_begin; ox < ox_end; ++ox) {
-            acc += grad_y[(plane * oh + oy) * ow + ox];
-        }
-    }
-    grad_x[idx] = acc / (float)(kh * kw);
+    grad_x[idx] = gather_windows(grad_y, 0, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow) / (float)(kh * kw);
 }

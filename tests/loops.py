@@ -109,3 +109,89 @@ def avg_pool2d_backward_loops(grad_y, x_shape, kernel_size, stride=None, padding
         for _, row, col in inside:
             grad_x[n, c, row, col] += float(grad_y[n, c, oh, ow]) / (kh * kw)
     return grad_x
+
+
+def conv2d_taps(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """conv2d_loops, one kernel tap (c, ky, kx) at a time over the whole batch: the same sums, fast enough
+    for the float32 cases every backend runs. float64."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    n_batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = np.zeros((n_batch, channels, height + 2 * ph, width + 2 * pw))
+    padded[:, :, ph:ph + height, pw:pw + width] = x
+    y = np.zeros((n_batch, out_channels, out_h, out_w))
+    for c in range(channels):
+        for ky in range(kh):
+            for kx in range(kw):
+                tap = padded[:, c, ky * dh:ky * dh + sh * (out_h - 1) + 1:sh, kx * dw:kx * dw + sw * (out_w - 1) + 1:sw]
+                y += weight[None, :, c, ky, kx, None, None].astype(np.float64) * tap[:, None]
+    if bias is not None:
+        y += np.asarray(bias, np.float64)[None, :, None, None]
+    return y
+
+
+def conv2d_backward_taps(grad_y, x, weight, stride=1, padding=0, dilation=1):
+    """(grad_x, grad_weight, grad_bias) of conv2d_taps: each tap's share, added tap by tap. float64."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    n_batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    _, _, out_h, out_w = grad_y.shape
+    grad_y = np.asarray(grad_y, np.float64)
+    padded = np.zeros((n_batch, channels, height + 2 * ph, width + 2 * pw))
+    padded[:, :, ph:ph + height, pw:pw + width] = x
+    grad_padded = np.zeros_like(padded)
+    grad_weight = np.zeros(weight.shape)
+    for c in range(channels):
+        for ky in range(kh):
+            for kx in range(kw):
+                rows = slice(ky * dh, ky * dh + sh * (out_h - 1) + 1, sh)
+                cols = slice(kx * dw, kx * dw + sw * (out_w - 1) + 1, sw)
+                grad_weight[:, c, ky, kx] = (grad_y * padded[:, c, rows, cols][:, None]).sum(axis=(0, 2, 3))
+                grad_padded[:, c, rows, cols] += (grad_y * weight[None, :, c, ky, kx, None, None]).sum(axis=1)
+    return grad_padded[:, :, ph:ph + height, pw:pw + width], grad_weight, grad_y.sum(axis=(0, 2, 3))
+
+
+def linear_loops(x, weight, bias=None):
+    """y[n, o] = bias[o] + sum over i of x[n, i] * weight[o, i], in float64 (matrix products of float64)."""
+    y = np.asarray(x, np.float64) @ np.asarray(weight, np.float64).T
+    return y if bias is None else y + bias
+
+
+def linear_backward_loops(grad_y, x, weight):
+    grad_y = np.asarray(grad_y, np.float64)
+    return grad_y @ weight, grad_y.T @ np.asarray(x, np.float64), grad_y.sum(axis=0)
+
+
+def softmax_cross_entropy_loops(logits, labels):
+    """(mean loss, probs) row by row, stable: log-sum-exp after subtracting the row maximum. float64."""
+    probs = np.zeros(logits.shape)
+    total = 0.0
+    for n, row in enumerate(np.asarray(logits, np.float64)):
+        top = row.max()
+        exps = [math.exp(v - top) for v in row]
+        denominator = sum(exps)
+        probs[n] = [e / denominator for e in exps]
+        total += math.log(denominator) + top - row[labels[n]]
+    return total / len(labels), probs
+
+
+def softmax_cross_entropy_backward_loops(probs, labels):
+    """(probs - one_hot(labels)) / N. float64."""
+    grad = np.array(probs, np.float64)
+    for n, label in enumerate(labels):
+        grad[n, label] -= 1.0
+    return grad / len(labels)
+
+
+def relu_loops(x):
+    """max(x, 0) element by element; NaN stays NaN."""
+    return np.array([v if (v > 0 or math.isnan(v)) else 0.0 for v in np.asarray(x).reshape(-1)],
+                    np.asarray(x).dtype).reshape(np.shape(x))
+
+
+def relu_backward_loops(grad_y, y):
+    """grad_y where y > 0, else 0 (the kink at 0 and NaN outputs pass no gradient)."""
+    return np.array([g if v > 0 else 0.0 for g, v in zip(np.asarray(grad_y).reshape(-1), np.asarray(y).reshape(-1))],
+                    np.asarray(grad_y).dtype).reshape(np.shape(grad_y))

@@ -1,19 +1,31 @@
 """Checkpoints: nested round trips, refusal of missing/corrupt/foreign/incompatible files, atomic writes."""
 import json
+import os
+import random
+import signal
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpucnn import checkpoint as ckpt_module
-from gpucnn.checkpoint import (
-    CheckpointError,
-    check_state_fits,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
+from gpucnn import optim
+from gpucnn.checkpoint import CheckpointError, check_state_fits, load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpucnn.models import LeNet5, build_model
+from gpucnn.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Trainer
+from tests.helpers import (
+    EPOCHS,
+    assert_one_line_error,
+    assert_same_run,
+    resume_args,
+    run_cli,
+    start_cli,
+    train_args,
+    wait_until,
 )
-from gpucnn.models import LeNet5
+from tests.synthetic_data import random_images
 
 
 def nested_parts():
@@ -197,3 +209,158 @@ def test_overwrite_replaces_the_whole_file(tmp_path):
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 2 and np.array_equal(loaded["model"]["w"], np.arange(3.0))
     assert zipfile.is_zipfile(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints under SIGKILL and Ctrl-C, corrupt and incompatible ones
+
+
+def checkpoint_key(path: Path):
+    """Identifies one version of a file written by rename: (inode, mtime), or None while it is absent."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns)
+
+
+def save_temporaries(out: Path) -> list[Path]:
+    return list(out.glob(".checkpoint.npz.*.tmp")) + list(out.glob(".best.npz.*.tmp"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_keeps_a_loadable_checkpoint_and_resume_is_bitwise(random_mnist, reference_run,
+                                                                                    tmp_path):
+    out = tmp_path / "run"
+    path = out / CHECKPOINT_FILE
+    rng = random.Random(20251125)
+    process = start_cli(*train_args(random_mnist, out))
+    last, epoch, kills, mid_write_kills = None, 0, 0, 0
+    for cycle in range(8):
+        # Wait for a new checkpoint (so every cycle makes progress), then SIGKILL: on even cycles the
+        # moment a save's temporary file appears (mid-write), on odd ones after a random delay.
+        assert wait_until(lambda: checkpoint_key(path) not in (None, last) or process.poll() is not None,
+                          timeout=120), "no new checkpoint within 120 s"
+        if process.poll() is not None:  # it finished all epochs before this cycle could kill it
+            assert process.returncode == 0, process.communicate()[1]
+            break
+        if cycle % 2 == 0:
+            wait_until(lambda: save_temporaries(out) or process.poll() is not None, timeout=60)
+            writing = bool(save_temporaries(out))
+        else:
+            time.sleep(rng.uniform(0.0, 0.25))
+            writing = False
+        process.kill()
+        process.communicate(timeout=60)
+        kills += process.returncode == -signal.SIGKILL
+        mid_write_kills += writing and process.returncode == -signal.SIGKILL
+        last = checkpoint_key(path)
+        saved = load_checkpoint(path)  # never half-written, whenever the kill came
+        model_from_checkpoint(saved)
+        assert saved["epoch"] >= epoch and saved["step"] == 0
+        epoch = saved["epoch"]
+        if epoch >= EPOCHS:
+            break
+        process = start_cli(*resume_args(random_mnist, out))
+    else:
+        process.communicate(timeout=300)
+        assert process.returncode == 0
+    assert kills >= 4 and mid_write_kills >= 1, (kills, mid_write_kills)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {CHECKPOINT_FILE, BEST_FILE, METRICS_FILE}
+    assert all(p.name.endswith(".tmp") for p in out.iterdir() if p.name.startswith("."))
+    assert_same_run(out, reference_run)
+
+
+def test_temporary_files_of_killed_saves_are_never_read_and_cleaned_later(reference_run, tmp_path):
+    good = (reference_run / CHECKPOINT_FILE).read_bytes()
+    target = tmp_path / CHECKPOINT_FILE
+    target.write_bytes(good)
+    dead = tmp_path / ".checkpoint.npz.k1ll3d.tmp"   # what a save killed halfway leaves behind
+    dead.write_bytes(good[: len(good) // 2])
+    live = tmp_path / ".checkpoint.npz.busy.tmp"     # a save in progress elsewhere: recent
+    live.write_bytes(good[:100])
+    assert load_checkpoint(target)["epoch"] == EPOCHS
+    stale = time.time() - 2 * ckpt_module.STALE_TEMP_S
+    os.utime(dead, (stale, stale))
+    save_checkpoint(target, model={"w": np.zeros(2, np.float32)})
+    assert not dead.exists() and live.exists()
+
+
+def test_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    data = random_images()
+    model = LeNet5(num_classes=4, seed=0)
+    Trainer(model, optim.Adam(model.parameters(), lr=1e-3), device="cpu", out_dir=tmp_path).fit(
+        data, data, epochs=1, batch_size=8, progress=False)
+    metrics = tmp_path / METRICS_FILE
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"epoch": 2, "train_loss": 1.2')  # epoch 2's line, cut off where the process died
+    resumed = LeNet5(num_classes=4, seed=0)
+    Trainer(resumed, optim.Adam(resumed.parameters(), lr=1e-3), device="cpu", out_dir=tmp_path).fit(
+        data, data, epochs=2, batch_size=8, resume=tmp_path / CHECKPOINT_FILE, progress=False)
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_130_and_resume_is_bitwise(random_mnist, reference_run, tmp_path):
+    out = tmp_path / "run"
+    process = start_cli(*train_args(random_mnist, out))
+    assert wait_until(lambda: (out / CHECKPOINT_FILE).exists(), timeout=120)
+    time.sleep(random.Random(7).uniform(0.0, 0.2))
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted; continue with: gpucnn train --resume "
+                                               f"{out / CHECKPOINT_FILE} --epochs {EPOCHS}")
+    saved = load_checkpoint(out / CHECKPOINT_FILE)
+    assert saved["epoch"] < EPOCHS
+    resumed = run_cli(*resume_args(random_mnist, out), check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference_run)
+
+
+def test_corrupt_checkpoints_are_refused_with_the_reason(reference_run, tmp_path):
+    good = (reference_run / CHECKPOINT_FILE).read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good[: len(good) // 2])
+    result = run_cli("evaluate", truncated, "--device", "cpu", check=False)
+    assert_one_line_error(result.returncode, result.stderr, f"checkpoint {truncated} is not an .npz archive "
+                                                            "(truncated, corrupt, or another kind of file)")
+    flipped = tmp_path / "flipped.npz"
+    data = bytearray(good)
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF  # flipped bits inside a stored member
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint {flipped} is corrupt"):
+        load_checkpoint(flipped)
+    text = tmp_path / "notes.npz"
+    text.write_text("not a checkpoint")
+    result = run_cli("train", "--resume", text, "--device", "cpu", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "is not an .npz archive")
+
+
+def test_incompatible_checkpoints_are_refused_with_the_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 4, 16)
+
+    def trainer(model, out=None):
+        return Trainer(model, optim.Adam(model.parameters(), lr=1e-3), device="cpu", out_dir=out)
+
+    trainer(LeNet5(num_classes=4, variant="classic", seed=0), tmp_path).fit(
+        (images, labels), (images, labels), epochs=1, batch_size=8, progress=False)
+    path = tmp_path / CHECKPOINT_FILE
+    # Same names and shapes, other model: refused by name.
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} holds a lenet5-classic model, but this run "
+                                              "trains lenet5"):
+        trainer(LeNet5(num_classes=4)).fit((images, labels), (images, labels), epochs=2, batch_size=8,
+                                           resume=path, progress=False)
+    # Other shapes: the mismatched parameters are named.
+    with pytest.raises(CheckpointError, match=r"does not fit the model: fc3.weight is \(4, 84\) in the checkpoint "
+                                              r"but \(10, 84\) in the model"):
+        trainer(build_model("lenet5-classic", num_classes=10)).fit(
+            (images, labels), (images, labels), epochs=2, batch_size=8, resume=path, progress=False)
+    # A checkpoint of something else entirely.
+    foreign = save_checkpoint(tmp_path / "foreign.npz", weights={"w": np.zeros(3)})
+    result = run_cli("evaluate", foreign, "--device", "cpu", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "the checkpoint holds no model weights")

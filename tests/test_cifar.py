@@ -8,7 +8,6 @@ import pytest
 
 from gpucnn.data import DataError, cifar, datasets, load_cifar10
 from tests.colour_data import write_cifar_dir
-from tests.test_download import Server
 
 
 @pytest.fixture(autouse=True)
@@ -126,13 +125,6 @@ def make_archive(tmp_path, extra_member=None, drop=None) -> bytes:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 def serve_archive(server, monkeypatch, archive: bytes, md5=None):

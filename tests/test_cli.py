@@ -5,38 +5,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gpucnn import backend
 from gpucnn.checkpoint import load_checkpoint
-from gpucnn.data import write_idx
-from tests.synthetic_data import quadrant_images
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args, check=True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUCNN_")}
-    env["GPUCNN_CACHE_DIR"] = "/nonexistent-gpucnn-cache"  # never pick up (or write) a real cache
-    result = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
+from gpucnn.train import CHECKPOINT_FILE
+from tests.helpers import ROOT, assert_one_line_error, clean_env, invoke, run_cli
+from tests.synthetic_data import quadrant_images, write_quadrant_mnist
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "mnist"
-    folder.mkdir()
-    for split, prefix, n in (("train", "train", 320), ("test", "t10k", 80)):
-        images, labels = quadrant_images(n, seed=0 if split == "train" else 1)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
-    return root
+    return write_quadrant_mnist(tmp_path_factory.mktemp("data"), 320, 80)
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +224,65 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
     resumed = run_cli("train", "--resume", out / "checkpoint.npz", "--epochs", target, "--data-dir", data_dir,
                       "--no-download", "--device", "cpu", "--quiet")
     assert f"done: epoch {target}" in resumed.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad option values and combinations: one line, non-zero exit
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["train", "--epochs", "0"], 2, "Invalid value for '--epochs': 0 is not in the range x>=1"),
+    (["train", "--batch-size", "-5"], 2, "Invalid value for '--batch-size'"),
+    (["train", "--dataset", "cifar-10"], 2, "Invalid value for '--dataset': 'cifar-10' is not one of"),
+    (["train", "--device", "tpu"], 2, "Invalid value for '--device'"),
+    (["train", "--lr", "0"], 2, "Invalid value for '--lr': 0.0 is not in the range x>0"),
+    (["train", "--lr", "nan"], 2, "Invalid value for '--lr': nan is not a finite number"),
+    (["train", "--lr", "inf"], 2, "Invalid value for '--lr': inf is not a finite number"),
+    (["train", "--lr", "fast"], 2, "'fast' is not a valid float"),
+    (["train", "--momentum", "1"], 2, "Invalid value for '--momentum'"),
+    (["train", "--weight-decay", "nan"], 2, "Invalid value for '--weight-decay': nan is not a finite number"),
+    (["train", "--model", "resnet"], 2, "Invalid value for '--model'"),
+    (["train", "--optimizer", "adam", "--momentum", "0.9", "--device", "cpu"], 1,
+     "--momentum applies to --optimizer sgd only"),
+    (["train", "--resume", "/nonexistent/checkpoint.npz", "--device", "cpu"], 1,
+     "checkpoint /nonexistent/checkpoint.npz does not exist"),
+    (["train", "--no-such-option"], 2, "--no-such-option"),
+    (["evaluate", "/nonexistent/run/checkpoint.npz", "--device", "cpu"], 1, "does not exist"),
+    (["predict", "/nonexistent/run/checkpoint.npz", "x.npy", "--device", "cpu"], 1, "does not exist"),
+    (["predict", "--top-k", "0", "c.npz", "x.npy"], 2, "Invalid value for '--top-k'"),
+    (["summary", "--model", "vgg"], 2, "Invalid value for '--model'"),
+], ids=["epochs-0", "batch-negative", "unknown-dataset", "unknown-device", "lr-0", "lr-nan", "lr-inf", "lr-text",
+        "momentum-1", "weight-decay-nan", "unknown-model", "momentum-with-adam", "resume-missing", "unknown-option",
+        "evaluate-missing", "predict-missing", "top-k-0", "summary-model"])
+def test_bad_option_values_are_one_line_and_non_zero(args, code, fragment):
+    result = invoke(args)
+    assert_one_line_error(result.exit_code, result.stderr, fragment, expected_code=code)
+
+
+def test_gpu_asked_for_without_a_gpu(tmp_path):
+    if backend.gpu_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("train", "--device", "gpu", "--out", tmp_path / "run", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "the GPU was asked for, but ")
+    env_result = subprocess.run([sys.executable, "cli.py", "evaluate", "c.npz"], cwd=ROOT, capture_output=True,
+                                text=True, env={**clean_env(), "GPUCNN_DEVICE": "tpu"}, timeout=120)
+    assert_one_line_error(env_result.returncode, env_result.stderr, "GPUCNN_DEVICE='tpu' is not a device")
+
+
+def test_unwritable_out_is_refused_before_any_data_is_loaded(random_mnist, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("train", "--device", "cpu", "--data-dir", tmp_path / "no-data-here", "--out", blocker / "run", check=False)
+    assert_one_line_error(result.returncode, result.stderr, str(blocker))
+    result = run_cli("train", "--device", "cpu", "--out", blocker, check=False)
+    assert_one_line_error(result.returncode, result.stderr, "is a file", expected_code=2)
+
+
+def test_predict_refuses_non_finite_and_missing_images(reference_run, tmp_path):
+    image = np.full((28, 28), 0.5, np.float32)
+    image[3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", image)
+    result = run_cli("predict", reference_run / CHECKPOINT_FILE, tmp_path / "nan.npy", "--device", "cpu", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "holds floats outside [0, 1]")
+    result = run_cli("predict", reference_run / CHECKPOINT_FILE, tmp_path / "absent.npy", "--device", "cpu", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "absent.npy")

@@ -18,10 +18,10 @@ import pytest
 
 from gpucnn import distributed, nn, optim
 from gpucnn.checkpoint import load_checkpoint
-from gpucnn.data import BatchIterator, write_idx
+from gpucnn.data import BatchIterator
 from gpucnn.distributed import Communicator, DistributedError, GradientAverager, ShardedBatchIterator, shard_bounds
 from gpucnn.train import Trainer
-from tests.synthetic_data import quadrant_images
+from tests.synthetic_data import write_quadrant_mnist as _data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun")
@@ -288,16 +288,6 @@ def run_job(args, ranks=None, timeout=JOB_TIMEOUT, **env):
             job.communicate()
         pytest.fail(f"{' '.join(command)} was still running after {timeout} s (a rank hangs?)")
     return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
-
-
-def _data_dir(root, n_train, n_test):
-    folder = root / "mnist"
-    folder.mkdir(parents=True)
-    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = quadrant_images(n, seed)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
-    return root
 
 
 @pytest.fixture(scope="module")

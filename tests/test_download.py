@@ -1,9 +1,13 @@
 """Data set lookup, download and loading, against a local HTTP server and temporary folders (no network)."""
+import gzip
 import hashlib
-import http.server
 import io
+import json
+import os
 import shutil
-import threading
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,15 +17,11 @@ import pytest
 from gpucnn.data import DATASETS, DataError, DatasetSpec, FileSpec, find_dataset_dir, load_dataset, normalize
 from gpucnn.data import datasets, write_idx
 from gpucnn.data.datasets import download_dataset
+from tests.helpers import MNIST_FILES, ROOT, clean_env, wait_until
 
 MNIST_DIR = Path("/work/shared/datasets/mnist")
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FILENAMES = {
-    "train-images": "train-images-idx3-ubyte.gz",
-    "train-labels": "train-labels-idx1-ubyte.gz",
-    "test-images": "t10k-images-idx3-ubyte.gz",
-    "test-labels": "t10k-labels-idx1-ubyte.gz",
-}
+FILENAMES = MNIST_FILES
 
 
 @pytest.fixture(autouse=True)
@@ -60,65 +60,6 @@ def tiny_spec(files, mirrors=("http://127.0.0.1:9/",), bad_md5_for=None):
         md5s[bad_md5_for] = "0" * 32
     return DatasetSpec(name="tiny", files={k: FileSpec(FILENAMES[k], md5s[k]) for k in FILENAMES},
                        mirrors=tuple(mirrors), mean=0.5, std=0.25, classes=tuple("0123456789"))
-
-
-class Server:
-    """An HTTP server on 127.0.0.1 serving ``routes`` (path -> bytes); other paths 404.
-
-    ``drop`` holds paths whose body is cut off halfway (with the full Content-Length
-    announced); ``stall`` holds paths that answer only after a long pause.
-    """
-
-    def __init__(self):
-        self.routes, self.drop, self.stall, self.requests = {}, set(), set(), []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                if self.path in server.stall:
-                    time.sleep(2.0)
-                body = server.routes.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.path in server.drop:
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (the timeout test)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    def serve(self, prefix, files):
-        for key, (data, _) in files.items():
-            self.routes[f"{prefix}/{FILENAMES[key]}"] = data
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -442,3 +383,65 @@ def test_normalize_validates_inputs():
         normalize(np.zeros((1, 2, 2), np.uint8), 0.1, 0.0)
     with pytest.raises(TypeError, match="needs a NumPy or CuPy array"):
         normalize([[[0]]], 0.1, 0.3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Downloads killed midway and checksum mismatches
+
+
+DOWNLOAD_SCRIPT = """
+import json, sys
+from gpucnn.data import DATASETS, DatasetSpec, FileSpec, download_dataset
+files = {key: FileSpec(name, md5) for key, (name, md5) in json.loads(sys.argv[3]).items()}
+DATASETS["tiny"] = DatasetSpec(name="tiny", files=files, mirrors=(sys.argv[1],), mean=0.5, std=0.25,
+                               classes=tuple("0123456789"))
+download_dataset("tiny", "test", cache_dir=sys.argv[2], progress=False, timeout=60)
+"""
+
+
+def test_download_killed_midway_leaves_no_broken_file_and_the_part_is_cleaned_later(tiny_cache, server, tmp_path):
+    for key, name in MNIST_FILES.items():
+        server.routes[f"/stall/{name}"] = tiny_cache.files[key]
+        server.routes[f"/good/{name}"] = tiny_cache.files[key]
+    server.hang.add(f"/stall/{MNIST_FILES['test-images']}")
+    spec_json = json.dumps({k: [f.filename, f.md5] for k, f in tiny_cache.spec.files.items()})
+    process = subprocess.Popen([sys.executable, "-c", DOWNLOAD_SCRIPT, server.url + "/stall/",
+                                str(tmp_path / "cache"), spec_json], cwd=ROOT, env=clean_env(tmp_path / "cache"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: any(p.stat().st_size > 0 for p in tiny_cache.cache.glob("*.part")), timeout=60), \
+            "the download never started writing"
+    finally:
+        process.kill()  # SIGKILL: no cleanup code can run
+        process.wait(30)
+    assert process.returncode == -signal.SIGKILL
+    parts = list(tiny_cache.cache.glob("*.part"))
+    assert len(parts) == 1 and parts[0].name.startswith(MNIST_FILES["test-images"] + ".")
+    assert not (tiny_cache.cache / MNIST_FILES["test-images"]).exists()  # nothing under the real name
+    # The .part is never read: without a download the split is simply missing.
+    with pytest.raises(DataError, match="no tiny test files"):
+        load_dataset("tiny", "test", download=False)
+    # A fresh .part may belong to a live download, so it is left alone; the download completes beside it.
+    images, labels = load_dataset("tiny", "test", mirrors=[server.url + "/good/"], progress=False)
+    assert images.shape == (200, 28, 28) and labels.shape == (200,)
+    assert parts[0].exists()
+    # Once stale, the next download into that folder deletes it.
+    stale = time.time() - 2 * datasets.STALE_PART_S
+    os.utime(parts[0], (stale, stale))
+    download_dataset("tiny", "train", mirrors=[server.url + "/good/"], progress=False)
+    assert not parts[0].exists()
+    assert sorted(p.name for p in tiny_cache.cache.iterdir()) == sorted(MNIST_FILES.values())
+
+
+def test_checksum_mismatch_names_the_file_and_what_to_do(tiny_cache, server):
+    for key, name in MNIST_FILES.items():
+        server.routes[f"/mirror/{name}"] = tiny_cache.files[key]
+    server.routes[f"/mirror/{MNIST_FILES['test-labels']}"] = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+    with pytest.raises(DataError) as info:
+        load_dataset("tiny", "test", mirrors=[server.url + "/mirror/"], progress=False)
+    message = str(info.value)
+    assert f"checksum mismatch for {MNIST_FILES['test-labels']}: expected MD5 {tiny_cache.spec.files['test-labels'].md5}" \
+        in message
+    assert "put the files in a folder and pass it as data_dir (--data-dir)" in message
+    assert not (tiny_cache.cache / MNIST_FILES["test-labels"]).exists()
+    assert not list(tiny_cache.cache.glob("*.part"))

@@ -29,9 +29,23 @@ def good(request):
     return EmulatedModule(KERNELS / "good.cu", order=request.param, seed=7)
 
 
+def matmul_missing_second_sync() -> str:
+    """good.cu's matmul_tiled without the barrier after the inner product: the next tile overwrites
+    what other threads still read."""
+    good_source = (KERNELS / "good.cu").read_text()
+    start = good_source.index('extern "C" __global__ void matmul_tiled(')
+    kernel = good_source[start:good_source.index("\n}\n", start) + 3]
+    last_barrier = kernel.rindex("__syncthreads();")
+    broken = kernel[:last_barrier] + kernel[last_barrier + len("__syncthreads();"):]
+    assert broken.count("__syncthreads();") == 1
+    return "\n// BUG: no __syncthreads after the inner product.\n" + broken.replace("matmul_tiled(", "matmul_missing_second_sync(")
+
+
 @pytest.fixture(scope="module")
-def bad_modules():
-    return {order: EmulatedModule(KERNELS / "bad.cu", order=order, seed=7) for order in ORDERS}
+def bad_modules(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad-kernels") / "bad.cu"
+    path.write_text((KERNELS / "bad.cu").read_text() + matmul_missing_second_sync())
+    return {order: EmulatedModule(path, order=order, seed=7) for order in ORDERS}
 
 
 @pytest.fixture(scope="module", params=ORDERS)

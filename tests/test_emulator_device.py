@@ -18,8 +18,8 @@ from gpucnn.data import write_idx
 from gpucnn.data.idx import read_idx
 from gpucnn.models import LeNet5
 from gpucnn.train import Trainer
+from tests.helpers import run_cli
 from tests.synthetic_data import quadrant_images
-from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.emulator
 

@@ -1,12 +1,16 @@
 """IDX reader/writer: round trips, the exact byte layout, every malformed-file error, the real MNIST files."""
 import gzip
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpucnn.data import DATASETS, DataError, read_idx, write_idx
+from gpucnn.data import load_dataset
+from tests.helpers import MNIST_FILES, fill_cache
+from tests.synthetic_data import write_random_split
 
 MNIST_DIR = Path("/work/shared/datasets/mnist")
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
@@ -230,3 +234,72 @@ def test_published_mnist_checksums_match_the_real_files():
     assert len(present) >= 2
     for path in present:
         assert hashlib.md5(path.read_bytes()).hexdigest() == files[path.name], path.name
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged, missing and forged data files
+
+
+def test_missing_files_say_where_gpucnn_looked(tiny_cache, tmp_path):
+    with pytest.raises(DataError, match=r"no tiny test files \(t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, "
+                                        r"or without .gz\) found in .*cache/tiny.*allow downloading"):
+        load_dataset("tiny", "test", download=False)
+    with pytest.raises(DataError, match=r"IDX file .*absent.idx does not exist"):
+        read_idx(tmp_path / "absent.idx")
+    with pytest.raises(DataError, match=r"data directory .*nowhere does not exist or is not a folder"):
+        load_dataset("tiny", "test", data_dir=tmp_path / "nowhere", download=False)
+
+
+def test_truncated_gzip_in_the_cache_says_delete_and_download_again(tiny_cache):
+    fill_cache(tiny_cache)
+    images = tiny_cache.cache / MNIST_FILES["test-images"]
+    os.truncate(images, images.stat().st_size // 2)  # a real file cut short, as by a full disk or a bad copy
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz is a corrupt or truncated gzip stream .*gpucnn's "
+                                        r"cached download: delete .*t10k-images-idx3-ubyte.gz and .*t10k-labels"
+                                        r"-idx1-ubyte.gz and run again to download them afresh"):
+        load_dataset("tiny", "test", download=False)
+
+
+def test_corrupt_gzip_in_the_cache_is_detected(tiny_cache):
+    fill_cache(tiny_cache)
+    labels = tiny_cache.cache / MNIST_FILES["test-labels"]
+    raw = bytearray(labels.read_bytes())
+    raw[-6] ^= 0xFF  # inside the CRC-32 trailer: the stream decompresses but does not check out
+    labels.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"corrupt or truncated gzip stream.*run again to download them afresh"):
+        load_dataset("tiny", "test", download=False)
+
+
+def test_wrong_idx_magic_in_the_cache_is_detected(tiny_cache):
+    fill_cache(tiny_cache)
+    images = tiny_cache.cache / MNIST_FILES["test-images"]
+    images.write_bytes(gzip.compress(b"<html>404 Not Found</html>"))  # what a captive portal serves
+    with pytest.raises(DataError, match=r"has a wrong magic number \(first bytes 3c68746d.*it is not an IDX file.*"
+                                        r"delete .* and run again"):
+        load_dataset("tiny", "test", download=False)
+
+
+def test_image_and_label_counts_that_differ(tiny_cache, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_random_split(folder, "test", seed=3, n=5)
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    with pytest.raises(DataError, match=r"holds 5 images but .*t10k-labels-idx1-ubyte holds 4 labels; the two files "
+                                        r"come from different data sets or splits"):
+        load_dataset("tiny", "test", data_dir=folder, download=False)
+
+
+def test_forged_idx_headers_are_refused_not_crashing(tmp_path):
+    path = tmp_path / "forged.idx"
+    # 65536**4 bytes wrapped to 0 in int64, and the empty payload then crashed reshape.
+    path.write_bytes(bytes([0, 0, 0x08, 4]) + np.full(4, 65536, ">u4").tobytes())
+    with pytest.raises(DataError, match=r"declares shape \(65536, 65536, 65536, 65536\), too large for any array"):
+        read_idx(path)
+    # Found by tests/test_properties.py: a zero size does not make (0, 141977, 4294846392, 7563) allocatable.
+    path.write_bytes(bytes([0, 0, 0x0B, 4]) + np.array([0, 141977, 4294846392, 7563], ">u4").tobytes())
+    with pytest.raises(DataError, match="too large for any array"):
+        read_idx(path)
+    # A plausible shape with too few bytes is called truncated, with both counts.
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + np.array([60000, 28, 28], ">u4").tobytes() + bytes(1000))
+    with pytest.raises(DataError, match="is truncated: expected 47040000 bytes of data, found 1000"):
+        read_idx(path)

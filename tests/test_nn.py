@@ -1,5 +1,6 @@
 """Layers, Module and Sequential: forward against the ops, float64 gradient checks
 through ``layer.backward``, gradient accumulation, validation, and the Module API."""
+import types
 from collections import OrderedDict
 
 import numpy as np
@@ -7,7 +8,11 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from gpucnn import backend, nn, ops
+from gpucnn import optim
+from gpucnn.models import LeNet5
 from gpucnn.testing.gradcheck import assert_gradient_close
+from gpucnn.train import Trainer
+from tests.helpers import assert_same_tree, tie_free
 
 
 def check_layer_grads(layer, x, seed=0):
@@ -35,11 +40,6 @@ def check_layer_grads(layer, x, seed=0):
 def away_from_zero(rng, shape):
     """Values with |v| >= 0.1, so a ReLU kink is never within a finite-difference step."""
     return np.where(rng.random(shape) < 0.5, -1.0, 1.0) * (0.1 + rng.random(shape))
-
-
-def tie_free(rng, shape):
-    """Distinct values 0.1 apart in random order: max pooling has one clear winner per window."""
-    return (rng.permutation(int(np.prod(shape))).reshape(shape) * 0.1 - 1.0).astype(np.float32)
 
 
 def naive_conv2d(x, weight, bias, stride, padding, dilation):
@@ -169,7 +169,7 @@ POOL_CASES = [
 def test_max_pool_forward_matches_op_and_gradients(H, W, k, s, p):
     rng = np.random.default_rng(3)
     layer = nn.MaxPool2d(k, stride=s, padding=p)
-    x = tie_free(rng, (2, 3, H, W))
+    x = tie_free((2, 3, H, W), rng, spacing=0.1)
     expected, _ = ops.max_pool2d_forward(x, layer.kernel_size, layer.stride, layer.padding)
     assert_array_equal(layer(x), expected)
     check_layer_grads(layer, x)
@@ -446,3 +446,143 @@ def test_gpu_forward_backward_match_cpu_and_device_mismatch_is_reported():
     assert all(isinstance(v, np.ndarray) for v in state.values())
     gpu_model.load_state_dict(cpu_model.state_dict())
     assert gpu_model.device == "gpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input to layers and ops: one sentence naming the layer and the shape
+
+
+def test_wrong_ndim_names_the_layer_and_the_shape():
+    with pytest.raises(ValueError, match=r"Conv2d\(1, 6, kernel_size=\(5, 5\).*expected a 4-D input, got shape "
+                                         r"\(1, 28, 28\)"):
+        nn.Conv2d(1, 6, 5)(np.zeros((1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"Linear\(in_features=4.*expected a 2-D input, got shape \(2, 1, 2, 2\)"):
+        nn.Linear(4, 3)(np.zeros((2, 1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"MaxPool2d\(kernel_size=\(2, 2\).*expected a 4-D input, got shape \(8, 8\)"):
+        nn.MaxPool2d(2)(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"LeNet5 expects input of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\)"):
+        LeNet5()(np.zeros((2, 1, 32, 32), np.float32))
+
+
+def test_float64_and_integer_inputs_are_refused_not_converted():
+    conv = nn.Conv2d(1, 2, 3)
+    with pytest.raises(TypeError, match=r"Conv2d\(1, 2.*expected float32 input \(like its parameters\), got "
+                                        r"float64; convert the input with x.astype\(float32\)"):
+        conv(np.zeros((1, 1, 5, 5), np.float64))
+    with pytest.raises(TypeError, match=r"Conv2d\(1, 2.*expected float32 input.*got int64"):
+        conv(np.zeros((1, 1, 5, 5), np.int64))
+    with pytest.raises(TypeError, match=r"ReLU\(\) expected float32 or float64 input, got uint8"):
+        nn.ReLU()(np.zeros((2, 3), np.uint8))
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array, not int32"):
+        ops.conv2d_forward(np.zeros((1, 1, 5, 5), np.int32), np.zeros((1, 1, 3, 3), np.float32), None)
+    with pytest.raises(TypeError, match="weight has dtype float64 but x has float32; they must match"):
+        ops.conv2d_forward(np.zeros((1, 1, 5, 5), np.float32), np.zeros((1, 1, 3, 3), np.float64), None)
+    # double() is the documented way to run float64 (gradient checks): then float64 input is right.
+    assert nn.Conv2d(1, 2, 3).double()(np.zeros((1, 1, 5, 5), np.float64)).dtype == np.float64
+
+
+def test_wrong_channel_count_names_the_layer_and_both_shapes():
+    with pytest.raises(ValueError, match=r"Conv2d\(3, 8.*expected input with 3 channels, got shape \(2, 1, 8, 8\)"):
+        nn.Conv2d(3, 8, 3)(np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"Linear\(in_features=400.*expected input with 400 features, got shape "
+                                         r"\(2, 256\)"):
+        nn.Linear(400, 120)(np.zeros((2, 256), np.float32))
+    with pytest.raises(ValueError, match=r"weight expects 3 input channels \(shape \(8, 3, 3, 3\)\) but x has 1 "
+                                         r"\(shape \(2, 1, 8, 8\)\)"):
+        ops.conv2d_forward(np.zeros((2, 1, 8, 8), np.float32), np.zeros((8, 3, 3, 3), np.float32), None)
+
+
+def test_kernel_larger_than_the_padded_input():
+    with pytest.raises(ValueError, match=r"Conv2d\(1, 1, kernel_size=\(5, 5\).*got input of shape \(1, 1, 3, 3\), "
+                                         r"too small for its kernel \(output would be -1x-1\)"):
+        nn.Conv2d(1, 1, 5)(np.zeros((1, 1, 3, 3), np.float32))
+    assert nn.Conv2d(1, 1, 5, padding=1)(np.zeros((1, 1, 3, 3), np.float32)).shape == (1, 1, 1, 1)  # fits exactly
+    with pytest.raises(ValueError, match=r"MaxPool2d.*got input of shape \(1, 1, 3, 3\), too small for its window"):
+        nn.MaxPool2d(4)(np.zeros((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"the \(dilated\) kernel 5x5 is larger than the padded input 3x3"):
+        ops.conv2d_forward(np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), None,
+                           dilation=2)
+    with pytest.raises(ValueError, match=r"the pooling kernel 4x4 is larger than the padded input 3x3"):
+        ops.avg_pool2d_forward(np.zeros((1, 1, 3, 3), np.float32), 4)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.Conv2d(0, 6, 5), "in_channels must be at least 1, (got|not) 0"),
+    (lambda: nn.Conv2d(1, -6, 5), "out_channels must be at least 1, (got|not) -6"),
+    (lambda: nn.Conv2d(1, 6, (5, 0)), r"kernel_size must be at least 1 in both dimensions, got \(5, 0\)"),
+    (lambda: nn.Conv2d(1, 6, 5, stride=0), r"stride must be at least 1 in both dimensions, got \(0, 0\)"),
+    (lambda: nn.Conv2d(1, 6, 5, padding=-1), r"padding must be at least 0 in both dimensions, got \(-1, -1\)"),
+    (lambda: nn.Linear(5, 0), "out_features must be at least 1, (got|not) 0"),
+    (lambda: nn.MaxPool2d(0), r"kernel_size must be at least 1 in both dimensions, got \(0, 0\)"),
+    (lambda: nn.AvgPool2d(2, padding=2), r"AvgPool2d padding \(2, 2\) must be at most half of kernel_size"),
+    (lambda: LeNet5(num_classes=1), "num_classes must be an int of at least 2, got 1"),
+], ids=["in-0", "out-neg", "kernel-0", "stride-0", "padding-neg", "linear-0", "pool-0", "pool-padding", "classes-1"])
+def test_zero_and_negative_sizes_are_refused_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_empty_batch_names_the_layer():
+    with pytest.raises(ValueError, match=r"Conv2d\(1, 6.*got an empty input of shape \(0, 1, 28, 28\)"):
+        LeNet5()(np.zeros((0, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"Flatten\(\) got an empty input of shape \(4, 0, 2\)"):
+        nn.Flatten()(np.zeros((4, 0, 2), np.float32))
+    with pytest.raises(ValueError, match=r"x has a zero-length dimension \(shape \(2, 1, 0, 5\)\)"):
+        ops.max_pool2d_forward(np.zeros((2, 1, 0, 5), np.float32), 2)
+
+
+def test_nan_and_inf_policy_layers_propagate_the_trainer_refuses_bad_data():
+    # Layers do not scan their input (a full pass, and a GPU sync, per layer): NaN propagates ...
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    x[0, 0, 14, 14] = np.nan
+    assert np.isnan(LeNet5(seed=0)(x)).all()
+    # ... and the trainer checks its data once, before the first step, naming where the bad image is.
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((20, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 20)
+    bad = images.copy()
+    bad[7, 0, 3, 3] = np.inf
+    bad[12, 0, 0, 0] = np.nan
+    model = LeNet5(seed=0)
+    trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.01), device="cpu")
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"train_data images hold NaN or infinite values \(2 of 20 images, "
+                                         r"the first at index 7\)"):
+        trainer.fit((bad, labels), (images, labels), epochs=1, batch_size=5, progress=False)
+    with pytest.raises(ValueError, match=r"test_data images hold NaN or infinite values \(2 of 20 images"):
+        trainer.fit((images, labels), (bad, labels), epochs=1, batch_size=5, progress=False)
+    with pytest.raises(ValueError, match="data images hold NaN or infinite values"):
+        trainer.evaluate((bad, labels))
+    assert_same_tree(model.state_dict(), before, "untouched weights")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Arrays that gpucnn.backend takes for CuPy arrays (a NumPy subclass), so device checks run without a GPU."""
+    class FakeGpuArray(np.ndarray):
+        pass
+
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace(ndarray=FakeGpuArray))
+    return lambda array: np.ascontiguousarray(array).view(FakeGpuArray)
+
+
+def test_input_on_the_wrong_device_names_the_layer_and_shape(fake_gpu):
+    x = fake_gpu(np.zeros((2, 1, 28, 28), np.float32))
+    assert backend.device_of(x) == "gpu"
+    with pytest.raises(ValueError, match=r"input is on gpu but Conv2d's parameters are on cpu \(Conv2d\(1, 6.*input "
+                                         r"shape \(2, 1, 28, 28\)\); call model.to\('gpu'\)"):
+        LeNet5()(x)
+    with pytest.raises(ValueError, match=r"input is on gpu but Linear's parameters are on cpu"):
+        nn.Linear(3, 2)(fake_gpu(np.zeros((4, 3), np.float32)))
+    with pytest.raises(ValueError, match=r"weight and x must be on the same device \(cpu vs gpu\)"):
+        ops.conv2d_forward(x, np.zeros((6, 1, 5, 5), np.float32), None)
+
+
+@pytest.mark.gpu
+def test_input_on_the_wrong_device_with_a_real_gpu():
+    cp = backend.cupy_module()
+    with pytest.raises(ValueError, match=r"input is on gpu but Conv2d's parameters are on cpu"):
+        LeNet5()(cp.zeros((2, 1, 28, 28), dtype=cp.float32))
+    model = LeNet5().to("gpu")
+    with pytest.raises(ValueError, match=r"input is on cpu but Conv2d's parameters are on gpu"):
+        model(np.zeros((2, 1, 28, 28), np.float32))

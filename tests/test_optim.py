@@ -6,7 +6,22 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from gpucnn import optim
+from gpucnn import backend as gpucnn_backend
+from gpucnn.cuda import optim as cuda_optim
+from gpucnn.models import LeNet5
 from gpucnn.nn import Parameter
+from gpucnn.ops import loss as ops_loss
+from tests.helpers import LaunchRecorder, NoLaunchRuntime, assert_close, assert_refused_before_launch, f32
+from tests.kernel_cases import (
+    OPTIM_CASES,
+    OPTIM_TOL,
+    broken_kernel_copy,
+    caught_under_some_order,
+    case_id,
+    check_fused_optimizer,
+    copy_kernels,
+)
+from tests.test_conv import run_twice_on_gpu
 
 
 def scalar_param(value=1.0, dtype=np.float64):
@@ -285,3 +300,243 @@ def test_scheduler_state_dict_round_trip_and_validation():
         optim.StepLR(sgd, step_size=1, gamma=0)
     with pytest.raises(TypeError, match="needs an Optimizer"):
         optim.StepLR("sgd", step_size=1)
+
+
+# ------------------------------------------------------------------ the fused optimizers (gpucnn.cuda.optim) under the emulator, against these
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("case", OPTIM_CASES, ids=case_id)
+def test_fused_optimizer_matches_reference(case, emulator):
+    check_fused_optimizer(case, runtime=emulator)
+
+
+@pytest.mark.emulator
+def test_fused_adam_trains_lenet_like_adam(emulator):
+    """LeNet-5 from one seed, one batch, four steps: FusedAdam's weights follow Adam's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 4)
+    models = [LeNet5(seed=0), LeNet5(seed=0)]
+    optimizers = [optim.Adam(models[0].parameters(), lr=1e-3),
+                  cuda_optim.FusedAdam(list(models[1].parameters()), lr=1e-3, runtime=emulator)]
+    for _ in range(4):
+        for model, opt in zip(models, optimizers):
+            opt.zero_grad()
+            _, probs = ops_loss.softmax_cross_entropy(model(x), labels)
+            model.backward(ops_loss.softmax_cross_entropy_backward(probs, labels))
+            opt.step()
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert_close(name, q.data, p.data, OPTIM_TOL)
+    assert optimizers[1].step_count == 4
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("case", [OPTIM_CASES[2], OPTIM_CASES[4]], ids=case_id)
+def test_replayed_launches_follow_the_device_step_and_lr(case, emulator):
+    """One step's launches, replayed unchanged (as a CUDA graph replays them), take the step count and
+    the learning rate from the device: four replays, lr lowered before the last two, equal four eager
+    steps of the reference with the same gradient."""
+    rng = np.random.default_rng(9)
+    start = rng.standard_normal(300).astype(np.float32)
+    grad = rng.standard_normal(300).astype(np.float32)
+    recorder = LaunchRecorder(emulator)
+    fused_param, reference_param = Parameter(start.copy()), Parameter(start.copy())
+    settings = dict(case.settings)
+    fused = case.fused([fused_param], runtime=recorder, **settings)
+    reference = case.reference([reference_param], **settings)
+    fused.zero_grad()  # launches a fill of the gradient buffer: not part of the replayed update
+    fused_param.grad[...] = grad
+    recorder.launches.clear()
+    fused.step()
+    launches = list(recorder.launches)
+    assert [launch[0].name for launch in launches][0] == "optim_advance_step"
+    for replay in range(3):
+        if replay == 1:
+            fused._lr_device[...] = settings["lr"] / 4  # what FusedAdam.lr = ... writes, and all a replay sees
+        for kernel, grid, block, args, shared_mem in launches:
+            kernel(grid, block, args, shared_mem=shared_mem)
+    for t in range(4):
+        if t == 2:
+            reference.lr = settings["lr"] / 4
+        reference_param.grad = grad.copy()
+        reference.step()
+    assert fused.step_count == 4
+    assert_close("parameter", fused_param.data, reference_param.data, OPTIM_TOL)
+
+
+@pytest.mark.emulator
+def test_fused_state_dict_matches_the_reference_format(emulator):
+    rng = np.random.default_rng(4)
+    shapes = [(3, 4), (5,)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    ref_params = [Parameter(a.copy()) for a in start]
+    fused_params = [Parameter(a.copy()) for a in start]
+    reference = optim.Adam(ref_params, lr=1e-2)
+    fused = cuda_optim.FusedAdam(fused_params, lr=1e-2, runtime=emulator)
+    assert fused.state_dict()["state"] == [{}, {}]
+
+    def step(opt, params, gs):
+        opt.zero_grad()
+        for p, g in zip(params, gs):
+            p.accumulate_grad(g)
+        opt.step()
+    for gs in grads[:2]:
+        step(reference, ref_params, gs)
+        step(fused, fused_params, gs)
+    saved = fused.state_dict()
+    assert saved["type"] == "Adam" and saved["hyperparameters"] == reference.hyperparameters()
+    for mine, theirs in zip(saved["state"], reference.state_dict()["state"]):
+        assert mine["step"] == theirs["step"] == 2
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(key, mine[key], theirs[key], 1e-6)
+
+    # A reference checkpoint loads into a fresh fused optimizer, which then continues identically.
+    resumed_params = [Parameter(p.data.copy()) for p in ref_params]
+    resumed = cuda_optim.FusedAdam(resumed_params, lr=0.5, runtime=emulator)
+    resumed.load_state_dict(reference.state_dict())
+    assert resumed.lr == 1e-2 and resumed.step_count == 2
+    for gs in grads[2:]:
+        step(reference, ref_params, gs)
+        step(resumed, resumed_params, gs)
+    for p, q in zip(ref_params, resumed_params):
+        assert_close("resumed", q.data, p.data, OPTIM_TOL)
+
+    # And the fused checkpoint loads into the reference optimizer.
+    back = optim.Adam([Parameter(p.data.copy()) for p in resumed_params], lr=1.0)
+    back.load_state_dict(resumed.state_dict())
+    assert back.state[0]["step"] == 4
+
+
+@pytest.mark.emulator
+def test_fused_load_refuses_mixed_step_counts(emulator):
+    params = [Parameter(np.zeros(3, np.float32)), Parameter(np.zeros(2, np.float32))]
+    fused = cuda_optim.FusedAdam(params, runtime=emulator)
+    state = {"type": "Adam", "hyperparameters": fused.hyperparameters(),
+             "state": [{"step": 1, "exp_avg": np.zeros(3), "exp_avg_sq": np.zeros(3)}, {}]}
+    with pytest.raises(ValueError, match="step counts differ"):
+        fused.load_state_dict(state)
+    assert fused.step_count == 0 and fused.lr == 1e-3
+
+
+@pytest.mark.emulator
+def test_flat_parameters_views_and_gather(emulator):
+    params = [Parameter(np.arange(6, dtype=np.float32).reshape(2, 3)), Parameter(np.ones(70, np.float32))]
+    fused = cuda_optim.FusedSGD(params, lr=0.5, runtime=emulator)
+    flat = fused.flat
+    assert flat.offsets == (0, 64) and flat.count == 192
+    np.testing.assert_array_equal(flat.data[:6], np.arange(6))
+    assert not flat.data[6:64].any()
+    assert np.shares_memory(params[0].data, flat.data) and np.shares_memory(params[1].grad, flat.grad)
+
+    # A gradient that replaced the view is copied in; a parameter array that replaced its view too.
+    params[0].grad = np.full((2, 3), 2.0, np.float32)
+    params[1].data = np.zeros(70, np.float32)
+    fused.step()
+    np.testing.assert_array_equal(params[0].data, np.arange(6).reshape(2, 3) - 1.0)
+    np.testing.assert_array_equal(params[1].data, np.zeros(70))
+    assert np.shares_memory(params[1].data, flat.data)
+    assert not flat.data[6:64].any() and not flat.data[134:].any()  # the gaps stay zero
+
+    params[1].grad = None
+    with pytest.raises(ValueError, match="no gradient"):
+        fused.step()
+
+
+@pytest.mark.emulator
+def test_mutation_wrong_adam_coefficient_is_caught(tmp_path):
+    def wrong_beta(source):
+        return source.replace("const float b2 = (float)beta2;", "const float b2 = (float)beta1;")
+    assert caught_under_some_order(broken_kernel_copy(tmp_path, "optim.cu", wrong_beta),
+                   lambda rt: check_fused_optimizer(OPTIM_CASES[0], runtime=rt, steps=3))
+
+
+
+@pytest.mark.emulator
+def test_unmutated_copy_is_not_flagged(tmp_path):
+    assert not caught_under_some_order(copy_kernels(tmp_path),
+                                       lambda rt: check_fused_optimizer(OPTIM_CASES[0], runtime=rt, steps=3))
+
+
+def test_fused_optimizers_validate_like_the_reference():
+    rt = NoLaunchRuntime()
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cuda_optim.FusedAdam([], runtime=rt)
+    with pytest.raises(ValueError, match="betas"):
+        cuda_optim.FusedAdam([Parameter(f32(2))], betas=(1.0, 0.9), runtime=rt)
+    with pytest.raises(TypeError, match="float32"):
+        cuda_optim.FusedSGD([Parameter(np.zeros(2))], lr=0.1, runtime=rt)
+    with pytest.raises(ValueError, match="Nesterov"):
+        cuda_optim.FusedSGD([Parameter(f32(2))], lr=0.1, nesterov=True, runtime=rt)
+
+
+# ------------------------------------------------------------------ the fused optimizers on a real GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OPTIM_CASES, ids=case_id)
+def test_fused_optimizer_on_gpu(case):
+    run_twice_on_gpu(check_fused_optimizer, case)
+
+
+@pytest.mark.gpu
+def test_fused_adam_replays_from_a_cuda_graph():
+    """advance_step + adam_update captured once and replayed three times, with lr lowered before the
+    last replay, equal three eager steps of gpucnn.optim.Adam (the step count lives on the device)."""
+    cp = gpucnn_backend.cupy_module()
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(1000).astype(np.float32)
+    grads = rng.standard_normal(1000).astype(np.float32)  # the same gradient at every step
+    param, grad = cp.asarray(start), cp.asarray(grads)
+    exp_avg, exp_avg_sq = cp.zeros_like(param), cp.zeros_like(param)
+    step, lr = cp.zeros(1, cp.int32), cp.full(1, 1e-2, cp.float64)
+
+    # Compile and load optim.cu first: loading a module is not allowed while a stream captures.
+    cuda_optim.adam_update(cp.zeros(1, cp.float32), cp.zeros(1, cp.float32), cp.zeros(1, cp.float32),
+                           cp.zeros(1, cp.float32), cp.ones(1, cp.int32), cp.ones(1, cp.float64))
+    cuda_optim.advance_step(cp.zeros(1, cp.int32))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cuda_optim.advance_step(step)
+        cuda_optim.adam_update(param, grad, exp_avg, exp_avg_sq, step, lr)
+        graph = stream.end_capture()
+        assert int(step.get()[0]) == 0, "capturing must not run the kernels"
+        graph.launch(stream)
+        graph.launch(stream)
+        lr[...] = 5e-3
+        graph.launch(stream)
+        stream.synchronize()
+
+    p = Parameter(start.copy())
+    reference = optim.Adam([p], lr=1e-2)
+    for t in range(3):
+        if t == 2:
+            reference.lr = 5e-3
+        p.grad = grads.copy()
+        reference.step()
+    assert int(step.get()[0]) == 3
+    assert_close("param", param.get(), p.data, OPTIM_TOL)
+
+
+
+# ------------------------------------------------------------------ launcher refusals: before any kernel runs
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda rt: cuda_optim.adam_update(f32(4), f32(3), f32(4), f32(4), np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "grad"),
+    (lambda rt: cuda_optim.adam_update(f32(4), f32(4), f32(4), f32(4), np.zeros(1, np.int64),
+                                       np.zeros(1), runtime=rt), TypeError, "int32"),
+    (lambda rt: cuda_optim.sgd_update(f32(4), f32(4), f32(4), np.zeros(2, np.int32), np.zeros(1),
+                                      runtime=rt), ValueError, "one element"),
+    (lambda rt: cuda_optim.sgd_update(f32(4), f32(4), f32(4), np.zeros(1, np.int32), f32(1),
+                                      runtime=rt), TypeError, "float64"),
+    (lambda rt: cuda_optim.advance_step(np.zeros((1, 1), np.int32), runtime=rt), ValueError, "1 dim"),
+    # arguments updated in place: a contiguous copy would be updated and the caller's array left as it was
+    (lambda rt: cuda_optim.adam_update(f32(8)[::2], f32(4), f32(4), f32(4), np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "param is updated in place"),
+    (lambda rt: cuda_optim.adam_update(f32(4), f32(4), f32(4), f32(8)[1::2], np.zeros(1, np.int32),
+                                       np.zeros(1), runtime=rt), ValueError, "exp_avg_sq is updated in place"),
+    (lambda rt: cuda_optim.sgd_update(f32(4), f32(4), f32(4, 2)[:, 0], np.zeros(1, np.int32), np.zeros(1),
+                                      runtime=rt), ValueError, "momentum_buffer is updated in place"),])
+def test_launchers_refuse_bad_inputs_before_any_kernel_is_launched(call, error, message):
+    assert_refused_before_launch(call, error, message)

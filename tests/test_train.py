@@ -8,9 +8,12 @@ import pytest
 
 from gpucnn import nn, optim
 from gpucnn import train as train_module
+from gpucnn import backend
 from gpucnn.checkpoint import CheckpointError, load_checkpoint
 from gpucnn.models import LeNet5
 from gpucnn.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE, Trainer, TrainingError, evaluate
+from tests.helpers import BATCH, assert_one_line_error, invoke, run_cli
+from tests.synthetic_data import random_images
 
 CLASSES = 4
 
@@ -271,3 +274,97 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_metrics_lines(tmp_path):
     lenet_trainer(out_dir=tmp_path).fit(TRAIN, TEST, epochs=3, batch_size=40, resume=first_epoch, progress=False)
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# A loss going NaN, running out of memory
+
+
+def small_data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 4, n)
+
+
+def test_loss_going_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = LeNet5(num_classes=4, seed=0)
+    opt = optim.Adam(model.parameters(), lr=2e-3)
+    # A real divergence: after epoch 1 the schedule multiplies the learning rate by 1e30.
+    trainer = Trainer(model, opt, optim.StepLR(opt, step_size=1, gamma=1e30), device="cpu", out_dir=tmp_path)
+    data = random_images()
+    with np.errstate(all="ignore"), pytest.raises(
+            TrainingError, match=f"the training loss became nan in epoch 2 .*the last good checkpoint, "
+                                 f"{tmp_path / CHECKPOINT_FILE}, is unchanged; try a smaller learning rate"):
+        trainer.fit(data, data, epochs=3, batch_size=8, progress=False)
+    saved = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert saved["epoch"] == 1
+    assert all(np.isfinite(w).all() for w in saved["model"].values())
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 1
+
+
+def test_loss_going_nan_in_the_cli_is_one_line(random_mnist, tmp_path):
+    result = run_cli("train", "--device", "cpu", "--data-dir", random_mnist, "--no-download", "--epochs", 2,
+                     "--batch-size", BATCH, "--optimizer", "sgd", "--lr", 1e30, "--out", tmp_path / "run", "--quiet", check=False)
+    assert_one_line_error(result.returncode, result.stderr, "the training loss became nan in epoch 1")
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def fake_cupy_out_of_memory():
+    """An exception of CuPy's class name and module (cupy.cuda.memory.OutOfMemoryError), without CuPy."""
+    cls = type("OutOfMemoryError", (MemoryError,), {"__module__": "cupy.cuda.memory"})
+    return cls("Out of memory allocating 1,073,741,824 bytes (allocated so far: 79,456,894,976 bytes).")
+
+
+def test_is_out_of_memory_recognises_gpu_and_host_allocation_failures():
+    assert backend.is_out_of_memory(fake_cupy_out_of_memory())
+    runtime_error = type("CUDARuntimeError", (RuntimeError,), {"__module__": "cupy_backends.cuda.api.runtime"})
+    assert backend.is_out_of_memory(runtime_error("cudaErrorMemoryAllocation: out of memory"))
+    assert backend.is_out_of_memory(MemoryError("Unable to allocate 12.0 GiB"))
+    assert not backend.is_out_of_memory(runtime_error("cudaErrorIllegalAddress: an illegal memory access"))
+    assert not backend.is_out_of_memory(type("OutOfMemoryError", (Exception,), {"__module__": "mylib"})())
+    assert not backend.is_out_of_memory(ValueError("x"))
+
+
+def test_out_of_memory_in_training_suggests_a_smaller_batch_and_keeps_the_checkpoint(tmp_path):
+    data = random_images()
+    model = LeNet5(num_classes=4, seed=0)
+    Trainer(model, optim.Adam(model.parameters(), lr=1e-3), device="cpu", out_dir=tmp_path).fit(
+        data, data, epochs=1, batch_size=8, progress=False)
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+
+    resumed = LeNet5(num_classes=4, seed=0)
+    calls = []
+
+    def forward_running_out(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise fake_cupy_out_of_memory()
+        return nn.Conv2d.forward(resumed.conv1, x)
+
+    resumed.conv1.forward = forward_running_out
+    trainer = Trainer(resumed, optim.Adam(resumed.parameters(), lr=1e-3), device="cpu", out_dir=tmp_path)
+    with pytest.raises(TrainingError, match=r"training on the cpu ran out of memory at batch size 8 "
+                                            r"\(OutOfMemoryError: Out of memory allocating .*\); training stopped and "
+                                            r"the last good checkpoint, .*checkpoint.npz, is unchanged; try a smaller "
+                                            r"batch size \(--batch-size 4\)"):
+        trainer.fit(data, data, epochs=2, batch_size=8, resume=tmp_path / CHECKPOINT_FILE, progress=False)
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_out_of_memory_in_the_cli_is_one_line(random_mnist, reference_run, tmp_path, monkeypatch):
+    def step_running_out(self, x, y):
+        raise fake_cupy_out_of_memory()
+
+    monkeypatch.setattr(Trainer, "train_step", step_running_out)
+    result = invoke(("train", "--device", "cpu", "--data-dir", random_mnist, "--no-download", "--epochs", 1,
+                     "--batch-size", 64, "--out", tmp_path / "run", "--quiet"))
+    assert_one_line_error(result.exit_code, result.stderr, "ran out of memory at batch size 64")
+    assert "--batch-size 32" in result.stderr
+
+    def evaluate_running_out(*args, **kwargs):
+        raise fake_cupy_out_of_memory()
+
+    monkeypatch.setattr("gpucnn.cli.evaluate", evaluate_running_out)
+    result = invoke(("evaluate", reference_run / CHECKPOINT_FILE, "--device", "cpu", "--data-dir", random_mnist,
+                     "--no-download"))
+    assert_one_line_error(result.exit_code, result.stderr, "out of memory (Out of memory allocating")
+    assert "try a smaller --batch-size" in result.stderr

@@ -2,7 +2,7 @@
 
 ``linear_forward`` / ``linear_backward`` have the signatures of gpucnn.ops.linear plus ``runtime``
 (None: the process-wide CupyRuntime); ``linear_forward`` also fuses ReLU. ``matmul`` is the general
-product behind them, for any (M, K) x (K, N) shapes. The code is the same for CuPy arrays on a GPU
+product behind them, for any (ROWS, DEPTH) x (DEPTH, COLS) shapes. The code is the same for CuPy arrays on a GPU
 and NumPy arrays under the emulator. No cuBLAS is involved, so every launch can be captured in a
 CUDA graph, and every sum runs in a fixed order (bitwise reproducible).
 """
@@ -13,73 +13,74 @@ import numpy as np
 from gpucnn.cuda.runtime import ceil_div, check_int32_count, active_runtime, kernel_array, kernel_matrix
 
 KERNEL_FILE = "linear.cu"
-TILE_M, TILE_N, TILE_K = 64, 64, 16   # as #defined in kernels/linear.cu
+TILE_M, TILE_N, TILE_K = 64, 64, 16   # rows, columns, depth of a tile, as #defined in kernels/linear.cu
 TILE_BLOCK = (16, 16, 1)              # each thread computes 4 x 4 elements of a 64 x 64 tile
 COLSUM_ROWS = 8                       # COLSUM_ROWS in kernels/linear.cu
 THREADS_PER_BLOCK = 256               # 1-D launches
 MAX_GRID_YZ = 65535
-# Split-k: when the output has few tiles, the k axis is cut into slices summed by separate blocks
-# (then added in slice order), so that about TARGET_BLOCKS blocks keep the GPU busy. A slice spans
-# at least MIN_SLICE_TILES steps of TILE_K.
+# Split-k (GEMM's name; here the depth axis): when the output has few tiles, the depth axis is cut
+# into slices summed by separate blocks (then added in slice order), so that about TARGET_BLOCKS
+# blocks keep the GPU busy. A slice spans at least MIN_SLICE_TILES steps of TILE_K.
 TARGET_BLOCKS = 256
 MIN_SLICE_TILES = 4
 MAX_SLICES = 32
 
 
-def split_k(m: int, n: int, k: int) -> tuple[int, int]:
-    """(slices, k_slice) for a product of these sizes: how many k slices and how long each is."""
-    tiles = ceil_div(m, TILE_M) * ceil_div(n, TILE_N)
-    k_tiles = ceil_div(k, TILE_K)
-    slices = max(1, min(k_tiles // MIN_SLICE_TILES, ceil_div(TARGET_BLOCKS, tiles), MAX_SLICES))
-    k_slice = ceil_div(k_tiles, slices) * TILE_K
-    return ceil_div(k, k_slice), k_slice
+def split_k(rows: int, cols: int, depth: int) -> tuple[int, int]:
+    """(slices, depth_slice) for a product of these sizes: how many depth slices and how long each is."""
+    tiles = ceil_div(rows, TILE_M) * ceil_div(cols, TILE_N)
+    depth_tiles = ceil_div(depth, TILE_K)
+    slices = max(1, min(depth_tiles // MIN_SLICE_TILES, ceil_div(TARGET_BLOCKS, tiles), MAX_SLICES))
+    depth_slice = ceil_div(depth_tiles, slices) * TILE_K
+    return ceil_div(depth, depth_slice), depth_slice
 
 
 def matmul(a, b, *, trans_a=False, trans_b=False, bias=None, relu=False, runtime=None):
     """c = op(a) @ op(b) [+ bias] [then max(0, .)], all float32.
 
-    op(a) is a (M, K), or a.T when ``trans_a`` (a stored (K, M)); op(b) is b (K, N), or b.T when
-    ``trans_b`` (b stored (N, K)); bias (N,) or None -> c (M, N).
+    op(a) is a (ROWS, DEPTH), or a.T when ``trans_a`` (a stored (DEPTH, ROWS)); op(b) is b
+    (DEPTH, COLS), or b.T when ``trans_b`` (b stored (COLS, DEPTH)); bias (COLS,) or None -> c (ROWS, COLS).
     """
     rt = active_runtime(runtime)
     a = kernel_matrix(rt, a, "a")
     b = kernel_matrix(rt, b, "b")
-    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-    k_b, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
-    if k_b != k:
-        raise ValueError(f"op(a) has {k} columns (a shape {tuple(a.shape)}, trans_a={bool(trans_a)}) but op(b) has "
-                         f"{k_b} rows (b shape {tuple(b.shape)}, trans_b={bool(trans_b)}); they must match.")
+    rows, depth = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    depth_b, cols = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if depth_b != depth:
+        raise ValueError(f"op(a) has {depth} columns (a shape {tuple(a.shape)}, trans_a={bool(trans_a)}) but op(b) "
+                         f"has {depth_b} rows (b shape {tuple(b.shape)}, trans_b={bool(trans_b)}); they must match.")
     if bias is not None:
         bias = kernel_array(rt, bias, "bias", ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must have shape ({n},) to match the {n} output columns, not {tuple(bias.shape)}.")
-    m, n, k = int(m), int(n), int(k)
-    check_int32_count("c", m * n)
-    if ceil_div(m, TILE_M) > MAX_GRID_YZ:
-        raise ValueError(f"op(a) has {m} rows; at most {MAX_GRID_YZ * TILE_M} fit the kernel's grid.")
+        if bias.shape[0] != cols:
+            raise ValueError(f"bias must have shape ({cols},) to match the {cols} output columns, "
+                             f"not {tuple(bias.shape)}.")
+    rows, cols, depth = int(rows), int(cols), int(depth)
+    check_int32_count("c", rows * cols)
+    if ceil_div(rows, TILE_M) > MAX_GRID_YZ:
+        raise ValueError(f"op(a) has {rows} rows; at most {MAX_GRID_YZ * TILE_M} fit the kernel's grid.")
     has_bias = bias is not None
     bias_arg = bias if has_bias else a  # a float pointer the kernels never read when has_bias is 0
 
-    slices, k_slice = split_k(m, n, k)
-    check_int32_count("the split-k partial sums", slices * m * n)
-    grid = (ceil_div(n, TILE_N), ceil_div(m, TILE_M), slices)
-    c = rt.empty((m, n), np.float32)
-    flags = (np.int32(1 if trans_a else 0), np.int32(1 if trans_b else 0), np.int32(k_slice))
+    slices, depth_slice = split_k(rows, cols, depth)
+    check_int32_count("the split-k partial sums", slices * rows * cols)
+    grid = (ceil_div(cols, TILE_N), ceil_div(rows, TILE_M), slices)
+    c = rt.empty((rows, cols), np.float32)
+    flags = (np.int32(1 if trans_a else 0), np.int32(1 if trans_b else 0), np.int32(depth_slice))
     if slices == 1:
         # writes c: one block per 64 x 64 tile, bias and ReLU applied in place
         rt.function(KERNEL_FILE, "linear_matmul_tiled")(
-            grid, TILE_BLOCK, (a, b, bias_arg, c, np.int32(m), np.int32(n), np.int32(k), *flags,
+            grid, TILE_BLOCK, (a, b, bias_arg, c, np.int32(rows), np.int32(cols), np.int32(depth), *flags,
                                np.int32(has_bias), np.int32(1 if relu else 0)))
         return c
-    partial = rt.empty((slices, m, n), np.float32)
-    # writes partial: slice z holds the product over k in [z*k_slice, (z+1)*k_slice)
+    partial = rt.empty((slices, rows, cols), np.float32)
+    # writes partial: slice z holds the product over depth in [z*depth_slice, (z+1)*depth_slice)
     rt.function(KERNEL_FILE, "linear_matmul_tiled")(
-        grid, TILE_BLOCK, (a, b, bias_arg, partial, np.int32(m), np.int32(n), np.int32(k), *flags,
+        grid, TILE_BLOCK, (a, b, bias_arg, partial, np.int32(rows), np.int32(cols), np.int32(depth), *flags,
                            np.int32(0), np.int32(0)))
     # writes c: the slices summed in slice order, then bias and ReLU
     rt.function(KERNEL_FILE, "linear_reduce_slices")(
-        (ceil_div(m * n, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-        (partial, bias_arg, c, np.int32(m), np.int32(n), np.int32(slices), np.int32(has_bias),
+        (ceil_div(rows * cols, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+        (partial, bias_arg, c, np.int32(rows), np.int32(cols), np.int32(slices), np.int32(has_bias),
          np.int32(1 if relu else 0)))
     return c
 

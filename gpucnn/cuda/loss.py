@@ -15,8 +15,8 @@ MEAN_THREADS = 256      # MEAN_THREADS in kernels/loss.cu
 THREADS_PER_BLOCK = 256
 
 
-def _int32_labels(rt, labels, N: int, K: int, check_labels: bool):
-    """labels as a contiguous int32 array of shape (N,); with ``check_labels``, each in [0, K)."""
+def _int32_labels(rt, labels, N: int, CLASSES: int, check_labels: bool):
+    """labels as a contiguous int32 array of shape (N,); with ``check_labels``, each in [0, CLASSES)."""
     if not isinstance(labels, rt.xp.ndarray):
         raise TypeError(f"labels must be a {rt.xp.__name__}.ndarray for this runtime, "
                         f"not {type(labels).__module__}.{type(labels).__name__}.")
@@ -27,28 +27,37 @@ def _int32_labels(rt, labels, N: int, K: int, check_labels: bool):
     if check_labels:
         # Waits for the device; pass check_labels=False where that matters (a bad label then gives NaN).
         low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= K:
-            raise ValueError(f"labels must lie in [0, {K}), but range over [{low}, {high}].")
+        if low < 0 or high >= CLASSES:
+            raise ValueError(f"labels must lie in [0, {CLASSES}), but range over [{low}, {high}].")
     return rt.xp.ascontiguousarray(labels.astype(np.int32, copy=False))
+
+
+def _forward_rows(rt, logits, labels):
+    """(probs (N, CLASSES), row_loss (N,)): the softmax and each row's loss, one warp per row."""
+    N, CLASSES = (int(s) for s in logits.shape)
+    probs = rt.empty((N, CLASSES), np.float32)
+    row_loss = rt.empty((N,), np.float32)
+    # writes probs and row_loss
+    rt.function(KERNEL_FILE, "softmax_xent_forward")(
+        (ceil_div(N, XENT_ROWS), 1, 1), (32, XENT_ROWS, 1),
+        (logits, labels, probs, row_loss, np.int32(N), np.int32(CLASSES)))
+    return probs, row_loss
 
 
 def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
     """Mean cross-entropy of softmax(logits) against integer labels; returns (loss, probs).
 
-    logits (N, K) float32, labels (N,) ints in [0, K) -> loss a 0-d float32 array (the mean over
-    the batch, summed in a fixed order), probs (N, K) the softmax, kept for the backward pass.
+    logits (N, CLASSES) float32, labels (N,) ints in [0, CLASSES) -> loss a 0-d float32 array (the
+    mean over the batch, summed in a fixed order), probs (N, CLASSES) the softmax, kept for the
+    backward pass.
     ``check_labels=False`` skips the range check, which waits for the device; a label outside
-    [0, K) then makes the loss NaN.
+    [0, CLASSES) then makes the loss NaN.
     """
     rt = active_runtime(runtime)
     logits = kernel_matrix(rt, logits, "logits")
-    N, K = (int(s) for s in logits.shape)
-    labels = _int32_labels(rt, labels, N, K, check_labels)
-    probs = rt.empty((N, K), np.float32)
-    row_loss = rt.empty((N,), np.float32)
-    # writes probs and row_loss: one warp per row
-    rt.function(KERNEL_FILE, "softmax_xent_forward")(
-        (ceil_div(N, XENT_ROWS), 1, 1), (32, XENT_ROWS, 1), (logits, labels, probs, row_loss, np.int32(N), np.int32(K)))
+    N, CLASSES = (int(s) for s in logits.shape)
+    labels = _int32_labels(rt, labels, N, CLASSES, check_labels)
+    probs, row_loss = _forward_rows(rt, logits, labels)
     loss = rt.empty((1,), np.float32)
     # writes loss[0]: one block sums row_loss in a fixed order and divides by N
     rt.function(KERNEL_FILE, "softmax_xent_mean")((1, 1, 1), (MEAN_THREADS, 1, 1), (row_loss, loss, np.int32(N)))
@@ -56,39 +65,39 @@ def softmax_cross_entropy(logits, labels, *, check_labels=True, runtime=None):
 
 
 def softmax_cross_entropy_backward(probs, labels, *, check_labels=True, runtime=None):
-    """Gradient of the mean loss: probs (N, K), labels (N,) -> grad_logits (N, K) = (probs - onehot) / N."""
+    """Gradient of the mean loss: probs (N, CLASSES), labels (N,) -> grad_logits (N, CLASSES).
+
+    grad_logits = (probs - onehot(labels)) / N.
+    """
     rt = active_runtime(runtime)
     probs = kernel_matrix(rt, probs, "probs")
-    N, K = (int(s) for s in probs.shape)
-    labels = _int32_labels(rt, labels, N, K, check_labels)
-    grad_logits = rt.empty((N, K), np.float32)
+    N, CLASSES = (int(s) for s in probs.shape)
+    labels = _int32_labels(rt, labels, N, CLASSES, check_labels)
+    grad_logits = rt.empty((N, CLASSES), np.float32)
     # writes grad_logits: one thread per element
     rt.function(KERNEL_FILE, "softmax_xent_backward")(
-        (ceil_div(N * K, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-        (probs, labels, grad_logits, np.int32(N), np.int32(K)))
+        (ceil_div(N * CLASSES, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+        (probs, labels, grad_logits, np.int32(N), np.int32(CLASSES)))
     return grad_logits
 
 
 def softmax_cross_entropy_totals(logits, labels, totals, *, runtime=None):
     """Softmax cross-entropy for a training step that keeps its sums on the device; returns probs.
 
-    logits (N, K) float32, labels (N,) int32 (not range-checked: that would read them back), totals
-    (2,) float64 updated in place: totals[0] += the sum of the rows' losses, totals[1] += the number
-    of rows whose first maximal logit is the label. probs (N, K) feeds softmax_cross_entropy_backward.
+    logits (N, CLASSES) float32, labels (N,) int32 (not range-checked: that would read them back),
+    totals (2,) float64 updated in place: totals[0] += the sum of the rows' losses, totals[1] += the
+    number of rows whose first maximal logit is the label. probs (N, CLASSES) feeds
+    softmax_cross_entropy_backward.
     """
     rt = active_runtime(runtime)
     logits = kernel_matrix(rt, logits, "logits")
-    N, K = (int(s) for s in logits.shape)
-    labels = _int32_labels(rt, labels, N, K, check_labels=False)
+    N, CLASSES = (int(s) for s in logits.shape)
+    labels = _int32_labels(rt, labels, N, CLASSES, check_labels=False)
     if not isinstance(totals, rt.xp.ndarray) or totals.dtype != np.float64 or tuple(totals.shape) != (2,) \
             or not totals.flags.c_contiguous:
         raise ValueError("totals must be a contiguous float64 array of shape (2,) on the logits' device.")
-    probs = rt.empty((N, K), np.float32)
-    row_loss = rt.empty((N,), np.float32)
-    # writes probs and row_loss: one warp per row
-    rt.function(KERNEL_FILE, "softmax_xent_forward")(
-        (ceil_div(N, XENT_ROWS), 1, 1), (32, XENT_ROWS, 1), (logits, labels, probs, row_loss, np.int32(N), np.int32(K)))
+    probs, row_loss = _forward_rows(rt, logits, labels)
     # writes totals: one block adds the batch's loss sum and correct count, in a fixed order
     rt.function(KERNEL_FILE, "softmax_xent_accumulate")(
-        (1, 1, 1), (MEAN_THREADS, 1, 1), (logits, labels, row_loss, totals, np.int32(N), np.int32(K)))
+        (1, 1, 1), (MEAN_THREADS, 1, 1), (logits, labels, row_loss, totals, np.int32(N), np.int32(CLASSES)))
     return probs

@@ -68,45 +68,30 @@ class DatasetSpec:
         return self.files[f"{split}-images"], self.files[f"{split}-labels"]
 
 
-def _mnist_layout(md5s: dict) -> dict:
-    names = {
-        "train-images": "train-images-idx3-ubyte.gz",
-        "train-labels": "train-labels-idx1-ubyte.gz",
-        "test-images": "t10k-images-idx3-ubyte.gz",
-        "test-labels": "t10k-labels-idx1-ubyte.gz",
-    }
-    return {key: FileSpec(filename, md5s[key]) for key, filename in names.items()}
+MNIST_FILES = {"train-images": "train-images-idx3-ubyte.gz", "train-labels": "train-labels-idx1-ubyte.gz",
+               "test-images": "t10k-images-idx3-ubyte.gz", "test-labels": "t10k-labels-idx1-ubyte.gz"}
+
+
+def _mnist_spec(name: str, md5s: tuple, mirrors: tuple, mean: float, std: float, classes: tuple,
+                **extra) -> DatasetSpec:
+    """A DatasetSpec in MNIST's file layout; ``md5s`` in MNIST_FILES order."""
+    files = {key: FileSpec(filename, md5) for (key, filename), md5 in zip(MNIST_FILES.items(), md5s, strict=True)}
+    return DatasetSpec(name, files, mirrors, mean, std, classes, **extra)
 
 
 DATASETS = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        files=_mnist_layout({
-            "train-images": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels": "d53e105ee54ea40749a09fcbcd1e9432",
-            "test-images": "9fb629c4189551a2d022fa330f9573f3",
-            "test-labels": "ec29112dd5afa0611ce80d1b7f02629c",
-        }),
+    "mnist": _mnist_spec(
+        "mnist", ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                  "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        mean=0.1307,
-        std=0.3081,
-        classes=tuple(str(digit) for digit in range(10)),
-    ),
-    "fashion-mnist": DatasetSpec(
-        name="fashion-mnist",
-        files=_mnist_layout({
-            "train-images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels": "25c81989df183df01b3e8a0aad5dffbe",
-            "test-images": "bef4ecab320f06d8554ea6380940ec79",
-            "test-labels": "bb300cfdad3c16e7a12a480ee83cd310",
-        }),
+        mean=0.1307, std=0.3081, classes=tuple(str(digit) for digit in range(10))),
+    "fashion-mnist": _mnist_spec(
+        "fashion-mnist", ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                          "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        mean=0.2860,
-        std=0.3530,
+        mean=0.2860, std=0.3530, system_package="dataset-fashion-mnist",
         classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        system_package="dataset-fashion-mnist",
-    ),
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
 }
 
 
@@ -354,11 +339,20 @@ def normalize(images, mean, std):
         raise TypeError(f"normalize expects uint8 images, not {images.dtype}.")
     if images.ndim not in (3, 4):
         raise ValueError(f"normalize expects images of shape (N, H, W) or (N, C, H, W), not {tuple(images.shape)}.")
-    xp = backend.get_array_module(images)
-    out = images.astype(xp.float32)
+    out = images.astype(np.float32)
     if images.ndim == 3:
         out = out.reshape(images.shape[0], 1, *images.shape[1:])
-    C = out.shape[1]
+    out *= np.float32(1.0 / 255.0)
+    return standardize(out, mean, std, copy=False)
+
+
+def standardize(pixels, mean, std, copy: bool = True):
+    """float32 pixels in [0, 1] (N, C, H, W) -> ``(pixels - mean) / std``, on the pixels' device.
+
+    ``mean`` and ``std`` are one number for every channel or one per channel (C).
+    ``copy=False`` works in place (``normalize`` passes the copy it made).
+    """
+    C = pixels.shape[1]
     means, stds = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (mean, std))
     for name, values in (("mean", means), ("std", stds)):
         if values.ndim != 1 or len(values) not in (1, C):
@@ -366,9 +360,9 @@ def normalize(images, mean, std):
     if not np.isfinite(means).all() or not np.isfinite(stds).all() or (stds <= 0).any():
         raise ValueError(f"normalize needs a finite mean and a positive finite std, not mean={means.tolist()}, "
                          f"std={stds.tolist()}.")
-    shape = (1, len(means), 1, 1)
-    out *= np.float32(1.0 / 255.0)
-    out -= xp.asarray(means.astype(np.float32).reshape(shape))
+    xp = backend.get_array_module(pixels)
+    out = pixels.astype(np.float32, copy=copy)
+    out -= xp.asarray(means.astype(np.float32).reshape(1, len(means), 1, 1))
     out /= xp.asarray(stds.astype(np.float32).reshape(1, len(stds), 1, 1))
     return out
 

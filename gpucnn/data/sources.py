@@ -42,24 +42,24 @@ def check_dataset(name) -> str:
     return name
 
 
-def native_input_shape(name: str):
-    """(C, H, W) of the data set's own images, or None for an image folder (any size, RGB or grey)."""
+def _fixed(name: str, cifar_value, mnist_value):
+    """None for an image folder, ``cifar_value`` for CIFAR-10, ``mnist_value(spec)`` for the MNIST family."""
     check_dataset(name)
     if name == FOLDER:
         return None
     if name == cifar.NAME:
-        return cifar.IMAGE_SHAPE
-    return (1, *datasets.DATASETS[name].image_shape)
+        return cifar_value
+    return mnist_value(datasets.DATASETS[name])
+
+
+def native_input_shape(name: str):
+    """(C, H, W) of the data set's own images, or None for an image folder (any size, RGB or grey)."""
+    return _fixed(name, cifar.IMAGE_SHAPE, lambda spec: (1, *spec.image_shape))
 
 
 def default_classes(name: str):
     """The class names of a fixed data set (None for an image folder: they come from its sub-folders)."""
-    check_dataset(name)
-    if name == FOLDER:
-        return None
-    if name == cifar.NAME:
-        return cifar.CLASSES
-    return datasets.DATASETS[name].classes
+    return _fixed(name, cifar.CLASSES, lambda spec: spec.classes)
 
 
 def load_split(name: str, split: str = "train", data_dir=None, download: bool = True, progress=True,

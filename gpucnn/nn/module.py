@@ -17,12 +17,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from gpucnn import backend, ops
+from gpucnn.ops import FLOAT_DTYPES  # noqa: F401 - defined once in gpucnn.ops, also importable here
 from gpucnn.utils import pair
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-_is_array = backend.is_array
 
 
 def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
@@ -41,7 +37,7 @@ class Parameter:
     """
 
     def __init__(self, data):
-        if not _is_array(data):
+        if not backend.is_array(data):
             raise TypeError(f"Parameter data must be a NumPy or CuPy array, not {type(data).__name__}.")
         if np.dtype(data.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"Parameter data must be float32 or float64, not {data.dtype}.")
@@ -146,7 +142,7 @@ class Module:
     def _check_grad_output(self, grad_output):
         """grad_output must be an array shaped like the last forward's output."""
         expected = self._saved("output_shape")
-        if not _is_array(grad_output):
+        if not backend.is_array(grad_output):
             raise TypeError(f"{self!r}: grad_output must be a NumPy or CuPy array, not {type(grad_output).__name__}.")
         if tuple(grad_output.shape) != expected:
             raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
@@ -159,7 +155,7 @@ class Module:
         dtype (float32 unless ``double()`` was called); inputs are never
         converted silently. Layers without parameters take float32 or float64.
         """
-        if not _is_array(x):
+        if not backend.is_array(x):
             raise TypeError(f"{self!r} expects a NumPy or CuPy array, got {type(x).__name__}.")
         shape = tuple(x.shape)
         if ndim is not None and x.ndim != ndim:

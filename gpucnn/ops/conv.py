@@ -21,23 +21,9 @@ from gpucnn.utils import conv_output_size, pair
 COLUMN_CHUNK_BYTES = 2 * 2**20
 
 
-class ConvGeometry(NamedTuple):
-    """Every size of one convolution, in the shared shape vocabulary."""
-    N: int
-    C: int
-    H: int
-    W: int
-    OC: int
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    PH: int
-    PW: int
-    DH: int
-    DW: int
-    OH: int
-    OW: int
+ConvGeometry = NamedTuple("ConvGeometry", [(size, int) for size in "N C H W OC KH KW SH SW PH PW DH DW OH OW".split()])
+ConvGeometry.__doc__ = "Every size of one convolution, in the shared shape vocabulary."
+
 
 
 def conv2d_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1) -> ConvGeometry:
@@ -179,15 +165,15 @@ def _im2col(x_chunk, g: ConvGeometry, ones_row: bool, scratch: _Scratch):
     n = x_chunk.shape[0]
     padded = scratch.array("padded", (g.C, g.H + 2 * g.PH, g.W + 2 * g.PW, n), zeroed=g.PH > 0 or g.PW > 0)
     padded[:, g.PH: g.PH + g.H, g.PW: g.PW + g.W] = x_chunk.transpose(1, 2, 3, 0)
-    K = g.C * g.KH * g.KW
-    col = scratch.array("col", (K + ones_row, g.OH, g.OW, n))
-    col_by_offset = col[:K].reshape(g.C, g.KH, g.KW, g.OH, g.OW, n)
+    CKK = g.C * g.KH * g.KW
+    col = scratch.array("col", (CKK + ones_row, g.OH, g.OW, n))
+    col_by_offset = col[:CKK].reshape(g.C, g.KH, g.KW, g.OH, g.OW, n)
     for ky in range(g.KH):
         for kx in range(g.KW):
             col_by_offset[:, ky, kx] = _window(padded, g, ky, kx)
     if ones_row:
-        col[K] = 1
-    return col.reshape(K + ones_row, -1)
+        col[CKK] = 1
+    return col.reshape(CKK + ones_row, -1)
 
 
 def _forward_numpy(x, weight, bias, g: ConvGeometry, relu: bool):
@@ -209,9 +195,9 @@ def _forward_numpy(x, weight, bias, g: ConvGeometry, relu: bool):
 
 
 def _backward_numpy(grad_y, x, weight, g: ConvGeometry, with_bias: bool, with_grad_x: bool):
-    K = g.C * g.KH * g.KW
-    rows = K + with_bias
-    weight_t = weight.reshape(g.OC, K).T  # (K, OC)
+    CKK = g.C * g.KH * g.KW
+    rows = CKK + with_bias
+    weight_t = weight.reshape(g.OC, CKK).T  # (CKK, OC)
     grad_weight_matrix = np.zeros((g.OC, rows), x.dtype)  # last column: grad_bias, from the ones row
     grad_x = np.empty(x.shape, x.dtype) if with_grad_x else None
     scratch = _Scratch(x.dtype)
@@ -224,8 +210,8 @@ def _backward_numpy(grad_y, x, weight, g: ConvGeometry, with_bias: bool, with_gr
         grad_weight_matrix += grad_y_matrix @ col.T
         if with_grad_x:
             grad_x[start:stop] = _input_gradient(grad_y_matrix, weight_t, g, n, scratch)
-    grad_weight = np.ascontiguousarray(grad_weight_matrix[:, :K]).reshape(weight.shape)
-    grad_bias = grad_weight_matrix[:, K].copy() if with_bias else None
+    grad_weight = np.ascontiguousarray(grad_weight_matrix[:, :CKK]).reshape(weight.shape)
+    grad_bias = grad_weight_matrix[:, CKK].copy() if with_bias else None
     return grad_x, grad_weight, grad_bias
 
 

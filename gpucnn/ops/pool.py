@@ -21,20 +21,9 @@ from gpucnn.ops import check_float_array
 from gpucnn.utils import conv_output_size, pair
 
 
-class PoolGeometry(NamedTuple):
-    """Every size of one pooling, in the shared shape vocabulary."""
-    N: int
-    C: int
-    H: int
-    W: int
-    KH: int
-    KW: int
-    SH: int
-    SW: int
-    PH: int
-    PW: int
-    OH: int
-    OW: int
+PoolGeometry = NamedTuple("PoolGeometry", [(size, int) for size in "N C H W KH KW SH SW PH PW OH OW".split()])
+PoolGeometry.__doc__ = "Every size of one pooling, in the shared shape vocabulary."
+
 
 
 def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:

@@ -1,0 +1,57 @@
+"""A kernel runtime that records every launch it makes, so that the launches can be replayed later.
+
+The GPU benchmarks (bench/gpu_ops.py) time a launcher's kernels without its Python around them by
+replaying what it recorded; tests use it to see which kernels a launcher runs. It wraps any runtime
+with ``function``, ``empty`` and ``zeros`` (CupyRuntime, EmulatorRuntime).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the kernel's name, the callable, and its launch configuration."""
+    name: str
+    kernel: object
+    grid: tuple
+    block: tuple
+    args: tuple
+    shared_mem: int
+
+
+class RecordingRuntime:
+    """A runtime that launches through ``inner`` and records every launch, to be replayed later.
+
+    Replays reuse the recorded argument arrays: refill the inputs in place for fresh data.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.xp = inner.xp
+        self.launches: list[Launch] = []
+
+    def function(self, file, name):
+        kernel = self.inner.function(file, name)
+
+        def launch(grid, block, args, shared_mem=0):
+            self.launches.append(Launch(name, kernel, tuple(grid), tuple(block), tuple(args), shared_mem))
+            kernel(grid, block, args, shared_mem=shared_mem)
+        return launch
+
+    def empty(self, shape, dtype):
+        return self.inner.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        return self.inner.zeros(shape, dtype)
+
+    def take(self) -> list[Launch]:
+        """The launches recorded since the last take()."""
+        launches, self.launches = self.launches, []
+        return launches
+
+
+def replay(launches) -> None:
+    """Run recorded launches again, in order, with their recorded arguments."""
+    for launch in launches:
+        launch.kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)

@@ -1,0 +1,225 @@
+"""Fully connected layers: linear_forward / linear_backward on every backend against float64 products
+(tests/loops.py) and finite differences; matmul's transposes, split-K and the column sums under the
+emulator; mutation tests of linear.cu; the launchers' refusals.
+
+The float32 kernel cases (tests/kernel_cases.py) run on every backend of the ``backend`` fixture (the
+fused ReLU through the launcher on the kernel backends, relu_forward after the op on the CPU); on the GPU
+twice, which must give the same bits.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from gpucnn import backend as gpucnn_backend
+from gpucnn.cuda import linear as cuda_linear
+from gpucnn.ops import linear_backward, linear_forward, relu_forward
+from gpucnn.testing.gradcheck import assert_gradient_close
+from tests.helpers import assert_kernel_case, assert_close, assert_refused_before_launch, f32
+from tests.kernel_cases import (
+    FORWARD_TOL,
+    GRAD_PARAM_TOL,
+    LINEAR_CASES,
+    MATMUL_CASES,
+    LinearCase,
+    broken_kernel_copy,
+    caught_under_some_order,
+    case_id,
+    check_linear,
+    check_matmul,
+    copy_kernels,
+    kernel_define,
+    remove_barrier,
+)
+from tests.loops import linear_backward_loops, linear_loops
+from tests.test_conv import run_twice_on_gpu
+
+FLOAT64 = pytest.mark.backends("reference", "fast")
+
+
+def to_gpu(array):
+    return gpucnn_backend.to_device(array, "gpu")
+
+
+# ------------------------------------------------------------------ float32 kernel cases, every backend
+
+def linear_case_inputs(case: LinearCase, seed: int = 0):
+    """x, weight, bias (or None), grad_y as check_linear draws them."""
+    rng = np.random.default_rng(seed)
+    draw = lambda shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    x, weight = draw((case.n, case.d_in)), draw((case.d_out, case.d_in))
+    bias = draw((case.d_out,)) if case.bias else None
+    return x, weight, bias, draw((case.n, case.d_out))
+
+
+@lru_cache(maxsize=None)
+def expected_linear(case: LinearCase):
+    x, weight, bias, grad_y = linear_case_inputs(case)
+    y = linear_loops(x, weight, bias)
+    y = np.maximum(y, 0) if case.relu else y
+    grad_x, grad_weight, grad_bias = linear_backward_loops(grad_y, x, weight)
+    outputs = (y, grad_x, grad_weight, grad_bias if case.bias else None)
+    return tuple(None if o is None else o.astype(np.float32) for o in outputs)
+
+
+def run_linear_case(backend, case: LinearCase):
+    x, weight, bias, grad_y = (backend.to(a) for a in linear_case_inputs(case))
+    if case.relu and backend.kernels:
+        y = backend.launcher("linear", "linear_forward")(x, weight, bias, relu=True)  # the fused ReLU
+    else:
+        y = linear_forward(x, weight, bias)
+        y = relu_forward(y) if case.relu else y
+    return backend.host((y, *linear_backward(grad_y, x, weight, with_bias=case.bias)))
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=case_id)
+def test_linear_kernel_cases_match_loops(case, backend):
+    assert_kernel_case(backend, lambda: run_linear_case(backend, case), expected_linear(case), (FORWARD_TOL, FORWARD_TOL, GRAD_PARAM_TOL, GRAD_PARAM_TOL))
+
+
+# ------------------------------------------------------------------ float64 against loops and finite differences
+
+@FLOAT64
+def test_linear_values_and_gradients(backend):
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((5, 7)), rng.standard_normal((4, 7)), rng.standard_normal(4)
+    y = backend.host(linear_forward(backend.to(x), backend.to(w), backend.to(b)))
+    expected = np.array([[sum(x[n, i] * w[o, i] for i in range(7)) + b[o] for o in range(4)] for n in range(5)])
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+    np.testing.assert_allclose(backend.host(linear_forward(backend.to(x), backend.to(w), None)), expected - b, rtol=1e-12)
+    gy = rng.standard_normal(y.shape)
+    grad_x, grad_w, grad_b = backend.host(linear_backward(backend.to(gy), backend.to(x), backend.to(w)))
+
+    def loss():
+        return float((backend.host(linear_forward(backend.to(x), backend.to(w), backend.to(b))) * gy).sum())
+
+    for array, grad in [(x, grad_x), (w, grad_w), (b, grad_b)]:
+        assert_gradient_close(loss, array, grad)
+    assert linear_backward(backend.to(gy), backend.to(x), backend.to(w), with_bias=False)[2] is None
+
+
+def test_linear_rejects_bad_inputs():
+    x, w, b = np.zeros((5, 7), np.float32), np.zeros((4, 7), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="7 input features .* x has 6"):
+        linear_forward(x[:, :6], w, b)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        linear_forward(x[None], w, b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        linear_forward(x, w, b[:3])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        linear_forward(x.astype(np.int64), w, b)
+    with pytest.raises(ValueError, match=r"grad_y must have shape \(5, 4\)"):
+        linear_backward(np.zeros((5, 3), np.float32), x, w)
+
+
+# ------------------------------------------------------------------ the launchers under the emulator: matmul, split-K, column sums
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=case_id)
+def test_matmul_transposes_bias_relu(case, emulator):
+    check_matmul(case, runtime=emulator)
+
+
+def test_split_k_covers_k_exactly():
+    for m, n, k in [(1, 1, 1), (5, 3, 1000), (10, 84, 4096), (4096, 120, 400), (64, 64, 16), (3, 7, 17)]:
+        slices, k_slice = cuda_linear.split_k(m, n, k)
+        assert 1 <= slices <= cuda_linear.MAX_SLICES
+        assert k_slice % cuda_linear.TILE_K == 0
+        assert (slices - 1) * k_slice < k <= slices * k_slice, (m, n, k, slices, k_slice)
+    assert cuda_linear.split_k(5, 3, 1000)[0] > 1 and cuda_linear.split_k(4096, 4096, 64)[0] == 1
+
+
+@pytest.mark.emulator
+def test_column_sums_fixed_order_and_odd_columns(emulator):
+    g = np.random.default_rng(1).standard_normal((77, 45)).astype(np.float32)
+    sums = cuda_linear.column_sums(g, runtime=emulator)
+    assert_close("column sums", sums, g.astype(np.float64).sum(axis=0).astype(np.float32), 1e-5)
+
+
+# ------------------------------------------------------------------ mutation tests: a broken copy of linear.cu must be caught
+
+# k = 50 takes four TILE_K steps, so the barrier before the next load matters too.
+MUTATION_LINEAR = LinearCase("mutation", 40, 50, 70)
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("kernel, index", [("linear_matmul_tiled", 0), ("linear_matmul_tiled", 1),
+                                           ("linear_column_sums", 0)],
+                         ids=["matmul_before_compute", "matmul_before_next_load", "column_sums"])
+def test_mutation_missing_barrier_is_caught(tmp_path, kernel, index):
+    assert caught_under_some_order(broken_kernel_copy(tmp_path, "linear.cu", remove_barrier(kernel, index)),
+                                   lambda rt: check_linear(MUTATION_LINEAR, runtime=rt))
+
+
+@pytest.mark.emulator
+def test_unmutated_copy_is_not_flagged(tmp_path):
+    assert not caught_under_some_order(copy_kernels(tmp_path), lambda rt: check_linear(MUTATION_LINEAR, runtime=rt))
+
+
+def test_python_constants_match_the_kernel_defines():
+    assert (kernel_define("linear.cu", "TILE_M"), kernel_define("linear.cu", "TILE_N"),
+            kernel_define("linear.cu", "TILE_K")) == (cuda_linear.TILE_M, cuda_linear.TILE_N, cuda_linear.TILE_K)
+    assert cuda_linear.TILE_BLOCK[0] * 4 == cuda_linear.TILE_N and cuda_linear.TILE_BLOCK[1] * 4 == cuda_linear.TILE_M
+    assert kernel_define("linear.cu", "COLSUM_ROWS") == cuda_linear.COLSUM_ROWS
+
+
+# ------------------------------------------------------------------ on a real GPU: sizes that need many blocks
+
+MULTI_GRID_LINEAR = [
+    LinearCase("batch4096_fc1_relu", 4096, 400, 120, relu=True),
+    LinearCase("batch4096_fc3", 4096, 84, 10),
+    LinearCase("square_513", 513, 513, 513, relu=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=case_id)
+def test_matmul_on_gpu(case):
+    run_twice_on_gpu(lambda c, **kw: [check_matmul(c, **kw)], case)
+
+
+@pytest.mark.gpu
+def test_split_k_product_is_bitwise_reproducible_on_many_blocks():
+    cp = gpucnn_backend.cupy_module()
+    a = cp.random.RandomState(1).standard_normal((120, 8192), dtype=cp.float32)
+    b = cp.random.RandomState(2).standard_normal((8192, 84), dtype=cp.float32)
+    assert cuda_linear.split_k(120, 84, 8192)[0] > 1
+    first, second = cuda_linear.matmul(a, b), cuda_linear.matmul(a, b)
+    assert first.get().tobytes() == second.get().tobytes()
+    assert_close("c", first.get(), (a.get().astype(np.float64) @ b.get()).astype(np.float32), 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_launchers_refuse_host_arrays():
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        cuda_linear.linear_forward(np.zeros((2, 3), np.float32), to_gpu(np.zeros((4, 3), np.float32)), None)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MULTI_GRID_LINEAR, ids=case_id)
+def test_linear_on_many_gpu_blocks(case):
+    run_twice_on_gpu(check_linear, case)
+
+
+# ------------------------------------------------------------------ launcher refusals: before any kernel runs
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda rt: cuda_linear.linear_forward(f32(2, 3).astype(np.float64), f32(4, 3), None, runtime=rt),
+     TypeError, "float32"),
+    (lambda rt: cuda_linear.linear_forward(f32(2, 3, 1), f32(4, 3), None, runtime=rt), ValueError, "2 dim"),
+    (lambda rt: cuda_linear.linear_forward(f32(2, 3), f32(4, 5), None, runtime=rt), ValueError, "input features"),
+    (lambda rt: cuda_linear.linear_forward(f32(2, 3), f32(4, 3), f32(5), runtime=rt), ValueError, "bias"),
+    (lambda rt: cuda_linear.linear_forward(f32(0, 3), f32(4, 3), None, runtime=rt), ValueError, "zero-length"),
+    (lambda rt: cuda_linear.linear_forward([[1.0]], f32(4, 1), None, runtime=rt), TypeError, "ndarray"),
+    (lambda rt: cuda_linear.linear_backward(f32(2, 5), f32(2, 3), f32(4, 3), runtime=rt), ValueError, "grad_y"),
+    (lambda rt: cuda_linear.matmul(f32(2, 3), f32(2, 3), runtime=rt), ValueError, "must match"),
+    (lambda rt: cuda_linear.matmul(f32(2, 3), f32(3, 4), bias=f32(3), runtime=rt), ValueError, "bias"),
+    (lambda rt: cuda_linear.column_sums(f32(3), runtime=rt), ValueError, "2 dim"),
+    (lambda rt: cuda_linear.linear_forward(f32(2, 3), f32(4, 5), None, runtime=rt),
+     ValueError, r"weight expects 5 input features \(shape \(4, 5\)\) but x has 3"),
+])
+def test_launchers_refuse_bad_inputs_before_any_kernel_is_launched(call, error, message):
+    assert_refused_before_launch(call, error, message)
