@@ -381,3 +381,11 @@ def test_cpu_benchmark_runs_a_worker_process_per_library_and_writes_json(tmp_pat
     for row in report["throughput"]:
         assert len(row["gpucnn_rounds"]) == 2 and row["gpucnn_images_per_s"] > 0 and "load_before" in row
     assert report["env"]["gpucnn_cpu_path"] == "fast" and report["env"]["threads"] == 2
+
+
+def test_cpu_layer_profile_prints_every_layer_in_run_order():
+    result = _run([sys.executable, "bench/cpu_layer_profile.py", "--batch-size", "2", "--steps", "6"])
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:-1]]
+    assert names[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"] and names[-1] == "fc3"
+    assert result.stdout.splitlines()[-1].startswith("loss ")
