@@ -3,7 +3,7 @@
 #
 #     bench/run_gpu.sh [tests] [train] [ops] [e2e]      (no argument: all four, in this order)
 #
-#   tests  pytest -m gpu on tests/test_gpu_*.py only  (the kernels on the GPU against the NumPy reference)
+#   tests  pytest -m gpu over tests/ (the ops on every backend's GPU row, the kernels, the captured step)
 #   train  cli.py train --device gpu --dataset fashion-mnist --epochs 2, on the data the command carries
 #   ops    bench/gpu_ops.py --batches 64,256          (per op against cuDNN / PyTorch, device ceilings)
 #   e2e    bench/gpu_train.py                         (training steps: gpucnn captured and eager, PyTorch
@@ -124,11 +124,10 @@ EOF
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
-gpu_tests=(tests/test_gpu_*.py)
 for step in "${steps[@]}"; do
     case "$step" in
         tests)
-            run_step tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${gpu_tests[@]}" ;;
+            run_step tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests ;;
         train)
             missing=()
             for f in "${DATA_FILES[@]}"; do
