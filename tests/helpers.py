@@ -213,6 +213,11 @@ def f32(*shape):
     return np.zeros(shape, np.float32)
 
 
+def chwn(a):
+    """The same values as a, in CHWN memory order (what the fast convolution returns)."""
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+
+
 # ---------------------------------------------------------------- a reference training run (tests/conftest.py)
 
 MNIST_FILES = {
