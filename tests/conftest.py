@@ -166,6 +166,16 @@ def tiny_cache(tmp_path, monkeypatch):
     return types.SimpleNamespace(files=files, spec=spec, cache=tmp_path / "cache" / "tiny", source=source)
 
 
+@pytest.fixture
+def threaded(monkeypatch):
+    """Hand even tiny chunks of the fast CPU path (gpucnn/cpu/) to 3 threads, so its threaded code runs
+    on test-sized shapes."""
+    from gpucnn.cpu import threads  # noqa: PLC0415
+
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads, "THREADS", 3)
+
+
 EMULATOR_ORDERS = ("forward", "reverse", "random")
 
 

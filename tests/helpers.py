@@ -41,6 +41,23 @@ def run_cli(*args, check=True, timeout=300):
     return result
 
 
+def run_cli_together(*commands, env=None, timeout=300):
+    """Independent ``python cli.py ARGS`` runs (one tuple of ARGS each) started at once, so their
+    start-ups (most of a short command's time) overlap; their CompletedProcesses in order, exit
+    status unchecked. Runs that read or write the same files must not be given together."""
+    processes = [subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=env or clean_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+        return [subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+                for process, (stdout, stderr) in zip(processes, outputs)]
+    finally:
+        for process in processes:  # after a timeout: none left running
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
 def start_cli(*args):
     """``python cli.py ARGS`` started in the background (a Popen with piped output)."""
     return subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=clean_env(),
@@ -211,6 +228,11 @@ def assert_refused_before_launch(call, error, message):
 
 def f32(*shape):
     return np.zeros(shape, np.float32)
+
+
+def chwn(a):
+    """The same values as a, in CHWN memory order (what the fast convolution returns)."""
+    return np.ascontiguousarray(a.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
 
 
 # ---------------------------------------------------------------- a reference training run (tests/conftest.py)

@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from gpucnn.cpu import activation as fast_activation
 from gpucnn.cuda import activation as cuda_activation
 from gpucnn.cuda import optim as cuda_optim
+from gpucnn.ops import activation as ops_activation
 from gpucnn.ops import dropout_backward, dropout_forward, relu_backward, relu_forward
 from gpucnn.ops import sigmoid_backward, sigmoid_forward, tanh_backward, tanh_forward
 from gpucnn.testing.gradcheck import assert_gradient_close
-from tests.helpers import assert_same_bits, assert_refused_before_launch, f32
+from tests.helpers import assert_same_bits, assert_refused_before_launch, chwn, f32
 from tests.kernel_cases import OPTIM_CASES, RELU_SHAPES, check_fused_optimizer, check_relu
 from tests.loops import relu_backward_loops, relu_loops
 from tests.test_conv import run_twice_on_gpu
@@ -94,6 +96,22 @@ def test_relu_backward_zero_at_kink_and_nan_propagates(backend):
     assert y[0] == 0 and y[1] == 0 and y[2] == 2 and np.isnan(y[3])
     grad = backend.host(relu_backward(backend.to(np.ones(4)), backend.to(np.array([0.0, 0.0, 2.0, 1.0]))))
     np.testing.assert_array_equal(grad, [0, 0, 1, 1])
+
+
+# ------------------------------------------------------------------ the fast CPU path (gpucnn.cpu) against the NumPy reference
+# Called directly: float32 and float64, inputs in NCHW and in CHWN memory order, chunks on helper threads.
+
+def test_fast_relu_matches_reference_exactly_and_keeps_the_memory_order():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 6, 13, 7)).astype(np.float32)
+    x[0, 0, 0, :3] = [np.nan, 0.0, -0.0]
+    for x_in in (x, chwn(x), x[:, :, ::2]):
+        y = fast_activation.relu_forward(x_in)
+        np.testing.assert_array_equal(y, ops_activation.relu_forward_reference(x_in))
+        if x_in.flags.c_contiguous or chwn(x_in) is x_in:
+            assert y.strides == x_in.strides
+    flat = rng.standard_normal(1000).astype(np.float64)
+    np.testing.assert_array_equal(fast_activation.relu_forward(flat), np.maximum(flat, 0))
 
 
 # ------------------------------------------------------------------ dropout

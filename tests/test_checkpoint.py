@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_same_run,
     resume_args,
     run_cli,
+    run_cli_together,
     start_cli,
     train_args,
     wait_until,
@@ -323,7 +324,10 @@ def test_corrupt_checkpoints_are_refused_with_the_reason(reference_run, tmp_path
     good = (reference_run / CHECKPOINT_FILE).read_bytes()
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good[: len(good) // 2])
-    result = run_cli("evaluate", truncated, "--device", "cpu", check=False)
+    text = tmp_path / "notes.npz"
+    text.write_text("not a checkpoint")
+    result, resumed_from_text = run_cli_together(("evaluate", truncated, "--device", "cpu"),
+                                                 ("train", "--resume", text, "--device", "cpu"))
     assert_one_line_error(result.returncode, result.stderr, f"checkpoint {truncated} is not an .npz archive "
                                                             "(truncated, corrupt, or another kind of file)")
     flipped = tmp_path / "flipped.npz"
@@ -333,9 +337,7 @@ def test_corrupt_checkpoints_are_refused_with_the_reason(reference_run, tmp_path
     flipped.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"checkpoint {flipped} is corrupt"):
         load_checkpoint(flipped)
-    text = tmp_path / "notes.npz"
-    text.write_text("not a checkpoint")
-    result = run_cli("train", "--resume", text, "--device", "cpu", check=False)
+    result = resumed_from_text
     assert_one_line_error(result.returncode, result.stderr, "is not an .npz archive")
 
 

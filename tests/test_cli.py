@@ -12,7 +12,7 @@ import pytest
 from gpucnn import backend
 from gpucnn.checkpoint import load_checkpoint
 from gpucnn.train import CHECKPOINT_FILE
-from tests.helpers import ROOT, assert_one_line_error, clean_env, invoke, run_cli
+from tests.helpers import ROOT, assert_one_line_error, clean_env, invoke, run_cli, run_cli_together
 from tests.synthetic_data import quadrant_images, write_quadrant_mnist
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def trained(data_dir, tmp_path_factory):
 
 
 def test_summary_prints_layers_parameters_and_receptive_fields():
-    out = run_cli("summary").stdout
+    lenet, classic = run_cli_together(("summary",), ("summary", "--model", "lenet5-classic"))
+    assert lenet.returncode == 0 and classic.returncode == 0, (lenet.stderr, classic.stderr)
+    out, classic = lenet.stdout, classic.stdout
     assert "total parameters: 61,706" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
             ("conv1", "pool1", "conv2", "pool2", "fc1", "fc3")}
@@ -41,7 +43,6 @@ def test_summary_prints_layers_parameters_and_receptive_fields():
     assert rows["fc1"][-3:] == ["48,120", "-", "-"]
     assert rows["fc3"][-3:] == ["850", "-", "-"]
     assert "(16, 5, 5)" in out
-    classic = run_cli("summary", "--model", "lenet5-classic").stdout
     assert "AvgPool2d" in classic and "total parameters: 61,706" in classic
 
 
@@ -131,24 +132,24 @@ def assert_clean_failure(result, code, fragment):
     assert lines[0].startswith("Error: ") and fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args, code, fragment", [
+BAD_INPUTS = [  # (args, exit status, fragment of the one line)
     (["train", "--epochs", "0"], 2, "--epochs"),
     (["train", "--dataset", "cifar-10"], 2, "--dataset"),
     (["train", "--optimizer", "adam", "--momentum", "0.9", "--device", "cpu"], 1, "--momentum applies to"),
     (["train", "--bogus-option"], 2, "--bogus-option"),
     (["evaluate", "/nonexistent/checkpoint.npz", "--device", "cpu"], 1, "does not exist"),
     (["predict", "/nonexistent/checkpoint.npz", "x.npy", "--device", "cpu"], 1, "does not exist"),
-], ids=["epochs-0", "unknown-dataset", "momentum-with-adam", "unknown-option", "evaluate-missing",
-        "predict-missing"])
-def test_bad_inputs_fail_on_one_line(args, code, fragment):
-    assert_clean_failure(run_cli(*args, check=False), code, fragment)
+]
 
 
-def test_gpu_without_a_gpu_fails_cleanly():
-    from gpucnn import backend
-    if backend.gpu_available():
-        pytest.skip("this machine has a GPU")
-    assert_clean_failure(run_cli("train", "--device", "gpu", check=False), 1, "GPU")
+def test_bad_inputs_fail_on_one_line():
+    """Each in its own process, the processes started together (their start-ups overlap)."""
+    results = run_cli_together(*(args for args, _, _ in BAD_INPUTS))
+    for (args, code, fragment), result in zip(BAD_INPUTS, results):
+        try:
+            assert_clean_failure(result, code, fragment)
+        except AssertionError as error:
+            raise AssertionError(f"cli.py {' '.join(args)}: {error}") from None
 
 
 def test_missing_data_dir_without_download_fails_cleanly(tmp_path):
@@ -163,13 +164,6 @@ def test_data_dir_without_the_files_fails_cleanly(tmp_path):
     assert_clean_failure(result, 1, "no mnist train files")
 
 
-def test_unwritable_out_fails_cleanly_before_training(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    result = run_cli("train", "--device", "cpu", "--out", blocker / "run", check=False)
-    assert_clean_failure(result, 1, str(blocker))
-
-
 def test_out_holding_a_run_is_not_overwritten(trained, data_dir):
     out, _ = trained
     result = run_cli("train", "--device", "cpu", "--data-dir", data_dir, "--no-download", "--out", out, check=False)
@@ -179,23 +173,25 @@ def test_out_holding_a_run_is_not_overwritten(trained, data_dir):
 def test_predict_refuses_bad_images(trained, tmp_path):
     out, _ = trained
     np.save(tmp_path / "big.npy", np.full((28, 28), 3.0, dtype=np.float32))
-    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "big.npy", check=False), 1,
-                         "outside [0, 1]")
     np.save(tmp_path / "shape.npy", np.zeros((2, 32, 32), dtype=np.uint8))
-    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "shape.npy", check=False), 1,
-                         "shape (2, 32, 32)")
     (tmp_path / "bad.pgm").write_bytes(b"P5\n28 28\n255\n" + bytes(100))
-    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "bad.pgm", check=False), 1,
-                         "truncated")
-    assert_clean_failure(run_cli("predict", out / "checkpoint.npz", tmp_path / "big.npy", "--top-k", 11,
-                                 check=False), 1, "--top-k 11 exceeds")
+    big, shape, bad, top_k = run_cli_together(
+        ("predict", out / "checkpoint.npz", tmp_path / "big.npy"),
+        ("predict", out / "checkpoint.npz", tmp_path / "shape.npy"),
+        ("predict", out / "checkpoint.npz", tmp_path / "bad.pgm"),
+        ("predict", out / "checkpoint.npz", tmp_path / "big.npy", "--top-k", 11))
+    assert_clean_failure(big, 1, "outside [0, 1]")
+    assert_clean_failure(shape, 1, "shape (2, 32, 32)")
+    assert_clean_failure(bad, 1, "truncated")
+    assert_clean_failure(top_k, 1, "--top-k 11 exceeds")
 
 
 def test_help_texts():
-    top = run_cli("--help").stdout
+    top, train_help = run_cli_together(("--help",), ("train", "--help"))
+    assert top.returncode == 0 and train_help.returncode == 0, (top.stderr, train_help.stderr)
+    top, train_help = top.stdout, train_help.stdout
     for command in ("train", "evaluate", "predict", "summary"):
         assert command in top
-    train_help = run_cli("train", "--help").stdout
     for option in ("--device", "--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr",
                    "--optimizer", "--momentum", "--weight-decay", "--schedule", "--seed", "--out", "--resume",
                    "--no-download", "--quiet"):
@@ -262,7 +258,9 @@ def test_bad_option_values_are_one_line_and_non_zero(args, code, fragment):
 def test_gpu_asked_for_without_a_gpu(tmp_path):
     if backend.gpu_available():
         pytest.skip("this machine has a GPU")
+    # one run for both checks (it was two tests running the same command): no traceback, exit 1
     result = run_cli("train", "--device", "gpu", "--out", tmp_path / "run", check=False)
+    assert_clean_failure(result, 1, "GPU")
     assert_one_line_error(result.returncode, result.stderr, "the GPU was asked for, but ")
     env_result = subprocess.run([sys.executable, "cli.py", "evaluate", "c.npz"], cwd=ROOT, capture_output=True,
                                 text=True, env={**clean_env(), "GPUCNN_DEVICE": "tpu"}, timeout=120)
@@ -272,9 +270,13 @@ def test_gpu_asked_for_without_a_gpu(tmp_path):
 def test_unwritable_out_is_refused_before_any_data_is_loaded(random_mnist, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_cli("train", "--device", "cpu", "--data-dir", tmp_path / "no-data-here", "--out", blocker / "run", check=False)
+    # before training and before any data is loaded (the data folder does not exist): one run, both checks
+    result, into_a_file = run_cli_together(
+        ("train", "--device", "cpu", "--data-dir", tmp_path / "no-data-here", "--out", blocker / "run"),
+        ("train", "--device", "cpu", "--out", blocker))
+    assert_clean_failure(result, 1, str(blocker))
     assert_one_line_error(result.returncode, result.stderr, str(blocker))
-    result = run_cli("train", "--device", "cpu", "--out", blocker, check=False)
+    result = into_a_file
     assert_one_line_error(result.returncode, result.stderr, "is a file", expected_code=2)
 
 
@@ -282,7 +284,9 @@ def test_predict_refuses_non_finite_and_missing_images(reference_run, tmp_path):
     image = np.full((28, 28), 0.5, np.float32)
     image[3, 4] = np.nan
     np.save(tmp_path / "nan.npy", image)
-    result = run_cli("predict", reference_run / CHECKPOINT_FILE, tmp_path / "nan.npy", "--device", "cpu", check=False)
+    result, absent = run_cli_together(
+        ("predict", reference_run / CHECKPOINT_FILE, tmp_path / "nan.npy", "--device", "cpu"),
+        ("predict", reference_run / CHECKPOINT_FILE, tmp_path / "absent.npy", "--device", "cpu"))
     assert_one_line_error(result.returncode, result.stderr, "holds floats outside [0, 1]")
-    result = run_cli("predict", reference_run / CHECKPOINT_FILE, tmp_path / "absent.npy", "--device", "cpu", check=False)
+    result = absent
     assert_one_line_error(result.returncode, result.stderr, "absent.npy")

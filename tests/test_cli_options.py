@@ -15,6 +15,7 @@ from gpucnn.checkpoint import load_checkpoint
 from gpucnn.cli import cli
 from gpucnn.cli_options import RenamedOption, meaning
 from gpucnn.data import cifar
+from tests.helpers import clean_env, run_cli_together
 from tests.colour_data import CLASSES, colour_shape_images, write_cifar_dir, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,11 +127,12 @@ def test_train_on_an_image_folder_stores_classes_and_normalisation(folder_run, p
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["test_acc"] >= 0.75, metrics                  # colour + shape, 80 images, 4 epochs
 
-    again = gpucnn(places / "cache", "train", "--dataset", "folder", "--data-dir", places / "photos", "--device",
-                   "cpu", "--epochs", 1, "--out", places / "run-folder-again", "--image-size", 28, "-q")
-    assert again.returncode == 0
-    grey = gpucnn(places / "cache", "train", "--dataset", "folder", "--data-dir", places / "photos", "--device",
-                  "cpu", "--epochs", 1, "--out", places / "run-grey", "--grey", "--image-size", 20)
+    folder = ("train", "--dataset", "folder", "--data-dir", places / "photos", "--device", "cpu", "--epochs", 1)
+    again, grey = run_cli_together((*folder, "--out", places / "run-folder-again", "--image-size", 28, "-q"),
+                                   (*folder, "--out", places / "run-grey", "--grey", "--image-size", 20),
+                                   env=clean_env(places / "cache"))
+    assert again.returncode == 0, again.stderr
+    assert grey.returncode == 0, grey.stderr
     assert "images of 1x20x20" in grey.stdout
     cached = gpucnn(places / "cache", "train", "--dataset", "folder", "--data-dir", places / "photos", "--device",
                     "cpu", "--epochs", 1, "--out", places / "run-grey-2", "--grey", "--image-size", 20)
@@ -151,18 +153,20 @@ def test_predict_names_the_folder_classes_for_png_jpeg_npy(folder_run, places, t
     Image.fromarray(images[0].transpose(1, 2, 0)).save(tmp_path / "a.png")
     Image.fromarray(images[0].transpose(1, 2, 0)).resize((56, 70)).save(tmp_path / "big.jpg")
     np.save(tmp_path / "a.npy", images[0])                     # (3, 28, 28) uint8
-    result = gpucnn(places / "cache", "predict", out / "checkpoint.npz", tmp_path / "a.png", tmp_path / "big.jpg",
-                    tmp_path / "a.npy", "--top-k", 2, "--device", "cpu")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result, text_file, broken = run_cli_together(
+        ("predict", out / "checkpoint.npz", tmp_path / "a.png", tmp_path / "big.jpg", tmp_path / "a.npy",
+         "--top-k", 2, "--device", "cpu"),
+        ("predict", out / "checkpoint.npz", tmp_path / "x.txt"),
+        ("predict", out / "checkpoint.npz", tmp_path / "broken.png"), env=clean_env(places / "cache"))
+    assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines()[1:])
     assert lines[str(tmp_path / "a.png")] == lines[str(tmp_path / "a.npy")]   # PNG is lossless
     for text in lines.values():
         first, second = text.split(", ")
         assert first.split()[1].strip("'") in CLASSES and second.split()[1].strip("'") in CLASSES
-    assert_one_line_error(gpucnn(places / "cache", "predict", out / "checkpoint.npz", tmp_path / "x.txt",
-                                 check=False), 1, "predict reads PNG/JPEG")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    assert_one_line_error(gpucnn(places / "cache", "predict", out / "checkpoint.npz", tmp_path / "broken.png",
-                                 check=False), 1, f"cannot read image {tmp_path / 'broken.png'}")
+    assert_one_line_error(text_file, 1, "predict reads PNG/JPEG")
+    assert_one_line_error(broken, 1, f"cannot read image {tmp_path / 'broken.png'}")
 
 
 def test_train_cifar10_vgg_small_and_predict_cifar_class_names(cifar_run, places, tmp_path):
@@ -178,8 +182,13 @@ def test_train_cifar10_vgg_small_and_predict_cifar_class_names(cifar_run, places
 
 def test_visualize_and_features_on_a_colour_checkpoint(folder_run, places, tmp_path):
     out, _ = folder_run
-    result = gpucnn(places / "cache", "visualize", out / "checkpoint.npz", "--dataset", "folder", "--data-dir",
-                    places / "photos", "--patches", 3, "--out", tmp_path / "viz", "-q", "--device", "cpu")
+    result, features = run_cli_together(
+        ("visualize", out / "checkpoint.npz", "--dataset", "folder", "--data-dir", places / "photos", "--patches", 3,
+         "--out", tmp_path / "viz", "-q", "--device", "cpu"),
+        ("features", out / "checkpoint.npz", "--dataset", "folder", "--data-dir", places / "photos", "--layer",
+         "flatten", "--out", tmp_path / "f.npy", "-q"), env=clean_env(places / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert features.returncode == 0, features.stderr
     assert "data: folder test, 32 images" in result.stdout
     names = sorted(p.name for p in (tmp_path / "viz").iterdir())
     assert names == ["curves.png", "filters_conv1.png", "patches_conv1.npz", "patches_conv1.png",
@@ -191,8 +200,6 @@ def test_visualize_and_features_on_a_colour_checkpoint(folder_run, places, tmp_p
     # true colours: the strongly red or blue pixels of the shapes are there (a grey drawing has R = G = B)
     assert (np.abs(patches[..., 0] - patches[..., 2]) > 100).sum() > 100
 
-    features = gpucnn(places / "cache", "features", out / "checkpoint.npz", "--dataset", "folder", "--data-dir",
-                      places / "photos", "--layer", "flatten", "--out", tmp_path / "f.npy", "-q")
     assert np.load(tmp_path / "f.npy").shape == (32, 400), features.stdout
 
 
@@ -208,36 +215,41 @@ def test_visualize_vgg_small_draws_every_stage_with_few_channels(cifar_run, plac
 
 
 def test_summary_for_any_model_and_input_shape(places):
-    out = gpucnn(places / "cache", "summary", "--model", "vgg-small", "--input-shape", "3,32,32").stdout
+    vgg, lenet, short_shape, not_a_multiple = run_cli_together(
+        ("summary", "--model", "vgg-small", "--input-shape", "3,32,32"),
+        ("summary", "--model", "lenet5", "--input-shape", "3,32,32"),
+        ("summary", "--input-shape", "3,32"),
+        ("summary", "--model", "vgg-small", "--input-shape", "3,28,28"), env=clean_env(places / "cache"))
+    assert vgg.returncode == 0 and lenet.returncode == 0, (vgg.stderr, lenet.stderr)
+    out, lenet = vgg.stdout, lenet.stdout
     assert "vgg-small for input (3, 32, 32)" in out and "total parameters: 2,196,810" in out
     assert "after 150 stacked 3x3 stride-1 layers" in out and "after 26 3x3 layers with this model's strides" in out
     row = next(line.split() for line in out.splitlines() if line.startswith("conv3_2"))
     assert row[-3:] == ["590,080", "32", "4"]
-    lenet = gpucnn(places / "cache", "summary", "--model", "lenet5", "--input-shape", "3,32,32").stdout
     conv1 = next(line.split() for line in lenet.splitlines() if line.startswith("conv1"))
     assert conv1[-3:] == ["456", "5", "1"] and "(6, 28, 28)" in lenet     # (5*5*3+1)*6; no padding at 32x32
     assert "after 40 3x3 layers" in lenet
-    assert_one_line_error(gpucnn(places / "cache", "summary", "--input-shape", "3,32", check=False), 2, "C,H,W")
-    assert_one_line_error(gpucnn(places / "cache", "summary", "--model", "vgg-small", "--input-shape", "3,28,28",
-                                 check=False), 1, "multiple of 8")
+    assert_one_line_error(short_shape, 2, "C,H,W")
+    assert_one_line_error(not_a_multiple, 1, "multiple of 8")
 
 
 def test_clear_errors_for_renamed_and_misplaced_options(folder_run, places):
     out, _ = folder_run
     checkpoint = out / "checkpoint.npz"
     cache = places / "cache"
-    assert_one_line_error(gpucnn(cache, "visualize", checkpoint, "--data", "mnist", check=False), 2,
-                          "--data was renamed --dataset")
-    assert_one_line_error(gpucnn(cache, "features", checkpoint, "--layer", "fc1", "--out", "x.npy", "--data",
-                                 "mnist", check=False), 2, "--data was renamed --dataset")
-    assert_one_line_error(gpucnn(cache, "visualize", checkpoint, "--top-k", "3", check=False), 2,
-                          "--top-k was renamed --patches")
-    assert_one_line_error(gpucnn(cache, "train", "--dataset", "folder", "--device", "cpu", "--out",
-                                 places / "nowhere", check=False), 1, "--dataset folder needs --data-dir")
-    assert_one_line_error(gpucnn(cache, "train", "--dataset", "mnist", "--image-size", 32, "--device", "cpu",
-                                 "--out", places / "nowhere2", check=False), 1, "apply to --dataset folder only")
-    assert_one_line_error(gpucnn(cache, "evaluate", checkpoint, "--dataset", "mnist", "--device", "cpu",
-                                 check=False), 1, "takes 3x28x28 images, but mnist images are 1x28x28")
+    results = iter(run_cli_together(
+        ("visualize", checkpoint, "--data", "mnist"),
+        ("features", checkpoint, "--layer", "fc1", "--out", "x.npy", "--data", "mnist"),
+        ("visualize", checkpoint, "--top-k", "3"),
+        ("train", "--dataset", "folder", "--device", "cpu", "--out", places / "nowhere"),
+        ("train", "--dataset", "mnist", "--image-size", 32, "--device", "cpu", "--out", places / "nowhere2"),
+        ("evaluate", checkpoint, "--dataset", "mnist", "--device", "cpu"), env=clean_env(cache)))
+    assert_one_line_error(next(results), 2, "--data was renamed --dataset")
+    assert_one_line_error(next(results), 2, "--data was renamed --dataset")
+    assert_one_line_error(next(results), 2, "--top-k was renamed --patches")
+    assert_one_line_error(next(results), 1, "--dataset folder needs --data-dir")
+    assert_one_line_error(next(results), 1, "apply to --dataset folder only")
+    assert_one_line_error(next(results), 1, "takes 3x28x28 images, but mnist images are 1x28x28")
 
 
 def test_data_settings_round_trip_and_old_checkpoints():

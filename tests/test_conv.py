@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gpucnn import backend as gpucnn_backend
+from gpucnn.cpu import conv as fast_conv
 from gpucnn.cuda import conv as cuda_conv
 from gpucnn.cuda import runtime as cuda_runtime
 from gpucnn.ops import conv as conv_module
@@ -23,7 +24,7 @@ from gpucnn.ops import conv2d_backward, conv2d_forward
 from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
 from gpucnn.testing.gradcheck import assert_gradient_close, relative_error
 from tests.conftest import EMULATOR_ORDERS
-from tests.helpers import assert_kernel_case, assert_same_bits, assert_refused_before_launch, f32
+from tests.helpers import assert_kernel_case, assert_same_bits, assert_refused_before_launch, chwn, f32
 from tests.kernel_cases import (
     CONV_CASES,
     FORWARD_TOL,
@@ -221,6 +222,67 @@ def test_batch_chunks_give_the_same_result(backend, monkeypatch):
     np.testing.assert_allclose(run_forward(backend, x, w, b, **hyper), whole_y, rtol=1e-12, atol=1e-12)
     for chunked, whole in zip(run_backward(backend, gy, x, w, **hyper), whole_grads):
         np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the fast CPU path (gpucnn.cpu) against the NumPy reference
+# Called directly: float32 and float64, inputs in NCHW and in CHWN memory order, chunks on helper threads.
+
+def _conv_cases(count, seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        C, OC = (int(c) for c in rng.choice([1, 2, 3, 6, 16, 64], 2))
+        KH, KW = (int(k) for k in rng.integers(1, 6, 2))
+        stride = tuple(int(s) for s in rng.integers(1, 4, 2))
+        dilation = tuple(int(d) for d in rng.integers(1, 3, 2))
+        padding = (int(rng.integers(0, KH)), int(rng.integers(0, KW)))
+        H = int(rng.integers(dilation[0] * (KH - 1) + 1, 16))
+        W = int(rng.integers(dilation[1] * (KW - 1) + 1, 16))
+        cases.append((int(rng.integers(1, 9)), C, H, W, OC, KH, KW, stride, padding, dilation))
+    return cases
+
+
+@pytest.mark.parametrize("case", _conv_cases(24, seed=12))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fast_conv_matches_reference(case, dtype, threaded):
+    N, C, H, W, OC, KH, KW, stride, padding, dilation = case
+    rng = np.random.default_rng(sum(map(hash, map(str, case))) % 2**32)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    weight = rng.standard_normal((OC, C, KH, KW)).astype(dtype)
+    bias = rng.standard_normal(OC).astype(dtype)
+    tol = {"rtol": 1e-11, "atol": 1e-11} if dtype == np.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for relu in (False, True):
+        expected = ops_conv.conv2d_forward_reference(x, weight, bias, stride, padding, dilation, relu=relu)
+        for x_in in (x, chwn(x)):
+            y = fast_conv.conv2d_forward(x_in, weight, bias, stride, padding, dilation, relu=relu)
+            assert y.shape == expected.shape and y.dtype == dtype
+            np.testing.assert_allclose(y, expected, **tol)
+    grad_y = rng.standard_normal(expected.shape).astype(dtype)
+    expected = ops_conv.conv2d_backward_reference(grad_y, x, weight, stride, padding, dilation)
+    for grad_y_in, x_in in ((grad_y, x), (chwn(grad_y), chwn(x))):
+        grads = fast_conv.conv2d_backward(grad_y_in, x_in, weight, stride, padding, dilation)
+        for got, want in zip(grads, expected):
+            assert got.shape == want.shape and got.dtype == dtype
+            np.testing.assert_allclose(got, want, **tol)
+    grad_x, grad_weight, grad_bias = fast_conv.conv2d_backward(grad_y, x, weight, stride, padding, dilation,
+                                                               with_bias=False, with_grad_x=False)
+    assert grad_x is None and grad_bias is None
+    np.testing.assert_allclose(grad_weight, expected[1], **tol)
+
+
+def test_fast_conv_without_bias_and_a_batch_larger_than_one_chunk(threaded):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 6, 14, 14)).astype(np.float32)
+    weight = rng.standard_normal((16, 6, 5, 5)).astype(np.float32)
+    y = fast_conv.conv2d_forward(x, weight, None)
+    np.testing.assert_allclose(y, ops_conv.conv2d_forward_reference(x, weight, None), rtol=1e-4, atol=1e-4)
+    grad_y = rng.standard_normal(y.shape).astype(np.float32)
+    for got, want in zip(fast_conv.conv2d_backward(grad_y, x, weight, with_bias=False),
+                         ops_conv.conv2d_backward_reference(grad_y, x, weight, with_bias=False)):
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
 
 
 # ------------------------------------------------------------------ input validation

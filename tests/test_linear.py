@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from gpucnn import backend as gpucnn_backend
+from gpucnn.cpu import linear as fast_linear
 from gpucnn.cuda import linear as cuda_linear
+from gpucnn.ops import linear as ops_linear
 from gpucnn.ops import linear_backward, linear_forward, relu_forward
 from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.helpers import assert_kernel_case, assert_close, assert_refused_before_launch, f32
@@ -112,6 +114,35 @@ def test_linear_rejects_bad_inputs():
         linear_forward(x.astype(np.int64), w, b)
     with pytest.raises(ValueError, match=r"grad_y must have shape \(5, 4\)"):
         linear_backward(np.zeros((5, 3), np.float32), x, w)
+
+
+# ------------------------------------------------------------------ the fast CPU path (gpucnn.cpu) against the NumPy reference
+# Called directly, chunks on helper threads: forward in row chunks (a batch over one chunk), backward's
+# three products side by side; the results must not depend on the chunking.
+
+@pytest.mark.parametrize("N", [3, 2 * fast_linear.MIN_CHUNK_ROWS + 5])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fast_linear_matches_reference(N, dtype, threaded):
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((N, 37)).astype(dtype)
+    weight = rng.standard_normal((11, 37)).astype(dtype)
+    bias = rng.standard_normal(11).astype(dtype)
+    tol = {"rtol": 1e-11, "atol": 1e-11} if dtype == np.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    for b in (bias, None):
+        y = fast_linear.linear_forward(x, weight, b)
+        expected = ops_linear.linear_forward_reference(x, weight, b)
+        assert y.shape == expected.shape and y.dtype == dtype
+        np.testing.assert_allclose(y, expected, **tol)
+    grad_y = rng.standard_normal((N, 11)).astype(dtype)
+    for flags in ({}, {"with_bias": False}, {"with_grad_x": False}):
+        got = fast_linear.linear_backward(grad_y, x, weight, **flags)
+        want = ops_linear.linear_backward_reference(grad_y, x, weight, **flags)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:
+                assert g.shape == w.shape and g.dtype == dtype
+                np.testing.assert_allclose(g, w, **tol)
 
 
 # ------------------------------------------------------------------ the launchers under the emulator: matmul, split-K, column sums

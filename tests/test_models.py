@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from gpucnn import nn, ops, optim
-from gpucnn.models import LeNet5, available_models, build_model
+from gpucnn import dispatch, nn, ops, optim
+from gpucnn.models import LeNet5, VGGSmall, available_models, build_model
 
 LAYER_SHAPES = OrderedDict([
     ("conv1", (4, 6, 28, 28)), ("act1", (4, 6, 28, 28)), ("pool1", (4, 6, 14, 14)),
@@ -137,3 +137,32 @@ def test_lenet5_fits_a_small_fixed_batch(variant):
     assert losses[0] > 1.5
     assert losses[-1] < 0.05, losses[::10]
     assert_array_equal(np.argmax(model(x), axis=1), labels)
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_lenet_runs_max_pool_before_relu_with_the_same_results_as_the_declared_order(path):
+    """LeNet5 (modern) runs pool1/pool2 before act1/act2; Sequential's declared order must give the
+    very same logits and gradients (ties from a constant image, NaN-free), and features() still
+    reports the declared layers."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+    x[0] = 0.5  # flat image: ties in every pooling window
+    labels = rng.integers(0, 10, 6)
+    grads = []
+    with dispatch.cpu_path(path):
+        for run in (LeNet5.forward, nn.Sequential.forward):
+            model = LeNet5(seed=3)
+            logits = run(model, x)
+            _, probs = ops.softmax_cross_entropy(logits, labels)
+            backward = LeNet5.backward if run is LeNet5.forward else nn.Sequential.backward
+            backward(model, ops.softmax_cross_entropy_backward(probs, labels), input_grad=False)
+            grads.append((logits, [p.grad for p in model.parameters()]))
+        assert LeNet5(seed=3)._run_order()[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"]
+        assert LeNet5(seed=3).features(x, "act1").shape == (6, 6, 28, 28)
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    for got, want in zip(grads[0][1], grads[1][1]):
+        np.testing.assert_array_equal(got, want)
+    classic = LeNet5(variant="classic")
+    assert classic._run_order() == list(classic._modules)  # tanh and average pooling do not commute
+    vgg = VGGSmall(width=2, hidden=4)
+    assert vgg._run_order()[:6] == ["conv1_1", "act1_1", "conv1_2", "pool1", "act1_2", "conv2_1"]

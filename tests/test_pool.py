@@ -13,11 +13,12 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from gpucnn.cpu import pool as fast_pool
 from gpucnn.cuda import pool as cuda_pool
 from gpucnn.ops import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
 from gpucnn.ops import pool as ops_pool
 from gpucnn.testing.gradcheck import assert_gradient_close
-from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, f32, tie_free
+from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, chwn, f32, tie_free
 from tests.kernel_cases import (
     FORWARD_TOL,
     GRAD_X_TOL,
@@ -247,6 +248,37 @@ def test_float32_keeps_dtype(backend):
         assert max_pool_backward(backend, y, argmax, x.shape, k, s, p).dtype == np.float32
         assert avg_pool(backend, x, k, s, p).dtype == np.float32
         assert avg_pool_backward(backend, y, x.shape, k, s, p).dtype == np.float32
+
+
+# ------------------------------------------------------------------ the fast CPU path (gpucnn.cpu) against the NumPy reference
+# Called directly: float32 and float64, inputs in NCHW and in CHWN memory order, chunks on helper threads.
+
+def _pool_inputs(rng, shape, dtype):
+    """Random values, values with ties (few distinct numbers) and values with NaN."""
+    plain = rng.standard_normal(shape).astype(dtype)
+    ties = rng.integers(-2, 2, shape).astype(dtype)
+    with_nan = plain.copy()
+    with_nan.reshape(-1)[rng.integers(0, with_nan.size, 3)] = np.nan
+    return plain, ties, with_nan
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((3, 6, 28, 28), 2, None, 0), ((2, 5, 11, 9), 2, None, 0), ((4, 16, 10, 10), 2, 2, 0),
+    ((2, 3, 9, 8), 3, 2, 1), ((1, 2, 7, 7), (3, 2), 1, 0)])
+def test_fast_max_pool_matches_reference_exactly(shape, kernel, stride, padding, threaded):
+    rng = np.random.default_rng(3)
+    for x in _pool_inputs(rng, shape, np.float32):
+        y_ref, argmax_ref = ops_pool.max_pool2d_forward_reference(x, kernel, stride, padding)
+        grad_y = rng.standard_normal(y_ref.shape).astype(np.float32)
+        grad_ref = ops_pool.max_pool2d_backward_reference(grad_y, argmax_ref, x.shape, kernel, stride, padding)
+        for x_in in (x, chwn(x)):
+            y, argmax = fast_pool.max_pool2d_forward(x_in, kernel, stride, padding)
+            assert argmax.dtype == np.int32
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(argmax, argmax_ref)
+            for grad_y_in in (grad_y, chwn(grad_y)):
+                grad_x = fast_pool.max_pool2d_backward(grad_y_in, argmax, x.shape, kernel, stride, padding)
+                np.testing.assert_array_equal(grad_x, grad_ref)
 
 
 # ------------------------------------------------------------------ input validation

@@ -1,0 +1,89 @@
+"""The fast CPU path's thread pool (gpucnn/cpu/threads.py) and dispatch: the fast path is what the public
+ops run on NumPy arrays; training repeats bit for bit whatever the number of threads; a failing chunk
+raises after every thread stops; the caller's NumPy error state holds in the helper threads.
+
+The per-op value and gradient checks of the fast path are in tests/test_conv.py, test_pool.py,
+test_activation.py and test_linear.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpucnn import dispatch, models, ops, optim
+from gpucnn.cpu import activation as fast_activation
+from gpucnn.cpu import conv as fast_conv
+from gpucnn.cpu import linear as fast_linear
+from gpucnn.cpu import pool as fast_pool
+from gpucnn.cpu import threads
+
+
+def test_the_dispatch_picks_the_fast_path_for_numpy_arrays():
+    for family, module, name in (("conv", fast_conv, "conv2d_forward"), ("conv", fast_conv, "conv2d_backward"),
+                                 ("pool", fast_pool, "max_pool2d_forward"), ("pool", fast_pool, "max_pool2d_backward"),
+                                 ("activation", fast_activation, "relu_forward"),
+                                 ("linear", fast_linear, "linear_forward"), ("linear", fast_linear, "linear_backward")):
+        assert dispatch.cpu_implementation(family, name) is getattr(module, name)
+        assert dispatch.cpu_implementation(family, name, "reference").__name__ == name + "_reference"
+
+
+def _train(steps, seed=0, batch=40):
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((steps * batch, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, steps * batch)
+    model = models.LeNet5(seed=seed)
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    losses, first_grads = [], None
+    for step in range(steps):
+        x, y = images[step * batch: (step + 1) * batch], labels[step * batch: (step + 1) * batch]
+        opt.zero_grad()
+        loss, probs = ops.softmax_cross_entropy(model(x), y)
+        model.backward(ops.softmax_cross_entropy_backward(probs, y))
+        if first_grads is None:
+            first_grads = [p.grad.copy() for p in model.parameters()]
+        opt.step()
+        losses.append(float(loss))
+    return losses, [p.data.copy() for p in model.parameters()], first_grads
+
+
+def test_lenet_training_repeats_bit_for_bit_and_follows_the_reference(monkeypatch):
+    with dispatch.cpu_path("reference"):
+        losses_ref, _, grads_ref = _train(3)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    runs = []
+    for thread_count in (1, 2, 3):
+        monkeypatch.setattr(threads, "THREADS", thread_count)
+        runs.append(_train(3))
+    for losses, weights, _ in runs[1:]:
+        assert losses == runs[0][0]
+        for got, want in zip(weights, runs[0][1]):
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(runs[0][0], losses_ref, rtol=1e-5)
+    for got, want in zip(runs[0][2], grads_ref):  # the first step's gradients, from the same weights
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_a_failing_chunk_raises_after_every_thread_stops(monkeypatch):
+    monkeypatch.setattr(threads, "THREADS", 3)
+    done = []
+
+    def work(i):
+        if i == 2:
+            raise RuntimeError("chunk 2 failed")
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="chunk 2 failed"):
+        threads.run_chunks(work, 6)
+    assert sorted(done) == [0, 1, 3, 4, 5]
+
+
+def test_the_callers_numpy_error_state_holds_in_the_helper_threads(threaded):
+    x = np.full((8, 3, 9, 9), 3e38, np.float32)
+    weight = np.full((4, 3, 3, 3), 3e38, np.float32)
+    with np.errstate(all="raise"):
+        with pytest.raises(FloatingPointError):
+            fast_conv.conv2d_forward(x, weight, None)
+    with np.errstate(all="ignore"):
+        import warnings  # noqa: PLC0415
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.isinf(fast_conv.conv2d_forward(x, weight, None)).all()
