@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_steps import gpucnn_adam_step, torch_adam_step  # noqa: E402 - the step both CPU benchmarks time
 LIBRARIES = ("gpucnn", "pytorch")
 MODES = ("train", "infer")
 
@@ -173,21 +175,11 @@ class _Steppers:
         return self.made[key]
 
     def _gpucnn(self, mode, batch_size):
-        from gpucnn import ops, optim  # noqa: PLC0415
         model = _gpucnn_model()
         if mode == "infer":
             model.eval()
             return lambda: model(self.batch(batch_size)[0])
-        opt = optim.Adam(model.parameters(), lr=1e-3)
-
-        def step():
-            x, y = self.batch(batch_size)
-            opt.zero_grad()
-            loss, probs = ops.softmax_cross_entropy(model(x), y)
-            model.backward(ops.softmax_cross_entropy_backward(probs, y), input_grad=False)  # as PyTorch's
-            opt.step()
-            return float(loss)
-        return step
+        return gpucnn_adam_step(model, lambda: self.batch(batch_size))
 
     def _torch(self, mode, batch_size):
         torch = self.torch
@@ -200,17 +192,7 @@ class _Steppers:
                 with torch.no_grad():
                     return model(torch.from_numpy(self.batch(batch_size)[0]))
             return infer
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def step():
-            x, y = self.batch(batch_size)
-            opt.zero_grad()
-            loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(y))
-            loss.backward()
-            opt.step()
-            return float(loss.detach())
-        return step
+        return torch_adam_step(torch, model, lambda: self.batch(batch_size))
 
 
 def _serve(args):

@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))    # this checkout's gpucnn, not another installed one
+sys.path.insert(0, str(ROOT / "bench"))
+from train_steps import gpucnn_adam_step, torch_adam_step  # noqa: E402 - the step both CPU benchmarks time
 LIBRARIES = ("gpucnn", "pytorch")
 POOL = 1024                      # random images the batches are drawn from
 
@@ -53,18 +55,8 @@ def parse_args(argv=None):
 # ---- one timed process ------------------------------------------------------------------------------
 
 def gpucnn_step(batch_size, batches):
-    from gpucnn import models, ops, optim
-    model = models.VGGSmall(seed=0)
-    opt = optim.Adam(list(model.parameters()), lr=1e-3)
-
-    def step():
-        x, y = next(batches)
-        opt.zero_grad()
-        loss, probs = ops.softmax_cross_entropy(model(x), y)
-        model.backward(ops.softmax_cross_entropy_backward(probs, y))
-        opt.step()
-        return float(loss)
-    return step
+    from gpucnn import models
+    return gpucnn_adam_step(models.VGGSmall(seed=0), lambda: next(batches))
 
 
 def torch_step(batch_size, batches):
@@ -83,17 +75,7 @@ def torch_step(batch_size, batches):
             nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
             nn.init.zeros_(module.bias)
     assert sum(p.numel() for p in model.parameters()) == 2_196_810
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lossf = nn.CrossEntropyLoss()
-
-    def step():
-        x, y = next(batches)
-        opt.zero_grad()
-        loss = lossf(model(torch.from_numpy(x)), torch.from_numpy(y))
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-    return step
+    return torch_adam_step(torch, model, lambda: next(batches))
 
 
 def worker(args) -> None:
