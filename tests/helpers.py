@@ -281,25 +281,6 @@ def fill_cache(tiny_cache, split="test"):
 
 
 
-class LaunchRecorder:
-    """A runtime that launches through ``inner`` and keeps each launch (kernel, grid, block, args,
-    shared_mem), the way a captured CUDA graph keeps them; everything else is ``inner``'s."""
-
-    def __init__(self, inner):
-        self.inner, self.launches = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def function(self, file, name):
-        kernel = self.inner.function(file, name)
-
-        def launch(grid, block, args, shared_mem=0):
-            self.launches.append((kernel, grid, block, args, shared_mem))
-            kernel(grid, block, args, shared_mem=shared_mem)
-        return launch
-
-
 def assert_outputs_close(names, outputs, expected, tols) -> None:
     """assert_close for each output; where the expected one is None (no bias), the output must be None too."""
     for name, got, want, tol in zip(names, outputs, expected, tols):

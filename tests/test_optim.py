@@ -11,7 +11,9 @@ from gpucnn.cuda import optim as cuda_optim
 from gpucnn.models import LeNet5
 from gpucnn.nn import Parameter
 from gpucnn.ops import loss as ops_loss
-from tests.helpers import LaunchRecorder, NoLaunchRuntime, assert_close, assert_refused_before_launch, f32
+from gpucnn.testing.recording import RecordingRuntime
+from gpucnn.testing.recording import replay as replay_launches
+from tests.helpers import NoLaunchRuntime, assert_close, assert_refused_before_launch, f32
 from tests.kernel_cases import (
     OPTIM_CASES,
     OPTIM_TOL,
@@ -339,22 +341,21 @@ def test_replayed_launches_follow_the_device_step_and_lr(case, emulator):
     rng = np.random.default_rng(9)
     start = rng.standard_normal(300).astype(np.float32)
     grad = rng.standard_normal(300).astype(np.float32)
-    recorder = LaunchRecorder(emulator)
+    recorder = RecordingRuntime(emulator)
     fused_param, reference_param = Parameter(start.copy()), Parameter(start.copy())
     settings = dict(case.settings)
     fused = case.fused([fused_param], runtime=recorder, **settings)
     reference = case.reference([reference_param], **settings)
     fused.zero_grad()  # launches a fill of the gradient buffer: not part of the replayed update
     fused_param.grad[...] = grad
-    recorder.launches.clear()
+    recorder.take()
     fused.step()
-    launches = list(recorder.launches)
-    assert [launch[0].name for launch in launches][0] == "optim_advance_step"
+    launches = recorder.take()
+    assert [launch.name for launch in launches][0] == "optim_advance_step"
     for replay in range(3):
         if replay == 1:
             fused._lr_device[...] = settings["lr"] / 4  # what FusedAdam.lr = ... writes, and all a replay sees
-        for kernel, grid, block, args, shared_mem in launches:
-            kernel(grid, block, args, shared_mem=shared_mem)
+        replay_launches(launches)
     for t in range(4):
         if t == 2:
             reference.lr = settings["lr"] / 4

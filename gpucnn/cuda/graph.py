@@ -20,6 +20,7 @@ the same way. So a step that records cleanly on the emulator is capturable on a 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +28,23 @@ from gpucnn import backend
 from gpucnn.cuda.runtime import wrapping
 
 MODES = ("plan", "reuse", "record")
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the kernel's name, the callable, and its launch configuration."""
+    name: str
+    kernel: object
+    grid: tuple
+    block: tuple
+    args: tuple
+    shared_mem: int
+
+
+def replay(launches) -> None:
+    """Run recorded launches again, in order, with their recorded arguments."""
+    for launch in launches:
+        launch.kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
 
 
 class CaptureError(RuntimeError):
@@ -63,7 +81,7 @@ class StepRuntime:
         def launch(grid, block, args, shared_mem=0):
             self.kernel_names.append(name)
             if self.mode == "record" and self.device == "emulator":
-                self.launches.append((kernel, tuple(grid), tuple(block), tuple(args), int(shared_mem)))
+                self.launches.append(Launch(name, kernel, tuple(grid), tuple(block), tuple(args), int(shared_mem)))
             else:  # run now (on the GPU while recording, the stream capture keeps it instead)
                 kernel(grid, block, args, shared_mem=shared_mem)
         return launch
@@ -160,5 +178,4 @@ class StepRuntime:
             return
         if not self.launches:
             raise RuntimeError("nothing was recorded: run the step in record mode first.")
-        for kernel, grid, block, args, shared_mem in self.launches:
-            kernel(grid, block, args, shared_mem=shared_mem)
+        replay(self.launches)

@@ -6,18 +6,7 @@ with ``function``, ``empty`` and ``zeros`` (CupyRuntime, EmulatorRuntime).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class Launch:
-    """One recorded kernel launch: the kernel's name, the callable, and its launch configuration."""
-    name: str
-    kernel: object
-    grid: tuple
-    block: tuple
-    args: tuple
-    shared_mem: int
+from gpucnn.cuda.graph import Launch, replay  # noqa: F401 - the launch record and its replay, shared with the step
 
 
 class RecordingRuntime:
@@ -49,9 +38,3 @@ class RecordingRuntime:
         """The launches recorded since the last take()."""
         launches, self.launches = self.launches, []
         return launches
-
-
-def replay(launches) -> None:
-    """Run recorded launches again, in order, with their recorded arguments."""
-    for launch in launches:
-        launch.kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
