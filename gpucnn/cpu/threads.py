@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-try:  # optional: without it, BLAS keeps its own threads inside ours
+try:  # a dependency of gpucnn; should it be missing, BLAS keeps its own threads inside ours
     from threadpoolctl import ThreadpoolController
-except ImportError:  # pragma: no cover - threadpoolctl is installed with the test extras
+except ImportError:  # pragma: no cover
     ThreadpoolController = None
 
 
