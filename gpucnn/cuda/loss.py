@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, active_runtime, kernel_matrix
+from gpucnn.cuda.runtime import active_runtime, ceil_div, kernel_inout_array, kernel_matrix
 
 KERNEL_FILE = "loss.cu"
 XENT_ROWS = 8           # XENT_ROWS in kernels/loss.cu: rows (one warp each) per block
@@ -93,9 +93,9 @@ def softmax_cross_entropy_totals(logits, labels, totals, *, runtime=None):
     logits = kernel_matrix(rt, logits, "logits")
     N, CLASSES = (int(s) for s in logits.shape)
     labels = _int32_labels(rt, labels, N, CLASSES, check_labels=False)
-    if not isinstance(totals, rt.xp.ndarray) or totals.dtype != np.float64 or tuple(totals.shape) != (2,) \
-            or not totals.flags.c_contiguous:
-        raise ValueError("totals must be a contiguous float64 array of shape (2,) on the logits' device.")
+    totals = kernel_inout_array(rt, totals, "totals", dtype=np.float64, ndim=1)
+    if totals.shape != (2,):
+        raise ValueError(f"totals must have shape (2,) (loss sum, correct count), not {tuple(totals.shape)}.")
     probs, row_loss = _forward_rows(rt, logits, labels)
     # writes totals: one block adds the batch's loss sum and correct count, in a fixed order
     rt.function(KERNEL_FILE, "softmax_xent_accumulate")(

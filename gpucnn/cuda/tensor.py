@@ -8,19 +8,13 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn.cuda.activation import KERNEL_FILE, THREADS_PER_BLOCK, grid_for
-from gpucnn.cuda.runtime import active_runtime, kernel_array
-
-
-def _target(rt, out):
-    if not getattr(out, "flags", None) or not out.flags.c_contiguous:
-        raise ValueError("out is written in place, so it must be C-contiguous; a strided view cannot be updated.")
-    return kernel_array(rt, out, "out")
+from gpucnn.cuda.runtime import active_runtime, kernel_array, kernel_inout_array
 
 
 def add_into(out, x, *, runtime=None):
     """out += x, in place, for float32 arrays of one shape; returns out."""
     rt = active_runtime(runtime)
-    target = _target(rt, out)
+    target = kernel_inout_array(rt, out, "out")
     x = kernel_array(rt, x, "x")
     if tuple(x.shape) != tuple(target.shape):
         raise ValueError(f"x has shape {tuple(x.shape)} but out has {tuple(target.shape)}; they must match.")
@@ -34,7 +28,7 @@ def add_into(out, x, *, runtime=None):
 def fill(out, value, *, runtime=None):
     """out[...] = value, in place, for a float32 array; returns out."""
     rt = active_runtime(runtime)
-    target = _target(rt, out)
+    target = kernel_inout_array(rt, out, "out")
     if target.size:
         # writes out: a grid-stride loop over the elements
         rt.function(KERNEL_FILE, "fill")(grid_for(target.size), (THREADS_PER_BLOCK, 1, 1),
