@@ -177,8 +177,13 @@ class _Steppers:
     def _gpucnn(self, mode, batch_size):
         model = _gpucnn_model()
         if mode == "infer":
+            import gpucnn  # noqa: PLC0415
             model.eval()
-            return lambda: model(self.batch(batch_size)[0])
+
+            def infer():
+                with gpucnn.no_grad():  # as PyTorch's torch.no_grad() below
+                    return model(self.batch(batch_size)[0])
+            return infer
         return gpucnn_adam_step(model, lambda: self.batch(batch_size))
 
     def _torch(self, mode, batch_size):

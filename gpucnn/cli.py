@@ -19,6 +19,7 @@ import numpy as np
 
 from gpucnn import __version__, backend, cli_data, cli_viz, distributed
 from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from gpucnn.grad_mode import no_grad
 from gpucnn.cli_errors import EXPECTED_ERRORS, expected_errors, rank_error_text  # noqa: F401 - EXPECTED_ERRORS
 from gpucnn.cli_options import (data_dir_option, dataset_option, device_option, grey_option, image_size_option,
                                 skip_bad_images_option, use_device, apply_options)
@@ -374,7 +375,8 @@ def predict(checkpoint, files, top_k, device):
     network.eval()
     for path in files:
         x = cli_data.normalize_pixels(read_model_input(path, tuple(network.input_shape)), settings)
-        probs = backend.to_numpy(softmax(network(backend.to_device(x, resolved))))
+        with no_grad():
+            probs = backend.to_numpy(softmax(network(backend.to_device(x, resolved))))
         for i, row in enumerate(probs):
             name = f"{path}[{i}]" if len(probs) > 1 else str(path)
             best = np.argsort(-row, kind="stable")[:top_k]

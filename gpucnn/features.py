@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpucnn import backend, nn
+from gpucnn.grad_mode import no_grad
 from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry
 from gpucnn.utils import check_int
 
@@ -79,10 +80,11 @@ def iter_activations(model, images, layers, batch_size: int = DEFAULT_BATCH_SIZE
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
             x = backend.to_device(images[start:start + batch_size], device)
             outputs = {}
-            for name, layer in leaves[: last + 1]:
-                x = layer(x)
-                if name in wanted:
-                    outputs[name] = x
+            with no_grad():  # only around the layers: a generator's context would leak into the caller's
+                for name, layer in leaves[: last + 1]:
+                    x = layer(x)
+                    if name in wanted:
+                        outputs[name] = x
             yield start, outputs
     finally:
         model.train(was_training)

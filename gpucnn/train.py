@@ -47,6 +47,7 @@ from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
+from gpucnn.grad_mode import no_grad
 from gpucnn.metrics import METRICS_FILE, append_metrics, trim_metrics
 from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
@@ -168,8 +169,8 @@ def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Mean softmax cross-entropy loss and accuracy (a fraction in [0, 1]) of ``model``.
 
     images (N, C, H, W) float and labels (N,) int on the model's device.
-    Batches run in order in eval mode; the previous mode is restored. The sums
-    stay on the device and are read back once.
+    Batches run in order in eval mode and under no_grad(); the previous mode is restored.
+    The sums stay on the device and are read back once.
     """
     images, labels = _check_data((images, labels), "evaluation data")
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -179,12 +180,13 @@ def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     try:
         loss_sum = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.int64)
-        for start in range(0, len(images), batch_size):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
-            logits = model(x)
-            loss, _ = softmax_cross_entropy(logits, y)
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(axis=1) == y).sum()
+        with no_grad():
+            for start in range(0, len(images), batch_size):
+                x, y = images[start:start + batch_size], labels[start:start + batch_size]
+                logits = model(x)
+                loss, _ = softmax_cross_entropy(logits, y)
+                loss_sum += loss * len(y)
+                correct += (logits.argmax(axis=1) == y).sum()
     finally:
         model.train(was_training)
     n = len(images)

@@ -15,7 +15,7 @@ import pytest
 
 from gpucnn.cpu import pool as fast_pool
 from gpucnn.cuda import pool as cuda_pool
-from gpucnn.ops import avg_pool2d_backward, avg_pool2d_forward, max_pool2d_backward, max_pool2d_forward
+from gpucnn.ops import avg_pool2d_backward, avg_pool2d_forward, max_pool2d, max_pool2d_backward, max_pool2d_forward
 from gpucnn.ops import pool as ops_pool
 from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, chwn, f32, tie_free
@@ -103,6 +103,15 @@ def test_pool2d_kernel_cases_match_loops(case, backend):
     assert_close("avg grad_x", avg_grad_x, want_avg_grad_x, GRAD_X_TOL)
     if backend.device == "gpu":
         assert_same_bits(outputs, run_pool_case(backend, case))
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+def test_max_pool2d_without_argmax_is_the_forward_y(case, backend):
+    """max_pool2d (no_grad's pooling) gives max_pool2d_forward's y, in the same memory order on the CPU."""
+    x = pool_case_inputs(case)[0]
+    window = (case.kernel, case.stride, case.padding)
+    y = backend.host(max_pool2d(backend.to(x), *window))
+    np.testing.assert_array_equal(y, expected_pool(case)[0])
 
 
 # ------------------------------------------------------------------ float64 against loops and finite differences
@@ -279,6 +288,10 @@ def test_fast_max_pool_matches_reference_exactly(shape, kernel, stride, padding,
             for grad_y_in in (grad_y, chwn(grad_y)):
                 grad_x = fast_pool.max_pool2d_backward(grad_y_in, argmax, x.shape, kernel, stride, padding)
                 np.testing.assert_array_equal(grad_x, grad_ref)
+            values = fast_pool.max_pool2d(x_in, kernel, stride, padding)  # NaN propagates as in y_ref
+            np.testing.assert_array_equal(values, y_ref)
+            if not np.isnan(x).any():  # (forward's y comes from the reference for NaN inputs)
+                assert values.strides == y.strides
 
 
 # ------------------------------------------------------------------ input validation

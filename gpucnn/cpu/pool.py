@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order
-from gpucnn.ops.pool import max_pool2d_backward_reference, max_pool2d_forward_reference, pool2d_geometry
+from gpucnn.ops.pool import (max_pool2d_backward_reference, max_pool2d_forward_reference, max_pool2d_reference,
+                             pool2d_geometry)
 
 MAX_CHUNKS = 8
 CHUNK_ELEMENTS = 1 << 16  # input elements per chunk at least: fewer, larger calls for small inputs
@@ -70,6 +71,24 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
         return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     return y, argmax
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Max pooling without argmax: x (N, C, H, W) -> y in x's memory order, as the reference (NaN included:
+    np.maximum propagates it, as the reference's loop does)."""
+    g = pool2d_geometry(x.shape, kernel_size, stride, padding)
+    if not _is_2x2(g):
+        return max_pool2d_reference(x, kernel_size, stride, padding)
+    order = memory_order(x)
+    y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
+    rows, cols = slice(0, 2 * g.OH - 1, 2), slice(0, 2 * g.OW - 1, 2)
+    rows1, cols1 = slice(1, 2 * g.OH, 2), slice(1, 2 * g.OW, 2)
+    for part in _outer_slices(x.shape, order):
+        x_part, y_part = x[part], y[part]
+        np.maximum(x_part[:, :, rows, cols], x_part[:, :, rows, cols1], out=y_part)
+        bottom = np.maximum(x_part[:, :, rows1, cols], x_part[:, :, rows1, cols1])
+        np.maximum(y_part, bottom, out=y_part)
+    return y
 
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):

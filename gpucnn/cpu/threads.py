@@ -86,7 +86,7 @@ def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
     is raised here once every chunk has finished.
     """
     threads = min(THREADS, count)
-    if threads <= 1 or work_per_chunk < MIN_PARALLEL_WORK:
+    if threads <= 1 or work_per_chunk < MIN_PARALLEL_WORK or getattr(_local, "serial", False):
         with _OneBlasThread():  # the same BLAS arithmetic as in threads: bit-for-bit equal results
             for i in range(count):
                 work(i)
@@ -123,6 +123,25 @@ def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
                 finished.wait()
     if state["error"] is not None:
         raise state["error"]
+
+
+def run_tasks(tasks, work_per_task: float = float("inf")) -> None:
+    """Call independent functions side by side, one per thread, each running its own chunks in order.
+
+    For the parts of an op that share no output (a convolution's weight and input gradients):
+    two whole tasks need one hand-over between the threads where their chunks would need one per
+    chunk, which at small batches cost more than the second core gave back. The arithmetic is the
+    tasks' own, so results do not depend on the threads.
+    """
+    def work(i):
+        outer = getattr(_local, "serial", False)
+        _local.serial = True
+        try:
+            tasks[i]()
+        finally:
+            _local.serial = outer
+
+    run_chunks(work, len(tasks), work_per_task)
 
 
 def scratch(name: str, shape, dtype) -> np.ndarray:

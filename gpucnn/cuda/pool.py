@@ -60,6 +60,11 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
     return y, argmax
 
 
+def max_pool2d(x, kernel_size, stride=None, padding=0, *, runtime=None):
+    """Max pooling without argmax: max_pool2d_forward's y (the same kernel; its argmax is dropped)."""
+    return max_pool2d_forward(x, kernel_size, stride, padding, runtime=runtime)[0]
+
+
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):
     """Gradient of max pooling: grad_y and argmax (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W)."""
     rt = active_runtime(runtime)

@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from gpucnn import backend, ops
+from gpucnn.grad_mode import is_grad_enabled
 from gpucnn.ops import FLOAT_DTYPES  # noqa: F401 - defined once in gpucnn.ops, also importable here
 from gpucnn.utils import pair
 
@@ -81,6 +82,9 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list
 
 
+_NO_GRAD = "no_grad"  # the cache key marking a forward that ran under no_grad()
+
+
 class Module:
     """Base class of layers and models (PyTorch-style, with explicit backward).
 
@@ -131,11 +135,15 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define backward().")
 
     def _save(self, **arrays) -> None:
-        """Keep what backward needs from this forward call (replacing the last one's)."""
-        self._cache = dict(arrays)
+        """Keep what backward needs from this forward call (replacing the last one's); under
+        ``no_grad()`` keep nothing but the mark that this forward ran there."""
+        self._cache = dict(arrays) if is_grad_enabled() else {_NO_GRAD: True}
 
     def _saved(self, name):
         if name not in self._cache:
+            if _NO_GRAD in self._cache:
+                raise RuntimeError(f"{self!r}: backward() after a forward under gpucnn.no_grad(), which keeps "
+                                   "nothing for backward; run the forward outside no_grad().")
             raise RuntimeError(f"{self!r}: backward() was called before forward().")
         return self._cache[name]
 

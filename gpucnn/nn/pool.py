@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from gpucnn import ops
+from gpucnn.grad_mode import is_grad_enabled
 from gpucnn.nn.module import Module, check_pair
 from gpucnn.utils import conv_output_size
 
@@ -49,8 +50,12 @@ class MaxPool2d(_Pool2d):
     """
 
     def forward(self, x):
-        """x (N, C, H, W) -> y (N, C, OH, OW)."""
+        """x (N, C, H, W) -> y (N, C, OH, OW); under gpucnn.no_grad() without the argmax backward needs."""
         self._check_pool_input(x)
+        if not is_grad_enabled():
+            y = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            self._save(output_shape=tuple(y.shape))
+            return y
         y, argmax = ops.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
         self._save(argmax=argmax, x_shape=tuple(x.shape), output_shape=tuple(y.shape))
         return y

@@ -63,6 +63,7 @@ from gpucnn.ops.tensor import add_into, fill  # noqa: E402
 from gpucnn.ops.pool import (  # noqa: E402
     avg_pool2d_backward,
     avg_pool2d_forward,
+    max_pool2d,
     max_pool2d_backward,
     max_pool2d_forward,
 )
@@ -70,7 +71,7 @@ from gpucnn.ops.pool import (  # noqa: E402
 __all__ = [
     "add_into", "avg_pool2d_backward", "avg_pool2d_forward", "check_float_array", "check_same_kind",
     "conv2d_backward", "conv2d_forward", "dropout_backward", "dropout_forward", "fill",
-    "linear_backward", "linear_forward", "max_pool2d_backward", "max_pool2d_forward",
+    "linear_backward", "linear_forward", "max_pool2d", "max_pool2d_backward", "max_pool2d_forward",
     "relu_backward", "relu_forward", "sigmoid_backward", "sigmoid_forward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "tanh_backward", "tanh_forward",
 ]

@@ -69,6 +69,15 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     return dispatch.run("pool", "max_pool2d_forward", _check_forward, x, kernel_size, stride, padding)
 
 
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Max pooling without argmax: x (N, C, H, W) -> y (N, C, OH, OW), max_pool2d_forward's y.
+
+    For forward passes that keep nothing for backward (``gpucnn.no_grad()``): finding each
+    window's maximum is all the work there is.
+    """
+    return dispatch.run("pool", "max_pool2d", _check_forward, x, kernel_size, stride, padding)
+
+
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
     """Gradient of max pooling: grad_y, argmax (N, C, OH, OW) -> grad_x of shape x_shape (N, C, H, W).
 
@@ -115,6 +124,11 @@ def max_pool2d_forward_reference(x, kernel_size, stride=None, padding=0):
     if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW) == (2, 2, 2, 2, 0, 0):
         return _max_forward_2x2(x, g)
     return _max_forward_numpy(x, g)
+
+
+def max_pool2d_reference(x, kernel_size, stride=None, padding=0):
+    """The NumPy reference of max_pool2d: max_pool2d_forward_reference's y."""
+    return max_pool2d_forward_reference(x, kernel_size, stride, padding)[0]
 
 
 def max_pool2d_backward_reference(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
