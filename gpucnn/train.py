@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint
+from gpucnn.cpu import optim as cpu_optim
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
 from gpucnn.grad_mode import no_grad
@@ -233,11 +234,17 @@ class Trainer:
         self.comm = distributed.Communicator() if comm is None else comm
         self._averager = None  # packs the gradients for the allreduce of distributed steps
         self.model = model.to(self.device)
-        # On a kernel device the optimizer runs fused (same rule, state format and name in checkpoints),
-        # and single-process steps run as TrainStep objects, replayed as CUDA graphs when ``graph``.
+        # The optimizer runs fused where it can (same rule, state format and name in checkpoints): over
+        # flat NumPy buffers on the cpu, with optim.cu on a kernel device, where single-process steps
+        # also run as TrainStep objects, replayed as CUDA graphs when ``graph``.
         on_kernels = self.device in backend.KERNEL_DEVICES
         fusable = isinstance(optimizer, cuda_optim.FusedOptimizer) or type(optimizer) in cuda_optim.STATE_BUFFERS
-        self.optimizer = cuda_optim.fused(optimizer) if on_kernels and fusable else optimizer
+        if on_kernels and fusable:
+            self.optimizer = cuda_optim.fused(optimizer)
+        elif self.device == "cpu" and cpu_optim.fusable(optimizer):
+            self.optimizer = cpu_optim.fused(optimizer)
+        else:
+            self.optimizer = optimizer
         self.graph = (self.device == "gpu") if graph is None else bool(graph)
         self._steps = {}  # batch size -> TrainStep (kernel devices, one process)
         self._uses_steps = on_kernels and fusable and not self.comm.distributed

@@ -13,6 +13,7 @@ import pytest
 
 from gpucnn import backend, dispatch, nn, ops, optim
 from gpucnn.checkpoint import load_checkpoint
+from gpucnn.cpu.optim import HostFusedOptimizer
 from gpucnn.cuda.optim import FusedOptimizer
 from gpucnn.data import write_idx
 from gpucnn.data.idx import read_idx
@@ -84,14 +85,16 @@ def test_trainer_on_the_emulator_uses_fused_steps_and_its_checkpoint_moves_to_th
         np.testing.assert_array_equal(saved[0]["model"][name], saved[1]["model"][name])
     assert saved[0]["trainer"]["optimizer_class"] == "Adam"
 
-    # The emulator's checkpoint resumes on the CPU with the plain Adam, and evaluates the same there.
+    # The emulator's checkpoint resumes on the CPU (Adam fused over NumPy buffers there), and trains on.
     model = LeNet5(num_classes=4, seed=9)
     opt = optim.Adam(list(model.parameters()), lr=3e-3)
     trainer = Trainer(model, opt, optim.CosineAnnealingLR(opt, T_max=3), device="cpu", out_dir=tmp_path / "graph-True",
                       seed=1)
     record = trainer.fit(train, test, epochs=3, batch_size=32, resume=tmp_path / "graph-True" / "checkpoint.npz",
                          progress=False)[-1]
-    assert record["epoch"] == 3 and opt.state[0]["step"] == 9
+    assert isinstance(trainer.optimizer, HostFusedOptimizer) and trainer.optimizer.rule is opt
+    assert record["epoch"] == 3 and trainer.optimizer.step_count == 9
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 9
 
 
 def test_sequential_with_dropout_trains_eagerly_on_the_emulator():

@@ -7,6 +7,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpucnn import optim
 from gpucnn import backend as gpucnn_backend
+from gpucnn.cpu import optim as cpu_optim
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.models import LeNet5
 from gpucnn.nn import Parameter
@@ -302,6 +303,58 @@ def test_scheduler_state_dict_round_trip_and_validation():
         optim.StepLR(sgd, step_size=1, gamma=0)
     with pytest.raises(TypeError, match="needs an Optimizer"):
         optim.StepLR("sgd", step_size=1)
+
+
+# ------------------------------------------------------------------ the host fused optimizer (gpucnn.cpu.optim), against these
+
+@pytest.mark.parametrize("case", OPTIM_CASES, ids=case_id)
+def test_host_fused_optimizer_equals_its_rule_bit_for_bit(case):
+    """The same gradients into the rule and into its fused twin over flat NumPy buffers, lr lowered
+    half-way: the same parameters after every step, bit for bit (the same float32 arithmetic)."""
+    rng = np.random.default_rng(0)
+    shapes = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (10, 33), (1,)]
+    initial = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    rule_params, fused_params = ([Parameter(a.copy()) for a in initial] for _ in range(2))
+    settings = dict(case.settings)
+    rule = case.reference(rule_params, **settings)
+    fused = cpu_optim.fused(case.reference(fused_params, **settings))
+    for step in range(6):
+        if step == 3:
+            rule.lr = fused.lr = settings["lr"] / 3
+        rule.zero_grad()
+        fused.zero_grad()
+        for p, q in zip(rule_params, fused_params):
+            g = rng.standard_normal(p.shape).astype(np.float32)
+            p.accumulate_grad(g)
+            q.accumulate_grad(g)
+        rule.step()
+        fused.step()
+        for p, q in zip(rule_params, fused_params):
+            assert_array_equal(q.data, p.data)
+    assert fused.step_count == 6
+    # Its checkpoint is the rule's format: it loads into a plain rule, which then steps identically.
+    back_params = [Parameter(q.data.copy()) for q in fused_params]
+    back = case.reference(back_params, **settings)
+    back.load_state_dict(fused.state_dict())
+    for opt, params in ((back, back_params), (fused, fused_params)):
+        opt.zero_grad()
+        for p in params:
+            p.accumulate_grad(np.ones(p.shape, np.float32))
+        opt.step()
+    for p, q in zip(back_params, fused_params):
+        assert_array_equal(p.data, q.data)
+
+
+def test_host_fused_optimizer_takes_only_float32_numpy_parameters():
+    assert cpu_optim.fusable(optim.Adam([Parameter(np.zeros(3, np.float32))]))
+    assert not cpu_optim.fusable(optim.Adam([Parameter(np.zeros(3, np.float64))]))
+    assert not cpu_optim.fusable(optim.Adam([Parameter(gpucnn_backend.to_device(np.zeros(3, np.float32),
+                                                                                 "emulator"))]))
+    with pytest.raises(ValueError, match="on the emulator"):
+        cpu_optim.HostFusedOptimizer(optim.Adam([Parameter(gpucnn_backend.to_device(np.zeros(3, np.float32),
+                                                                                      "emulator"))]))
+    with pytest.raises(TypeError, match="float32"):
+        cpu_optim.HostFusedOptimizer(optim.Adam([Parameter(np.zeros(3, np.float64))]))
 
 
 # ------------------------------------------------------------------ the fused optimizers (gpucnn.cuda.optim) under the emulator, against these

@@ -183,13 +183,15 @@ class FusedOptimizer:
     ``runtime`` None: the runtime of the parameters' device (gpu or emulator).
     """
 
+    flat_type = FlatParameters  # the packing (gpucnn.cpu.optim packs NumPy buffers)
+
     def __init__(self, rule, runtime=None):
         if type(rule) not in STATE_BUFFERS:
             raise TypeError(f"a fused optimizer runs gpucnn.optim.SGD, Adam or AdamW, not {type(rule).__name__}.")
         if runtime is None:
             runtime = device_runtime(backend.common_device(*(p.data for p in rule.params)))
         self.rule = rule
-        self.flat = FlatParameters(rule.params, runtime)
+        self.flat = self.flat_type(rule.params, runtime)
         rt = self.flat.runtime
         self.buffers = {name: rt.zeros((self.flat.count,), np.float32) for name in STATE_BUFFERS[type(rule)]}
         self._step = rt.zeros((1,), np.int32)
