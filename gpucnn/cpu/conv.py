@@ -16,11 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn.cpu.activation import relu_inplace
-from gpucnn.cpu.threads import chwn, even_ranges, run_chunks, run_tasks, scratch
+from gpucnn.cpu.threads import chwn, even_ranges, run_chunks, run_tasks, scratch, shared_here
 from gpucnn.ops.conv import ConvGeometry, conv2d_geometry
 
 COLUMN_CHUNK_BYTES = 2 << 20
-# Fewest chunks an op is cut into (when it has that many rows), so that every thread has work.
+# Fewest chunks an op is cut into (when it has that many rows), so that every thread has work. The input
+# gradient, whose chunks write disjoint pixels (so its results do not depend on them), takes 1 when its
+# chunks run on one thread anyway (inside run_tasks): there each chunk only costs NumPy calls.
 MIN_CHUNKS = 4
 # Below this many multiply-adds (LeNet's conv2 at batch 64: 15 M) backward runs the weight and the input
 # gradient side by side, one thread each, instead of handing each one's chunks out (measured at
@@ -149,6 +151,10 @@ def _padded_chwn(x, g: ConvGeometry):
     return padded
 
 
+def _min_input_gradient_chunks() -> int:
+    return MIN_CHUNKS if shared_here() else 1
+
+
 def _row_chunks(g: ConvGeometry, rows: int, itemsize: int):
     """(oh0, oh1) ranges of output rows whose columns fit COLUMN_CHUNK_BYTES, at least MIN_CHUNKS of them."""
     per_row = rows * g.OW * g.N * itemsize
@@ -200,7 +206,7 @@ def _input_gradient(grad_y_chwn, weight, g: ConvGeometry):
     one channel's 3x3 rows would make a product too narrow for BLAS).
     """
     per_channel = g.KH * g.KW * g.OH * g.OW * g.N * weight.itemsize
-    channels = max(1, min(COLUMN_CHUNK_BYTES // per_channel, -(-g.C // MIN_CHUNKS)))
+    channels = max(1, min(COLUMN_CHUNK_BYTES // per_channel, -(-g.C // _min_input_gradient_chunks())))
     if channels * g.KH * g.KW >= MIN_GRAD_ROWS:
         return _input_gradient_by_channels(grad_y_chwn, weight, g, channels)
     return _input_gradient_by_batch(grad_y_chwn, weight, g)
@@ -244,7 +250,7 @@ def _input_gradient_by_batch(grad_y_chwn, weight, g: ConvGeometry):
     HP, WP = g.H + 2 * g.PH, g.W + 2 * g.PW
     grad_x_chwn = np.empty((g.C, g.H, g.W, g.N), weight.dtype)
     per_image = K * g.OH * g.OW * weight.itemsize
-    step = max(1, min(COLUMN_CHUNK_BYTES // per_image, -(-g.N // MIN_CHUNKS)))
+    step = max(1, min(COLUMN_CHUNK_BYTES // per_image, -(-g.N // _min_input_gradient_chunks())))
     batch_ranges = [(start, min(start + step, g.N)) for start in range(0, g.N, step)]
 
     def work(i):

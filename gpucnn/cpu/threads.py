@@ -125,6 +125,12 @@ def run_chunks(work, count: int, work_per_chunk: float = float("inf")) -> None:
         raise state["error"]
 
 
+def shared_here() -> bool:
+    """Whether run_chunks called on this thread now may hand chunks to other threads (else they run here,
+    in order, and an op need not cut its work into more chunks than its cache budget asks for)."""
+    return THREADS > 1 and not getattr(_local, "serial", False)
+
+
 def run_tasks(tasks, work_per_task: float = float("inf")) -> None:
     """Call independent functions side by side, one per thread, each running its own chunks in order.
 
