@@ -220,6 +220,8 @@ def get_array_module(*arrays):
 
 def device_of(x) -> str:
     """``"gpu"`` for a CuPy array, ``"emulator"`` for an EmulatorArray, ``"cpu"`` otherwise."""
+    if type(x) is np.ndarray:  # the common case first: every op asks, several times
+        return "cpu"
     if isinstance(x, EmulatorArray):
         return "emulator"
     return "gpu" if is_gpu_array(x) else "cpu"
@@ -230,7 +232,7 @@ def common_device(*arrays) -> str:
 
     Raises ValueError when they live on different devices.
     """
-    devices = {device_of(a) for a in arrays if is_array(a)}
+    devices = {device_of(a) for a in arrays if type(a) is np.ndarray or is_array(a)}
     if len(devices) > 1:
         raise ValueError(f"the arrays live on different devices ({', '.join(sorted(devices))}); "
                          "move them to one device first.")

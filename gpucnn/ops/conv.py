@@ -14,7 +14,7 @@ import numpy as np
 
 from gpucnn import dispatch
 from gpucnn.ops import check_float_array, check_same_kind
-from gpucnn.utils import conv_output_size, pair
+from gpucnn.utils import cached_when_hashable, conv_output_size, pair
 
 # Bytes of im2col columns per batch chunk: small enough to stay in L2/L3 cache,
 # large enough that the matmul stays efficient (measured on 2-core AVX2 machines).
@@ -60,6 +60,7 @@ def conv2d_geometry(x, weight, bias=None, stride=1, padding=0, dilation=1) -> Co
     return conv2d_sizes(x.shape, weight.shape, stride, padding, dilation)
 
 
+@cached_when_hashable
 def conv2d_sizes(x_shape, weight_shape, stride=1, padding=0, dilation=1) -> ConvGeometry:
     """The sizes of a convolution whose arguments conv2d_geometry has already accepted (no checks)."""
     N, C, H, W = (int(s) for s in x_shape)

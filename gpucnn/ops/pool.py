@@ -18,7 +18,7 @@ import numpy as np
 
 from gpucnn import dispatch
 from gpucnn.ops import check_float_array
-from gpucnn.utils import conv_output_size, pair
+from gpucnn.utils import cached_when_hashable, conv_output_size, pair
 
 
 PoolGeometry = NamedTuple("PoolGeometry", [(size, int) for size in "N C H W KH KW SH SW PH PW OH OW".split()])
@@ -26,6 +26,7 @@ PoolGeometry.__doc__ = "Every size of one pooling, in the shared shape vocabular
 
 
 
+@cached_when_hashable
 def pool2d_geometry(x_shape, kernel_size, stride=None, padding=0) -> PoolGeometry:
     """Validate pooling sizes for an input of shape x_shape (N, C, H, W) and return them all.
 
