@@ -11,5 +11,10 @@ What makes it fast (measured; see bench/results/ and ../shared/design/fast-numpy
 - the work is cut into fixed chunks (from the shapes alone) that a small thread pool
   shares out (NumPy and BLAS release the GIL), BLAS set to one thread meanwhile, and
   partial sums are added in chunk order: seeded runs repeat bit for bit, whatever the
-  number of threads.
+  number of threads;
+- freed memory stays in the process (gpucnn.cpu.memory), so each step's fresh arrays do not
+  page-fault.
 """
+from gpucnn.cpu.memory import keep_freed_memory
+
+keep_freed_memory()
