@@ -1,24 +1,22 @@
 """The training step both CPU benchmarks time, written once per library.
 
 Softmax cross-entropy and Adam (lr 1e-3) on batches from ``next_batch()`` (float32 images, int64
-labels as NumPy arrays). gpucnn's step computes no gradient for the images, as PyTorch's does not,
-and runs Adam fused over flat buffers, as gpucnn's Trainer does on the CPU.
+labels as NumPy arrays). gpucnn's step is its Trainer's ``train_step``, which computes no gradient
+for the images, as PyTorch's does not.
 """
 from __future__ import annotations
 
 
 def gpucnn_adam_step(model, next_batch):
-    """A function running one gpucnn training step of ``model`` and returning its loss."""
-    from gpucnn import ops, optim
-    from gpucnn.cpu.optim import fused
-    opt = fused(optim.Adam(list(model.parameters()), lr=1e-3))
+    """A function running one gpucnn training step of ``model`` and returning its loss: the step of
+    gpucnn's Trainer (Adam fused over flat buffers; on two cores the batch split with a worker process)."""
+    from gpucnn import optim
+    from gpucnn.train import Trainer
+    trainer = Trainer(model, optim.Adam(list(model.parameters()), lr=1e-3), device="cpu")
 
     def step():
         x, y = next_batch()
-        opt.zero_grad()
-        loss, probs = ops.softmax_cross_entropy(model(x), y)
-        model.backward(ops.softmax_cross_entropy_backward(probs, y), input_grad=False)
-        opt.step()
+        loss, _ = trainer.train_step(x, y)
         return float(loss)
     return step
 

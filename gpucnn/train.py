@@ -46,6 +46,7 @@ from tqdm import tqdm
 from gpucnn import backend, distributed
 from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint
 from gpucnn.cpu import optim as cpu_optim
+from gpucnn.cpu import split
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.data import BatchIterator
 from gpucnn.grad_mode import no_grad
@@ -247,6 +248,7 @@ class Trainer:
             self.optimizer = optimizer
         self.graph = (self.device == "gpu") if graph is None else bool(graph)
         self._steps = {}  # batch size -> TrainStep (kernel devices, one process)
+        self._split = None  # the cpu's SplitStep once made; False when the model or settings exclude it
         self._uses_steps = on_kernels and fusable and not self.comm.distributed
         self._step_sums = backend.to_device(np.zeros(2), self.device) if self._uses_steps else None
         self.scheduler = scheduler
@@ -275,6 +277,11 @@ class Trainer:
             self._average_gradients(0)
             self.optimizer.step()
             return self.xp.zeros((), dtype=np.float32), self.xp.zeros((), dtype=np.int64)
+        split = self._split_step(len(y))
+        if split is not None:  # half the batch in a worker process (gpucnn.cpu.split)
+            loss_sum, correct = split(x, y)
+            self.optimizer.step()
+            return np.asarray(loss_sum / len(y)), np.asarray(correct, dtype=np.int64)
         logits = self.model(x)
         loss, probs = softmax_cross_entropy(logits, y)
         self.model.backward(softmax_cross_entropy_backward(probs, y), input_grad=False)  # images need no gradient
@@ -283,6 +290,22 @@ class Trainer:
         self.optimizer.step()
         correct = (logits.argmax(axis=1) == y).sum()
         return loss, correct
+
+    def _split_step(self, batch: int):
+        """The SplitStep for this batch size on the cpu (None: the step runs in this process alone)."""
+        if self._split is False:
+            return None
+        if self._split is None:
+            usable = self.device == "cpu" and not self.comm.distributed and split.processes() == 2 and \
+                split.splittable(self.model)
+            if not usable:
+                self._split = False
+                return None
+        if self._split is None or batch > self._split.capacity:
+            if self._split is not None:
+                self._split.close()
+            self._split = split.SplitStep(self.model, batch)
+        return self._split
 
     def evaluate(self, data, batch_size: int = EVAL_BATCH_SIZE) -> dict:
         """Mean loss and accuracy (a fraction in [0, 1]) of the model on ``(images, labels)``.

@@ -6,6 +6,7 @@ not depend on which thread ran which chunk, nor on how many threads there are.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import threading
@@ -131,6 +132,17 @@ def shared_here() -> bool:
     return THREADS > 1 and not getattr(_local, "serial", False)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Within the block, run_chunks on this thread runs every chunk here, in order (the same chunks)."""
+    outer = getattr(_local, "serial", False)
+    _local.serial = True
+    try:
+        yield
+    finally:
+        _local.serial = outer
+
+
 def run_tasks(tasks, work_per_task: float = float("inf")) -> None:
     """Call independent functions side by side, one per thread, each running its own chunks in order.
 
@@ -140,12 +152,8 @@ def run_tasks(tasks, work_per_task: float = float("inf")) -> None:
     tasks' own, so results do not depend on the threads.
     """
     def work(i):
-        outer = getattr(_local, "serial", False)
-        _local.serial = True
-        try:
+        with one_thread():
             tasks[i]()
-        finally:
-            _local.serial = outer
 
     run_chunks(work, len(tasks), work_per_task)
 
