@@ -23,7 +23,7 @@ loading included on both sides). Epoch runs alternate libraries over --epoch-rep
 
 The load averages of the machine (`uptime`) are recorded before and after every part, and for
 every throughput row the mean number of cores that OTHER processes kept busy during its rounds
-(/proc/stat's busy time less the worker's own CPU time) and the cores the hypervisor gave to
+(/proc/stat's busy time less the worker's own CPU time and its children's: gpucnn's split step) and the cores the hypervisor gave to
 other machines ("steal"): on a shared machine only rows with both near 0 compare the libraries
 at full speed.
 """
@@ -112,6 +112,23 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
     hz = os.sysconf("SC_CLK_TCK")
     busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
     return busy / hz, ticks[7] / hz
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its live child processes (gpucnn's split-step worker)."""
+    total = time.process_time()
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    except OSError:
+        return total
+    for pid in children:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it has just exited
+        total += (int(fields[11]) + int(fields[12])) / hz  # utime, stime
+    return total
 
 
 def median(values):
@@ -219,14 +236,14 @@ def _serve(args):
             warmed.add((mode, batch_size))
         for _ in range(args.round_warmup):  # the other library ran meanwhile: caches, thread pools
             step()
-        start, cpu_start, machine_start = time.perf_counter(), time.process_time(), machine_cpu_seconds()
+        start, cpu_start, machine_start = time.perf_counter(), own_cpu_seconds(), machine_cpu_seconds()
         for _ in range(args.steps):
             step()
         seconds = time.perf_counter() - start
         answer = {"images_per_s": args.steps * batch_size / seconds, "seconds": seconds}
         if machine_start is not None:  # CPU seconds that other processes (and machines) took meanwhile
             busy, stolen = machine_cpu_seconds()
-            answer["other_cpu_seconds"] = busy - machine_start[0] - (time.process_time() - cpu_start)
+            answer["other_cpu_seconds"] = busy - machine_start[0] - (own_cpu_seconds() - cpu_start)
             answer["stolen_cpu_seconds"] = stolen - machine_start[1]
         print(json.dumps(answer), flush=True)
 

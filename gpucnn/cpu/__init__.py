@@ -13,7 +13,9 @@ What makes it fast (measured; see bench/results/ and ../shared/design/fast-numpy
   partial sums are added in chunk order: seeded runs repeat bit for bit, whatever the
   number of threads;
 - freed memory stays in the process (gpucnn.cpu.memory), so each step's fresh arrays do not
-  page-fault.
+  page-fault;
+- on two cores the Trainer's step computes half the batch in a worker process (gpucnn.cpu.split):
+  two interpreters do not wait on each other's lock, two threads of one do.
 """
 from gpucnn.cpu.memory import keep_freed_memory
 
