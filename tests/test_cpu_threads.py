@@ -105,17 +105,20 @@ def step():
     opt.step()
 for _ in range(10):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+faults = []
+for _ in range(30):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(memory.keep_freed_memory(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(memory.keep_freed_memory(), sorted(faults)[len(faults) // 2])  # the median step
 """
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "confstr"), reason="glibc malloc tuning")
 def test_freed_memory_stays_so_training_steps_do_not_page_fault():
-    """With malloc tuned (the default, on glibc) a LeNet-5 step at batch 64 touches no fresh pages after
-    warm-up (untuned glibc gave 87-116 faults a step); GPUCNN_MALLOC_TUNING=0 leaves malloc alone."""
+    """With malloc tuned (the default, on glibc) the median LeNet-5 step at batch 64 touches no fresh
+    pages after warm-up (untuned glibc gave 87-116 faults a step); GPUCNN_MALLOC_TUNING=0 leaves malloc
+    alone."""
     import os
     import subprocess
     import sys
