@@ -174,3 +174,19 @@ def test_an_error_in_this_half_leaves_the_worker_in_step():
         assert step(x, y)[0] == loss_sum
     finally:
         step.close()
+
+
+def test_a_worker_that_cannot_start_says_why(monkeypatch):
+    # /bin/sh in place of Python: it cannot run the worker's code and says so on its stderr
+    monkeypatch.setattr(split.sys, "executable", "/bin/sh")
+    step = split.SplitStep(models.LeNet5(seed=0), 64)
+    with pytest.raises(RuntimeError, match="stopped .*it said: .+; run with GPUCNN_CPU_PROCESSES=1"):
+        step(*_batch())
+    assert step._worker is None
+
+
+def test_an_unpicklable_model_is_one_clear_error():
+    model = models.LeNet5(seed=0)
+    model.fc3.note = lambda: None  # a lambda does not pickle
+    with pytest.raises(ValueError, match="cannot be copied to the worker"):
+        split.SplitStep(model, 64)(*_batch())

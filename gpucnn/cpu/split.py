@@ -43,7 +43,7 @@ def processes() -> int:
     the fast path has two threads or more (the cores this process may use), else 1."""
     text = os.environ.get("GPUCNN_CPU_PROCESSES")
     if not text:
-        return 2 if threads.THREADS >= 2 else 1
+        return 2 if threads.THREADS >= 2 and os.name == "posix" else 1  # the worker needs pass_fds
     if text.strip() not in ("1", "2"):
         raise ValueError(f"GPUCNN_CPU_PROCESSES must be 1 or 2, not {text!r}.")
     return int(text)
@@ -200,31 +200,38 @@ class SplitStep:
 
     def _start(self, x) -> dict:
         layout = _Layout(self.params, x.shape[1:], x.dtype, self.capacity)
-        block_fd = _shared_file(layout.size)
-        block = mmap.mmap(block_fd, layout.size)
         caches = [(m, m._cache) for m in self.model.modules()]
         for m, _ in caches:
             m._cache = {}  # the last forward's arrays need not travel
         try:
             model_bytes = pickle.dumps(self.model)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the model cannot be copied to the worker process of the split CPU step ({exc}); "
+                             "set GPUCNN_CPU_PROCESSES=1 to train in one process.") from None
         finally:
             for m, cache in caches:
                 m._cache = cache
+        block_fd = _shared_file(layout.size)
+        block = mmap.mmap(block_fd, layout.size)
         here, there = socket.socketpair()
+        errors = tempfile.TemporaryFile()  # the worker's stderr, quoted should it stop
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", "from gpucnn.cpu.split import _worker_main; _worker_main()",
                  str(there.fileno()), str(block_fd)],
-                pass_fds=(there.fileno(), block_fd), env=_worker_env(), stdin=subprocess.DEVNULL)
+                pass_fds=(there.fileno(), block_fd), env=_worker_env(), stdin=subprocess.DEVNULL, stderr=errors)
         finally:
             there.close()
             os.close(block_fd)  # the mapping and the worker keep the memory
-        here = Connection(here.detach())
-        here.send((layout, model_bytes))
         params, grads, images, labels, totals = layout.views(block)
-        self._worker = {"process": process, "connection": here, "block": block, "layout": layout, "params": params, "grads": grads, "images": images,
+        self._worker = {"process": process, "connection": Connection(here.detach()), "block": block,
+                        "errors": errors, "layout": layout, "params": params, "grads": grads, "images": images,
                         "labels": labels, "totals": totals}
         self._finalizer = weakref.finalize(self, _stop, self._worker)
+        try:
+            self._worker["connection"].send((layout, model_bytes))
+        except OSError:
+            self._worker_stopped()
         return self._worker
 
     def _wait(self, worker) -> None:
@@ -236,8 +243,12 @@ class SplitStep:
             raise answer  # the worker's exception, as it would have been raised here
 
     def _worker_stopped(self):
+        errors = self._worker["errors"]
+        errors.seek(0)
+        lines = errors.read().decode(errors="replace").strip().splitlines()
         self.close()
-        raise RuntimeError("the CPU worker process of the split training step stopped; "
+        said = f" (it said: {lines[-1]})" if lines else ""
+        raise RuntimeError(f"the CPU worker process of the split training step stopped{said}; "
                            "run with GPUCNN_CPU_PROCESSES=1 to train in one process.") from None
 
     def close(self) -> None:
@@ -270,6 +281,7 @@ def _stop(worker: dict) -> None:
         worker[name] = None
     worker["connection"].close()
     worker["block"].close()
+    worker["errors"].close()
 
 
 def _shared_file(size: int) -> int:
