@@ -390,16 +390,20 @@ def check_relu(shape, runtime=None, to_device=np.asarray, to_host=np.asarray, se
 
 
 def check_fused_optimizer(case: OptimCase, runtime=None, to_device=np.asarray, to_host=np.asarray, steps: int = 5,
-                          seed: int = 0):
+                          seed: int = 0, make_fused=None, exact: bool = False):
     """Several steps of the fused optimizer against its gpucnn.optim counterpart, the same gradients fed
-    to both, the learning rate lowered half-way as a scheduler would; returns the final parameters."""
+    to both, the learning rate lowered half-way as a scheduler would; returns the final parameters.
+
+    make_fused(params, **settings): another fused optimizer than ``case.fused`` on ``runtime``;
+    exact: the parameters must equal the reference's bit for bit (else within OPTIM_TOL)."""
     rng = np.random.default_rng(seed)
     initial = [rng.standard_normal(s).astype(np.float32) for s in PARAM_SHAPES]
     reference_params = [Parameter(a.copy()) for a in initial]
     fused_params = [Parameter(to_device(a.copy())) for a in initial]
     settings = dict(case.settings)
     reference = case.reference(reference_params, **settings)
-    fused = case.fused(fused_params, runtime=runtime, **settings)
+    fused = make_fused(fused_params, **settings) if make_fused else case.fused(fused_params, runtime=runtime,
+                                                                               **settings)
     for step in range(steps):
         if step == steps // 2:
             reference.lr = fused.lr = settings["lr"] / 3
@@ -412,7 +416,10 @@ def check_fused_optimizer(case: OptimCase, runtime=None, to_device=np.asarray, t
         reference.step()
         fused.step()
         for i, (p, q) in enumerate(zip(reference_params, fused_params)):
-            assert_close(f"step {step + 1} parameter {i}", to_host(q.data), p.data, OPTIM_TOL)
+            if exact:
+                np.testing.assert_array_equal(to_host(q.data), p.data, err_msg=f"step {step + 1} parameter {i}")
+            else:
+                assert_close(f"step {step + 1} parameter {i}", to_host(q.data), p.data, OPTIM_TOL)
     return [to_host(q.data) for q in fused_params]
 
 

@@ -311,37 +311,24 @@ def test_scheduler_state_dict_round_trip_and_validation():
 def test_host_fused_optimizer_equals_its_rule_bit_for_bit(case):
     """The same gradients into the rule and into its fused twin over flat NumPy buffers, lr lowered
     half-way: the same parameters after every step, bit for bit (the same float32 arithmetic)."""
-    rng = np.random.default_rng(0)
-    shapes = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (10, 33), (1,)]
-    initial = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
-    rule_params, fused_params = ([Parameter(a.copy()) for a in initial] for _ in range(2))
-    settings = dict(case.settings)
-    rule = case.reference(rule_params, **settings)
-    fused = cpu_optim.fused(case.reference(fused_params, **settings))
-    for step in range(6):
-        if step == 3:
-            rule.lr = fused.lr = settings["lr"] / 3
-        rule.zero_grad()
-        fused.zero_grad()
-        for p, q in zip(rule_params, fused_params):
-            g = rng.standard_normal(p.shape).astype(np.float32)
-            p.accumulate_grad(g)
-            q.accumulate_grad(g)
-        rule.step()
-        fused.step()
-        for p, q in zip(rule_params, fused_params):
-            assert_array_equal(q.data, p.data)
+    made = []
+
+    def make_fused(params, **settings):
+        made.append(cpu_optim.fused(case.reference(params, **settings)))
+        return made[-1]
+    final = check_fused_optimizer(case, steps=6, make_fused=make_fused, exact=True)
+    fused = made[0]
     assert fused.step_count == 6
     # Its checkpoint is the rule's format: it loads into a plain rule, which then steps identically.
-    back_params = [Parameter(q.data.copy()) for q in fused_params]
-    back = case.reference(back_params, **settings)
+    back_params = [Parameter(a.copy()) for a in final]
+    back = case.reference(back_params, **dict(case.settings))
     back.load_state_dict(fused.state_dict())
-    for opt, params in ((back, back_params), (fused, fused_params)):
+    for opt, params in ((back, back_params), (fused, fused.params)):
         opt.zero_grad()
         for p in params:
             p.accumulate_grad(np.ones(p.shape, np.float32))
         opt.step()
-    for p, q in zip(back_params, fused_params):
+    for p, q in zip(back_params, fused.params):
         assert_array_equal(p.data, q.data)
 
 
