@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -167,7 +168,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     if buffers is None:
         buffers = _local.buffers = {}
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize
     buffer = buffers.get(name)
     if buffer is None or buffer.size < size:
         buffer = buffers[name] = np.empty(size, np.uint8)
