@@ -222,6 +222,27 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
     assert f"done: epoch {target}" in resumed.stdout
 
 
+def test_ctrl_c_at_the_terminal_stops_a_split_step_run_cleanly(data_dir, tmp_path):
+    """Ctrl-C at a terminal signals the whole process group: at batch 64 on two cores the run has a
+    split-step worker, which must not die first and turn the clean stop into a worker error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUCNN_")}
+    env["GPUCNN_CPU_THREADS"] = env["GPUCNN_CPU_PROCESSES"] = "2"
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "cli.py", "train", "--device", "cpu", "--data-dir", str(data_dir),
+                                "--no-download", "--epochs", "500", "--batch-size", "64", "--out", str(out)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("run:"):
+            break
+    time.sleep(1.5)  # past the first steps: the worker is running
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "worker" not in stderr, stderr
+    assert load_checkpoint(out / "checkpoint.npz")["epoch"] < 500
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad option values and combinations: one line, non-zero exit
 

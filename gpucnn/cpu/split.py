@@ -220,7 +220,8 @@ class SplitStep:
             process = subprocess.Popen(
                 [sys.executable, "-c", "from gpucnn.cpu.split import _worker_main; _worker_main()",
                  str(there.fileno()), str(block_fd)],
-                pass_fds=(there.fileno(), block_fd), env=_worker_env(), stdin=subprocess.DEVNULL, stderr=errors)
+                pass_fds=(there.fileno(), block_fd), env=_worker_env(), stdin=subprocess.DEVNULL, stderr=errors,
+                start_new_session=True)  # a terminal's Ctrl-C is for the main process, which saves and stops
         finally:
             there.close()
             os.close(block_fd)  # the mapping and the worker keep the memory
