@@ -17,6 +17,3 @@ What makes it fast (measured; see bench/results/ and ../shared/design/fast-numpy
 - on two cores the Trainer's step computes half the batch in a worker process (gpucnn.cpu.split):
   two interpreters do not wait on each other's lock, two threads of one do.
 """
-from gpucnn.cpu.memory import keep_freed_memory
-
-keep_freed_memory()
