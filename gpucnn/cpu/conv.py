@@ -88,8 +88,6 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     return grad_x, grad_weight, grad_bias
 
 
-
-
 def _weight_gradient(grad_y_chwn, padded, g: ConvGeometry, with_bias: bool):
     """(OC, C*KH*KW [+1]) grad_y times the columns' transpose, summed over row chunks in chunk order."""
     rows = g.C * g.KH * g.KW + with_bias

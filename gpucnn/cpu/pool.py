@@ -36,6 +36,14 @@ def _outer_slices(shape, order):
     return slices
 
 
+def _corners(x_part, g):
+    """The (top_left, top_right, bottom_left, bottom_right) strided views of each 2x2 window's pixels."""
+    rows, rows1 = slice(0, 2 * g.OH - 1, 2), slice(1, 2 * g.OH, 2)
+    cols, cols1 = slice(0, 2 * g.OW - 1, 2), slice(1, 2 * g.OW, 2)
+    return (x_part[:, :, rows, cols], x_part[:, :, rows, cols1],
+            x_part[:, :, rows1, cols], x_part[:, :, rows1, cols1])
+
+
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     """Max pooling: x (N, C, H, W) -> (y, argmax int32 window-local index), as the reference."""
     g = pool2d_geometry(x.shape, kernel_size, stride, padding)
@@ -44,15 +52,8 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     order = memory_order(x)
     y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
     argmax = empty_in_order((g.N, g.C, g.OH, g.OW), np.int32, order)
-    parts = _outer_slices(x.shape, order)
-    rows, cols = slice(0, 2 * g.OH - 1, 2), slice(0, 2 * g.OW - 1, 2)
-    rows1, cols1 = slice(1, 2 * g.OH, 2), slice(1, 2 * g.OW, 2)
-
-    def work(i):
-        part = parts[i]
-        x_part = x[part]
-        top_left, top_right = x_part[:, :, rows, cols], x_part[:, :, rows, cols1]
-        bottom_left, bottom_right = x_part[:, :, rows1, cols], x_part[:, :, rows1, cols1]
+    for part in _outer_slices(x.shape, order):
+        top_left, top_right, bottom_left, bottom_right = _corners(x[part], g)
         top = np.maximum(top_left, top_right)
         bottom = np.maximum(bottom_left, bottom_right)
         np.maximum(top, bottom, out=y[part])
@@ -65,9 +66,6 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         out = argmax[part]
         np.add(right_wins, use_bottom, out=out, dtype=np.int32)
         np.add(out, use_bottom, out=out)
-
-    for i in range(len(parts)):
-        work(i)
     if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
         return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     return y, argmax
@@ -81,13 +79,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
         return max_pool2d_reference(x, kernel_size, stride, padding)
     order = memory_order(x)
     y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
-    rows, cols = slice(0, 2 * g.OH - 1, 2), slice(0, 2 * g.OW - 1, 2)
-    rows1, cols1 = slice(1, 2 * g.OH, 2), slice(1, 2 * g.OW, 2)
     for part in _outer_slices(x.shape, order):
-        x_part, y_part = x[part], y[part]
-        np.maximum(x_part[:, :, rows, cols], x_part[:, :, rows, cols1], out=y_part)
-        bottom = np.maximum(x_part[:, :, rows1, cols], x_part[:, :, rows1, cols1])
-        np.maximum(y_part, bottom, out=y_part)
+        top_left, top_right, bottom_left, bottom_right = _corners(x[part], g)
+        y_part = y[part]
+        np.maximum(top_left, top_right, out=y_part)
+        np.maximum(y_part, np.maximum(bottom_left, bottom_right), out=y_part)
     return y
 
 

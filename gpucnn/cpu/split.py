@@ -108,7 +108,8 @@ def _part_backward(model, x, y, batch: int):
 
 def _worker_main() -> None:
     """The worker process (``python -c`` started by SplitStep): one part of every step, on a replica
-    whose parameters are views of the shared block. argv: the connection's file descriptor."""
+    whose parameters are views of the shared block. argv: the file descriptors of the connection and of
+    the shared block."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     threads.THREADS = 1
     connection, block_fd = Connection(int(sys.argv[1])), int(sys.argv[2])
