@@ -13,7 +13,7 @@ from PIL import Image
 from gpucnn import viz
 from gpucnn.checkpoint import load_checkpoint
 from gpucnn.cli import cli
-from gpucnn.cli_options import RenamedOption, meaning
+from gpucnn.cli.options import RenamedOption, meaning
 from gpucnn.data import cifar
 from tests.helpers import clean_env, run_cli_together
 from tests.colour_data import CLASSES, colour_shape_images, write_cifar_dir, write_image_folder
@@ -253,7 +253,7 @@ def test_clear_errors_for_renamed_and_misplaced_options(folder_run, places):
 
 
 def test_data_settings_round_trip_and_old_checkpoints():
-    from gpucnn.cli_data import DataSettings
+    from gpucnn.cli.data import DataSettings
     from gpucnn.data import DATASETS
     settings = DataSettings("folder", ("a", "b"), (0.4, 0.5, 0.6), (0.2, 0.2, 0.3), (3, 24, 24), 24, False)
     config = {**settings.record(), "model": {"name": "lenet5", "in_channels": 3, "input_size": 24}}

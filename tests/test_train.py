@@ -363,7 +363,7 @@ def test_out_of_memory_in_the_cli_is_one_line(random_mnist, reference_run, tmp_p
     def evaluate_running_out(*args, **kwargs):
         raise fake_cupy_out_of_memory()
 
-    monkeypatch.setattr("gpucnn.cli.evaluate", evaluate_running_out)
+    monkeypatch.setattr("gpucnn.cli.inference.evaluate", evaluate_running_out)
     result = invoke(("evaluate", reference_run / CHECKPOINT_FILE, "--device", "cpu", "--data-dir", random_mnist,
                      "--no-download"))
     assert_one_line_error(result.exit_code, result.stderr, "out of memory (Out of memory allocating")

@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 
 from gpucnn import optim
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.cli_viz import features, visualize
+from gpucnn.cli.viz import features, visualize
 from gpucnn.data import DATASETS, load_dataset, normalize, write_idx
 from gpucnn.features import TopPatches, top_patches
 from gpucnn.models import LeNet5

@@ -1,4 +1,4 @@
-"""The built wheel carries the kernels and the emulator's sources, and an installed copy finds them."""
+"""The built wheel carries the kernels, the emulator's sources and every subpackage, and an installed copy finds them."""
 import subprocess
 import sys
 import zipfile
@@ -25,6 +25,7 @@ def test_wheel_ships_every_kernel_and_the_emulator_sources(wheel):
         assert f"gpucnn/kernels/{cu.name}" in names
     assert "gpucnn/testing/cuda_emu.h" in names
     assert "gpucnn/testing/emu_runtime.cpp" in names
+    assert "gpucnn/cli/__init__.py" in names and "gpucnn/cli/train.py" in names  # pyproject lists packages
 
 
 @pytest.mark.slow

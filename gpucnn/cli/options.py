@@ -15,6 +15,7 @@ import click
 
 from gpucnn import backend
 from gpucnn.data.sources import DATASET_NAMES
+from gpucnn.models import MODEL_HELP, available_models
 
 MEANING_END = ".,:;(["           # what ends the first phrase of a help text, its meaning
 DATASET_MEANING = "The data set to read"
@@ -110,3 +111,10 @@ def apply_options(options):
             func = option(func)
         return func
     return decorate
+
+
+def model_option(func):
+    """``--model NAME`` (one of gpucnn.models.available_models())."""
+    return click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
+                        help="The network: " + "; ".join(f"{name}: {text}" for name, text in MODEL_HELP.items())
+                             + ".")(func)

@@ -1,4 +1,4 @@
-"""The ``visualize`` and ``features`` commands, as Click commands to register in the main app.
+"""The ``visualize`` and ``features`` commands, registered in the main app by gpucnn/cli/__init__.py.
 
 ``gpucnn visualize CHECKPOINT`` draws the first layer's filters (in colour for an
 RGB model), the top input patches of every channel of every conv layer (conv1,
@@ -14,10 +14,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gpucnn import backend, cli_data
+from gpucnn import backend
 from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
-from gpucnn.cli_errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - EXPECTED_ERRORS: the one list
-from gpucnn.cli_options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
+from gpucnn.cli import data as cli_data
+from gpucnn.cli.errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - EXPECTED_ERRORS: the one list
+from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
                                 skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
 from gpucnn.metrics import METRICS_FILE

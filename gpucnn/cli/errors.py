@@ -21,6 +21,8 @@ from gpucnn.data import DataError
 from gpucnn.train import TrainingError
 from gpucnn.viz import MissingDependencyError
 
+EXIT_INTERRUPTED = 130   # Ctrl-C: a run saved and stopped, or an aborted command
+
 EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,
                    MissingDependencyError, ValueError, TypeError, OSError)
 

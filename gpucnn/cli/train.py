@@ -1,68 +1,33 @@
-"""gpucnn's command line: ``gpucnn train | evaluate | predict | summary``.
-
-Every expected failure (no GPU, missing data, a bad checkpoint, an invalid
-value, an unwritable folder) ends with one line on stderr and exit status 1;
-Click usage errors (an unknown option, a value out of range) exit with 2, also
-on one line. An interrupted ``train`` saves a checkpoint and exits with 130.
-"""
+"""``gpucnn train``: the run's plan (options or a resumed checkpoint's settings), data, model and Trainer."""
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 
-from gpucnn import __version__, backend, cli_data, cli_viz, distributed
-from gpucnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from gpucnn.grad_mode import no_grad
-from gpucnn.cli_errors import EXPECTED_ERRORS, expected_errors, rank_error_text  # noqa: F401 - EXPECTED_ERRORS
-from gpucnn.cli_options import (data_dir_option, dataset_option, device_option, grey_option, image_size_option,
-                                skip_bad_images_option, use_device, apply_options)
-from gpucnn.data import read_model_input, read_pgm  # noqa: F401 - read_pgm: gpucnn.cli.read_pgm
-from gpucnn.models import MODEL_HELP, available_models, build_model
+from gpucnn import backend, distributed
+from gpucnn.checkpoint import CheckpointError, load_checkpoint
+from gpucnn.cli import data as cli_data
+from gpucnn.cli.errors import EXIT_INTERRUPTED, rank_error_text
+from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, grey_option,
+                                image_size_option, model_option, skip_bad_images_option, use_device)
 from gpucnn.metrics import METRICS_FILE
-from gpucnn.ops.loss import softmax
-from gpucnn.train import CHECKPOINT_FILE, Trainer, evaluate
+from gpucnn.models import build_model
+from gpucnn.train import CHECKPOINT_FILE, Trainer
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_MOMENTUM = 0.9          # SGD only
 DEFAULT_ADAMW_WEIGHT_DECAY = 0.01
 STEP_GAMMA = 0.1                # --schedule step: lr x0.1 every third of the run
-EXIT_INTERRUPTED = 130
 # The run settings a resumed run takes from its checkpoint (option name -> config key).
 RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
                     "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
                     "schedule": "schedule", "seed": "seed"}
 
-
-class _App(click.Group):
-    """A Click group that turns expected errors into one line on stderr instead of a traceback."""
-
-    def invoke(self, ctx):
-        # Overflow in a diverging run is reported once, as a NaN/Inf loss, not as NumPy warnings.
-        with np.errstate(all="ignore"), expected_errors():
-            return super().invoke(ctx)
-
-    def main(self, args=None, prog_name=None, **kwargs):
-        kwargs.pop("standalone_mode", None)
-        try:
-            code = super().main(args, prog_name=prog_name, standalone_mode=False, **kwargs)
-        except click.UsageError as exc:
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"Error: {' '.join(exc.format_message().split())}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:  # Ctrl-C outside training (loading data, evaluating)
-            click.echo("Aborted.", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -75,14 +40,7 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-@click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="gpucnn")
-def cli():
-    """gpucnn: train and run CNNs (LeNet-5, a small VGG) on MNIST, CIFAR-10 or your own image folders,
-    on an NVIDIA GPU (CuPy) or the CPU (NumPy)."""
 
-
-# --- train --------------------------------------------------------------------
 def _make_optimizer(name, params, lr, momentum, weight_decay):
     from gpucnn import optim  # noqa: PLC0415 - kept out of the import path of summary/predict
     if name == "sgd":
@@ -141,12 +99,6 @@ def _training_data(dataset, model, data_dir, no_download, quiet, image_size, gre
                                   image_size=image_size, grey=grey, skip_bad_images=skip_bad_images, stored=stored)
 
 
-def _model_option(func):
-    return click.option("--model", type=click.Choice(available_models()), default="lenet5", show_default=True,
-                        help="The network: " + "; ".join(f"{name}: {text}" for name, text in MODEL_HELP.items())
-                             + ".")(func)
-
-
 # The options of train, in --help order.
 _TRAIN_OPTIONS = [
     device_option,
@@ -155,7 +107,7 @@ _TRAIN_OPTIONS = [
     image_size_option,
     grey_option,
     skip_bad_images_option,
-    _model_option,
+    model_option,
     click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
                  help="Epochs in total (a resumed run counts the checkpoint's epochs; asking a resumed run for "
                       "more epochs than it was planned for stretches its schedule over the new total)."),
@@ -190,7 +142,7 @@ _TRAIN_OPTIONS = [
 ]
 
 
-@cli.command()
+@click.command()
 @apply_options(_TRAIN_OPTIONS)
 @click.pass_context
 @distributed.abort_on_error(describe=rank_error_text, passthrough=(click.exceptions.Exit,))
@@ -311,158 +263,3 @@ def _make_trainer(plan: _RunPlan, data, device: str, comm, graph) -> Trainer:
                    config=plan.config(data), comm=comm, graph=graph)
 
 
-# --- evaluate -----------------------------------------------------------------
-def _load_model(checkpoint, device):
-    """(model on the device, the checkpoint dict)."""
-    ckpt = load_checkpoint(checkpoint)
-    return model_from_checkpoint(ckpt, device), ckpt
-
-
-@cli.command(name="evaluate")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@dataset_option()
-@data_dir_option
-@skip_bad_images_option
-@device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Images per batch (one forward pass).")
-@click.option("--no-download", is_flag=True, help="Fail instead of downloading missing data.")
-def evaluate_command(checkpoint, dataset, data_dir, skip_bad_images, device, batch_size, no_download):
-    """Print a checkpoint's test loss and accuracy (normalised with the statistics stored in it)."""
-    resolved = use_device(device)
-    network, ckpt = _load_model(checkpoint, resolved)
-    settings = cli_data.checkpoint_settings(ckpt, checkpoint, dataset)
-    images, labels, dataset, note = cli_data.evaluation_data(settings, dataset, "test", data_dir,
-                                                             download=not no_download,
-                                                             skip_bad_images=skip_bad_images)
-    if note:
-        click.echo(note, err=True)
-    x = backend.to_device(images, resolved)
-    result = evaluate(network, x, backend.to_device(labels, resolved), batch_size)
-    click.echo(f"{dataset} test: loss {result['loss']:.4f}  accuracy {result['accuracy']:.2%}  "
-               f"({len(labels):,} images, epoch {ckpt.get('epoch')})")
-
-
-# --- predict ------------------------------------------------------------------
-@cli.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
-              help="How many of the most probable classes to print per image.")
-@device_option
-def predict(checkpoint, files, top_k, device):
-    """Classify images with a checkpoint: PNG, JPEG (and other formats Pillow reads), PGM or .npy.
-
-    Pictures are converted to the model's colour mode (RGB or grey) and resized and
-    centre-cropped to its input size (needs Pillow: pip install 'gpucnn[images]').
-    A PGM image or a .npy array must have the model's size: (H, W), (N, H, W) or
-    (N, 1, H, W) for a grey model, (C, H, W) or (N, C, H, W) for any, holding uint8
-    pixels (0-255) or floats in [0, 1]. Pixels are normalised with the statistics
-    stored in the checkpoint. Prints one line per image: the most probable classes
-    (label, name, probability), named as in the training data (CIFAR-10's classes,
-    or the image folder's sub-folders).
-    """
-    resolved = use_device(device)
-    network, ckpt = _load_model(checkpoint, resolved)
-    try:
-        settings = cli_data.checkpoint_settings(ckpt, checkpoint)
-    except (ValueError, KeyError):
-        raise CheckpointError(f"checkpoint {checkpoint} does not name a known data set, so its pixel "
-                              "normalisation and class names are unknown.") from None
-    classes = settings.classes
-    if top_k > len(classes):
-        raise ValueError(f"--top-k {top_k} exceeds the {len(classes)} classes of {settings.dataset}.")
-    network.eval()
-    for path in files:
-        x = cli_data.normalize_pixels(read_model_input(path, tuple(network.input_shape)), settings)
-        with no_grad():
-            probs = backend.to_numpy(softmax(network(backend.to_device(x, resolved))))
-        for i, row in enumerate(probs):
-            name = f"{path}[{i}]" if len(probs) > 1 else str(path)
-            best = np.argsort(-row, kind="stable")[:top_k]
-            ranked = ", ".join(f"{k} {classes[k]!r} {row[k]:.2%}" if classes[k] != str(k)
-                               else f"{k} {row[k]:.2%}" for k in best)
-            click.echo(f"{name}: {ranked}")
-
-
-# --- summary ------------------------------------------------------------------
-def _pair_text(pair) -> str:
-    if pair is None:
-        return "-"
-    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
-
-
-COVER_SIZE = 300   # the lecture's example: how deep until one neuron sees a whole 300x300 image
-
-
-def _input_shape(value):
-    """``"3,32,32"`` -> (3, 32, 32); None stays None."""
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in value.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise click.BadParameter(f"{value!r} is not C,H,W (three positive ints, e.g. 3,32,32).")
-    return shape
-
-
-@cli.command()
-@_model_option
-@click.option("--input-shape", callback=lambda ctx, param, value: _input_shape(value), default=None,
-              metavar="C,H,W", help="The input to describe the model for, e.g. 3,32,32. [default: the model's own]")
-def summary(model, input_shape):
-    """Print the layers, parameters and receptive fields of a model.
-
-    Per layer: output shape, parameters ((KW*KH*Cin+1)*Cout for a convolution,
-    (IN+1)*OUT for a linear layer), receptive field (rf) and jump; then the total,
-    and how many stacked 3x3 layers one neuron needs to see a whole 300x300 image.
-
-    rf is how many input pixels (per axis) one output sees; jump is the distance in
-    input pixels between neighbouring outputs. From flatten on, every output sees
-    the whole image ("-").
-
-    \b
-    Examples:
-      gpucnn summary --model vgg-small --input-shape 3,32,32
-      gpucnn summary --model lenet5 --input-shape 3,32,32
-    """
-    from gpucnn.models import default_input_shape  # noqa: PLC0415
-    from gpucnn.receptive import layer_geometry, stacked_3x3_layers, window_strides  # noqa: PLC0415
-    C, H, W = input_shape or default_input_shape(model)
-    if H != W:
-        raise ValueError(f"--input-shape {C},{H},{W}: gpucnn's models take square images (H = W).")
-    network = build_model(model, in_channels=C, input_size=H)
-    rows = layer_geometry(network, tuple(network.input_shape))
-    header = f"{'layer':<8} {'type':<10} {'output shape':<16} {'params':>9} {'rf':>4} {'jump':>5}"
-    rule = "-" * len(header)
-    click.echo(f"{model} for input {tuple(network.input_shape)}")
-    click.echo(header)
-    click.echo(rule)
-    for row in rows:
-        shape = "(" + ", ".join(str(d) for d in row.output_shape) + ")"
-        click.echo(f"{row.name:<8} {row.type:<10} {shape:<16} {row.num_params:>9,} {_pair_text(row.rf):>4} "
-                   f"{_pair_text(row.jump):>5}")
-    click.echo(rule)
-    total = sum(row.num_params for row in rows)
-    spatial = [row for row in rows if row.spatial]
-    click.echo(f"total parameters: {total:,}")
-    if spatial:
-        click.echo(f"largest receptive field: {_pair_text(spatial[-1].rf)} pixels ({spatial[-1].name})")
-    strides = window_strides(rows)
-    plain = stacked_3x3_layers(COVER_SIZE)
-    strided = stacked_3x3_layers(COVER_SIZE, strides)
-    click.echo(f"{COVER_SIZE}x{COVER_SIZE} input: one neuron sees all of it after {plain} stacked 3x3 stride-1 "
-               f"layers (N layers see 2N+1 pixels), or after {strided} 3x3 layers with this model's strides "
-               f"({', '.join(map(str, strides))}, then 1)")
-
-
-# visualize and features live in their own module (gpucnn.cli_viz); they join the app here.
-cli.add_command(cli_viz.visualize)
-cli.add_command(cli_viz.features)
-
-
-def main():
-    """Entry point of the ``gpucnn`` console script and of ``python cli.py``."""
-    cli(prog_name="gpucnn")
