@@ -30,7 +30,7 @@ import inspect
 
 from gpucnn import backend
 
-FAMILIES = ("conv", "pool", "activation", "linear", "loss", "tensor")
+FAMILIES = ("conv", "pool", "activation", "linear", "loss", "tensor", "norm")
 CPU_PATHS = ("fast", "reference")
 
 _cpu_path = "fast"

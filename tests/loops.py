@@ -195,3 +195,45 @@ def relu_backward_loops(grad_y, y):
     """grad_y where y > 0, else 0 (the kink at 0 and NaN outputs pass no gradient)."""
     return np.array([g if v > 0 else 0.0 for g, v in zip(np.asarray(grad_y).reshape(-1), np.asarray(y).reshape(-1))],
                     np.asarray(grad_y).dtype).reshape(np.shape(grad_y))
+
+
+def batch_norm_loops(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Training batch norm one channel at a time from the definition, float64:
+    (y, mean, invstd, new running_mean, new running_var); the running variance moves toward the
+    unbiased variance (divisor M - 1), the normalisation uses the biased one (divisor M)."""
+    x = np.asarray(x, np.float64)
+    channels = x.shape[1]
+    y = np.empty_like(x)
+    mean, invstd = np.empty(channels), np.empty(channels)
+    new_mean, new_var = np.empty(channels), np.empty(channels)
+    for c in range(channels):
+        values = [float(v) for v in x[:, c].reshape(-1)]
+        m = len(values)
+        mu = sum(values) / m
+        squares = sum((v - mu) ** 2 for v in values)
+        mean[c], invstd[c] = mu, 1.0 / math.sqrt(squares / m + eps)
+        y[:, c] = (x[:, c] - mu) * invstd[c] * float(weight[c]) + float(bias[c])
+        new_mean[c] = (1 - momentum) * float(running_mean[c]) + momentum * mu
+        new_var[c] = (1 - momentum) * float(running_var[c]) + momentum * squares / (m - 1)
+    return y, mean, invstd, new_mean, new_var
+
+
+def batch_norm_eval_loops(x, weight, bias, running_mean, running_var, eps):
+    """Evaluation batch norm element by element, float64."""
+    x = np.asarray(x, np.float64)
+    y = np.empty_like(x)
+    for index in np.ndindex(*x.shape):
+        c = index[1]
+        y[index] = ((x[index] - float(running_mean[c])) / math.sqrt(float(running_var[c]) + eps)
+                    * float(weight[c]) + float(bias[c]))
+    return y
+
+
+def global_avg_pool2d_loops(x):
+    """(N, C, 1, 1): the mean of each (n, c) plane, float64."""
+    n_batch, channels = x.shape[:2]
+    y = np.zeros((n_batch, channels, 1, 1))
+    for n in range(n_batch):
+        for c in range(channels):
+            y[n, c, 0, 0] = sum(float(v) for v in x[n, c].reshape(-1)) / x[n, c].size
+    return y

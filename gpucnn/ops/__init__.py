@@ -1,6 +1,6 @@
 """The ops: forward and backward functions on arrays of any device (NCHW, float32; float64 for checks on the CPU).
 
-Each op family lives in its own module (conv, pool, activation, linear, loss, tensor):
+Each op family lives in its own module (conv, pool, activation, linear, loss, tensor, norm):
 the public functions, which gpucnn.dispatch sends to the implementation for the device
 of their arrays, and the NumPy reference (``<name>_reference``). The checks below are
 shared by all of them; they are defined before the submodules are imported because
@@ -47,6 +47,8 @@ def check_same_kind(reference, reference_name: str, **others) -> None:
 
 
 from gpucnn.ops.activation import (  # noqa: E402 - the submodules use the checks above
+    add_forward,
+    add_relu_forward,
     dropout_backward,
     dropout_forward,
     relu_backward,
@@ -57,19 +59,23 @@ from gpucnn.ops.activation import (  # noqa: E402 - the submodules use the check
     tanh_forward,
 )
 from gpucnn.ops.conv import conv2d_backward, conv2d_forward  # noqa: E402
+from gpucnn.ops.norm import batch_norm_backward, batch_norm_forward, batch_norm_forward_eval  # noqa: E402
 from gpucnn.ops.linear import linear_backward, linear_forward  # noqa: E402
 from gpucnn.ops.loss import softmax_cross_entropy, softmax_cross_entropy_backward  # noqa: E402
 from gpucnn.ops.tensor import add_into, fill  # noqa: E402
 from gpucnn.ops.pool import (  # noqa: E402
     avg_pool2d_backward,
     avg_pool2d_forward,
+    global_avg_pool2d_backward,
+    global_avg_pool2d_forward,
     max_pool2d,
     max_pool2d_backward,
     max_pool2d_forward,
 )
 
 __all__ = [
-    "add_into", "avg_pool2d_backward", "avg_pool2d_forward", "check_float_array", "check_same_kind",
+    "add_forward", "add_into", "add_relu_forward", "batch_norm_backward", "batch_norm_forward",
+    "batch_norm_forward_eval", "global_avg_pool2d_backward", "global_avg_pool2d_forward", "avg_pool2d_backward", "avg_pool2d_forward", "check_float_array", "check_same_kind",
     "conv2d_backward", "conv2d_forward", "dropout_backward", "dropout_forward", "fill",
     "linear_backward", "linear_forward", "max_pool2d", "max_pool2d_backward", "max_pool2d_forward",
     "relu_backward", "relu_forward", "sigmoid_backward", "sigmoid_forward",

@@ -43,6 +43,10 @@ def _check_dropout_backward(grad_y, mask) -> None:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but grad_y has {tuple(grad_y.shape)}; they must match.")
 
 
+def _check_add(a, b) -> None:
+    _check_pair(a, "a", b, "b")
+
+
 def _check_backward(grad_y, y) -> None:
     _check_pair(grad_y, "grad_y", y, "y")
 
@@ -78,6 +82,19 @@ def sigmoid_forward(x):
 def sigmoid_backward(grad_y, y):
     """grad_x = grad_y * y * (1 - y) from the saved output y."""
     return dispatch.run("activation", "sigmoid_backward", _check_backward, grad_y, y)
+
+
+def add_forward(a, b):
+    """y = a + b (a residual connection's sum), a and b of one shape, dtype and device."""
+    return dispatch.run("activation", "add_forward", _check_add, a, b)
+
+
+def add_relu_forward(a, b):
+    """y = max(a + b, 0): a residual sum followed by ReLU; NaN stays NaN.
+
+    Its gradient for both a and b is relu_backward(grad_y, y).
+    """
+    return dispatch.run("activation", "add_relu_forward", _check_add, a, b)
 
 
 def dropout_forward(x, p, rng, training):
@@ -123,6 +140,15 @@ def sigmoid_forward_reference(x):
 
 def sigmoid_backward_reference(grad_y, y):
     return grad_y * y * (1 - y)
+
+
+def add_forward_reference(a, b):
+    return a + b
+
+
+def add_relu_forward_reference(a, b):
+    y = a + b
+    return np.maximum(y, 0, out=y)
 
 
 def dropout_forward_reference(x, p, rng, training):

@@ -102,6 +102,30 @@ def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0):
                         padding)
 
 
+def global_avg_pool2d_forward(x):
+    """Global average pooling: x (N, C, H, W) -> y (N, C, 1, 1), the mean of each channel's H*W values."""
+    return dispatch.run("pool", "global_avg_pool2d_forward", _check_global_forward, x)
+
+
+def global_avg_pool2d_backward(grad_y, x_shape):
+    """Gradient of global average pooling: grad_y (N, C, 1, 1) -> grad_x of shape x_shape, grad_y / (H*W)."""
+    return dispatch.run("pool", "global_avg_pool2d_backward", _check_global_backward, grad_y, x_shape)
+
+
+def _check_global_forward(x) -> None:
+    check_float_array(x, "x", ndim=4)
+
+
+def _check_global_backward(grad_y, x_shape) -> None:
+    shape = tuple(x_shape) if isinstance(x_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 4 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ValueError(f"x_shape must be four positive ints (N, C, H, W), not {x_shape!r}.")
+    check_float_array(grad_y, "grad_y", ndim=4)
+    if tuple(grad_y.shape) != (shape[0], shape[1], 1, 1):
+        raise ValueError(f"grad_y must have shape {(shape[0], shape[1], 1, 1)} for x_shape {shape}, "
+                         f"not {tuple(grad_y.shape)}.")
+
+
 def _check_forward(x, kernel_size, stride=None, padding=0) -> None:
     check_float_array(x, "x", ndim=4)
     pool2d_geometry(x.shape, kernel_size, stride, padding)
@@ -145,6 +169,20 @@ def avg_pool2d_forward_reference(x, kernel_size, stride=None, padding=0):
 def avg_pool2d_backward_reference(grad_y, x_shape, kernel_size, stride=None, padding=0):
     """The NumPy reference of avg_pool2d_backward (arguments already validated)."""
     return _avg_backward_numpy(grad_y, pool2d_geometry(x_shape, kernel_size, stride, padding))
+
+
+def global_avg_pool2d_forward_reference(x):
+    """The NumPy reference of global_avg_pool2d_forward: float64 sums over H*W, cast to x's dtype."""
+    N, C, H, W = x.shape
+    sums = x.reshape(N, C, H * W).sum(axis=2, dtype=np.float64)
+    return (sums * (1.0 / (H * W))).astype(x.dtype).reshape(N, C, 1, 1)
+
+
+def global_avg_pool2d_backward_reference(grad_y, x_shape):
+    """The NumPy reference of global_avg_pool2d_backward."""
+    N, C, H, W = (int(s) for s in x_shape)
+    share = grad_y * grad_y.dtype.type(1.0 / (H * W))
+    return np.ascontiguousarray(np.broadcast_to(share, (N, C, H, W)))
 
 
 # ---------------------------------------------------------------------------------------
