@@ -28,6 +28,15 @@ def trained(data_dir, tmp_path_factory):
     return out, result
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`gpucnn summary | head -1`: the reader leaves early; no 'Broken pipe' error, status 141 as for SIGPIPE."""
+    process = subprocess.Popen([sys.executable, "cli.py", "summary", "--model", "vgg-small"], cwd=ROOT,
+                               env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # long before the command has imported gpucnn and written a line
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 141 and stderr == "", (process.returncode, stderr)
+
+
 def test_summary_prints_layers_parameters_and_receptive_fields():
     lenet, classic = run_cli_together(("summary",), ("summary", "--model", "lenet5-classic"))
     assert lenet.returncode == 0 and classic.returncode == 0, (lenet.stderr, classic.stderr)

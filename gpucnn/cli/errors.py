@@ -22,6 +22,7 @@ from gpucnn.train import TrainingError
 from gpucnn.viz import MissingDependencyError
 
 EXIT_INTERRUPTED = 130   # Ctrl-C: a run saved and stopped, or an aborted command
+EXIT_BROKEN_PIPE = 141   # what a shell reports for a tool ended by SIGPIPE (`gpucnn summary | head`)
 
 EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,
                    MissingDependencyError, ValueError, TypeError, OSError)
@@ -48,6 +49,8 @@ def expected_errors():
     """Turn the expected errors raised inside into a one-line click.ClickException."""
     try:
         yield
+    except BrokenPipeError:  # the reader went away (`| head`): gpucnn.cli.app.main ends quietly
+        raise
     except EXPECTED_ERRORS as exc:
         raise click.ClickException(one_line(exc)) from None
     except Exception as exc:  # CuPy's OutOfMemoryError, NumPy's MemoryError
