@@ -9,7 +9,7 @@ Devices are named ``"cpu"``, ``"gpu"``, ``"emulator"`` and ``"auto"`` (the GPU
 when CuPy and a CUDA device are usable, else the CPU). On the ``"emulator"``
 arrays live in host memory as ``EmulatorArray`` (a NumPy subclass that only
 marks where they live) and every op runs gpucnn's CUDA kernels under the CPU
-emulator of ``gpucnn.testing``: slow on purpose, for tests, learning and
+emulator of ``gpucnn.emulator``: slow on purpose, for tests, learning and
 debugging kernels. The default device comes from the environment variable
 ``GPUCNN_DEVICE`` (``auto`` when unset).
 """

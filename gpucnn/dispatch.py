@@ -11,7 +11,7 @@ device         arrays                              implementation of ``gpucnn.op
 ``gpu``        ``cupy.ndarray``                    the launcher ``gpucnn.cuda.<family>.<name>`` on the
                                                    CupyRuntime (kernels compiled by RawModule)
 ``emulator``   ``gpucnn.backend.EmulatorArray``    the same launcher on the emulator runtime (the same
-                                                   ``kernels/*.cu`` run on the CPU by gpucnn.testing)
+                                                   ``kernels/*.cu`` run on the CPU by gpucnn.emulator)
 =============  ==================================  =============================================
 
 Arguments are validated once per path: on the CPU by ``check`` (the op family's checks in

@@ -66,7 +66,7 @@ class Backend:
         if self.cpu_path is not None:
             return dispatch.cpu_path(self.cpu_path)
         if self.order is not None:
-            from gpucnn.cuda.runtime import emulator_order  # noqa: PLC0415
+            from gpucnn.emulator import emulator_order  # noqa: PLC0415
 
             return emulator_order(self.order)
         return contextlib.nullcontext()
@@ -182,6 +182,6 @@ EMULATOR_ORDERS = ("forward", "reverse", "random")
 @pytest.fixture(scope="module", params=EMULATOR_ORDERS)
 def emulator(request):
     """An EmulatorRuntime in each thread order, for the launcher tests (a given runtime, kernels_dir, ...)."""
-    from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415
+    from gpucnn.emulator import EmulatorRuntime  # noqa: PLC0415
 
     return EmulatorRuntime(order=request.param, seed=3)

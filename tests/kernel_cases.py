@@ -30,7 +30,7 @@ from gpucnn.ops import conv as ops_conv
 from gpucnn.ops import linear as ops_linear
 from gpucnn.ops import loss as ops_loss
 from gpucnn.ops import pool as ops_pool
-from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
+from gpucnn.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
 from gpucnn.utils import conv_output_size
 from tests.helpers import assert_close, tie_free
 

@@ -17,7 +17,7 @@ import pytest
 from gpucnn import backend
 from gpucnn.cuda import conv as cuda_conv
 from gpucnn.ops import conv as ops_conv
-from gpucnn.testing.emulator import EmulatorRuntime
+from gpucnn.emulator import EmulatorRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"

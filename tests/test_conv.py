@@ -17,11 +17,12 @@ import pytest
 from gpucnn import backend as gpucnn_backend
 from gpucnn.cpu import conv as fast_conv
 from gpucnn.cuda import conv as cuda_conv
+from gpucnn import kernel_sources
 from gpucnn.cuda import runtime as cuda_runtime
 from gpucnn.ops import conv as conv_module
 from gpucnn.ops import conv as ops_conv
 from gpucnn.ops import conv2d_backward, conv2d_forward
-from gpucnn.testing.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
+from gpucnn.emulator import EmulatorBuildError, EmulatorError, EmulatorRuntime
 from gpucnn.testing.gradcheck import assert_gradient_close, relative_error
 from tests.conftest import EMULATOR_ORDERS
 from tests.helpers import assert_kernel_case, assert_same_bits, assert_refused_before_launch, chwn, f32
@@ -493,9 +494,9 @@ def test_kernels_dir_finds_checkout_and_installed_layouts(tmp_path):
     installed = tmp_path / "site-packages" / "gpucnn"
     (installed / "kernels").mkdir(parents=True)
     (installed / "kernels" / "pool2d.cu").write_text("// shipped copy\n")
-    assert cuda_runtime.find_kernels_dir(installed) == installed / "kernels"
+    assert kernel_sources.find_kernels_dir(installed) == installed / "kernels"
     with pytest.raises(FileNotFoundError, match="no CUDA kernel files"):
-        cuda_runtime.find_kernels_dir(tmp_path / "empty" / "gpucnn")
+        kernel_sources.find_kernels_dir(tmp_path / "empty" / "gpucnn")
 
 
 @pytest.mark.skipif(gpucnn_backend.gpu_available(), reason="checks the path taken without a GPU")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpucnn.testing import emulator as emu
-from gpucnn.testing.emulator import (EmulatedModule, EmulatorBuildError, EmulatorError, EmulatorRuntime,
-                                     SharedMemoryError, parse_source)
+from gpucnn.emulator import build as emu
+from gpucnn.emulator import EmulatedModule, EmulatorBuildError, EmulatorError, EmulatorRuntime, SharedMemoryError
+from gpucnn.emulator.build import parse_source
 
 pytestmark = pytest.mark.emulator
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpucnn.cuda.runtime import MAX_INT32_ELEMENTS, kernels_dir
-from gpucnn.testing.emulator import EmulatedModule
+from gpucnn.emulator import EmulatedModule
 
 # for (TYPE VAR = INIT; VAR < BOUND; VAR += STRIDE), where STRIDE mentions gridDim
 _LOOP = re.compile(r"for\s*\(\s*(?P<type>(?:unsigned\s+|long\s+|int\s*)+)\s*(?P<var>\w+)\s*=[^;]*;"

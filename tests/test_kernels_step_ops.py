@@ -9,7 +9,7 @@ from gpucnn import dispatch, ops
 from gpucnn.cuda import activation as cuda_activation
 from gpucnn.cuda import loss as cuda_loss
 from gpucnn.cuda import tensor as cuda_tensor
-from gpucnn.testing.emulator import ORDERS, EmulatorRuntime
+from gpucnn.emulator import ORDERS, EmulatorRuntime
 
 pytestmark = pytest.mark.emulator
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gpucnn.cuda import conv as cuda_conv
-from gpucnn.testing.emulator import EmulatorRuntime
+from gpucnn.emulator import EmulatorRuntime
 from tests.kernel_cases import ConvCase, PoolCase, case_id, check_conv, check_max_pool
 
 # (N, C, H, W, OC): every stage's pair of convolutions, at reduced size

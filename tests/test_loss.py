@@ -17,7 +17,7 @@ from gpucnn.cuda import linear as cuda_linear
 from gpucnn.cuda import loss as cuda_loss
 from gpucnn.ops import loss as ops_loss
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
-from gpucnn.testing.emulator import EmulatorRuntime
+from gpucnn.emulator import EmulatorRuntime
 from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.conftest import EMULATOR_ORDERS
 from tests.helpers import assert_same_bits, assert_close, assert_refused_before_launch, f32

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gpucnn.data import DataError, read_idx, write_idx
 from gpucnn.data.idx import IDX_DTYPES
-from gpucnn.testing.emulator import EmulatorRuntime
+from gpucnn.emulator import EmulatorRuntime
 from tests.kernel_cases import ConvCase, PoolCase, check_avg_pool, check_conv, check_max_pool
 
 KERNEL_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

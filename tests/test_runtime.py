@@ -8,7 +8,7 @@ import pytest
 
 from gpucnn.cuda import optim as cuda_optim
 from gpucnn.cuda.runtime import COMPILE_OPTIONS, CupyRuntime, kernel_array, kernel_inout_array
-from gpucnn.testing.emulator import EmulatorRuntime
+from gpucnn.emulator import EmulatorRuntime
 
 
 class FakeCupy:

@@ -23,8 +23,9 @@ def test_wheel_ships_every_kernel_and_the_emulator_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for cu in sorted((ROOT / "kernels").glob("*.cu")):
         assert f"gpucnn/kernels/{cu.name}" in names
-    assert "gpucnn/testing/cuda_emu.h" in names
-    assert "gpucnn/testing/emu_runtime.cpp" in names
+    assert "gpucnn/emulator/cuda_emu.h" in names
+    assert "gpucnn/emulator/emu_runtime.cpp" in names
+    assert "gpucnn/emulator/__init__.py" in names and "gpucnn/kernel_sources.py" in names
     assert "gpucnn/cli/__init__.py" in names and "gpucnn/cli/train.py" in names  # pyproject lists packages
 
 
@@ -35,7 +36,7 @@ def test_installed_copy_finds_and_runs_its_own_kernels(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     script = (
         "import numpy as np, gpucnn.cuda.runtime as r\n"
-        "from gpucnn.testing.emulator import EmulatorRuntime\n"
+        "from gpucnn.emulator import EmulatorRuntime\n"
         "from gpucnn.cuda import pool\n"
         "print(r.kernels_dir())\n"
         "x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)\n"

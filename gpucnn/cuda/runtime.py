@@ -2,55 +2,26 @@
 
 A *runtime* gives launchers an array module (``xp``), allocation (``empty``/``zeros``) and
 kernels by file and name (``function``). CupyRuntime compiles ``kernels/*.cu`` with
-``cupy.RawModule`` on a GPU; gpucnn.testing.emulator.EmulatorRuntime runs the same files on the
-CPU. Launchers are written once against this contract.
+``cupy.RawModule`` on a GPU; gpucnn.emulator's runtimes run the same files on the CPU. Launchers
+are written once against this contract, and ask here for the runtime of the device their arrays
+live on (``device_runtime``, ``runtime_for``).
 
 CuPy is never imported here: gpucnn.backend hands the module over.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from gpucnn import backend
+from gpucnn.emulator.runtime import emulator_runtime
+from gpucnn.kernel_sources import COMPILE_OPTIONS, kernels_dir
 
-# What CupyRuntime passes to cupy.RawModule(options=...).
-COMPILE_OPTIONS = ("-std=c++17",)
-EMULATOR_ORDER_ENV = "GPUCNN_EMULATOR_ORDER"
-# What CuPy itself adds before NVRTC sees them (read in CuPy 15.0.0a1, github.com/cupy/cupy at 6b6d956,
-# 2026-08-20): cupy/cuda/compiler.py _compile_with_cache_cuda appends "-ftz=true" (denormals flush to
-# zero) and _compile_using_nvrtc "--device-as-default-execution-space" and "-arch=sm_XX" (compute_XX
-# past NVRTC's newest sm); cupy/_core/core.pyx assemble_cupy_compiler_options adds "--std=c++17" only
-# when no -std is given, and -I paths (its bundled CCCL, its own headers, the CUDA headers), which
-# cannot change kernels that include no header. gpucnn.testing.nvrtc compiles with both tuples.
-CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
-NVRTC_OPTIONS = COMPILE_OPTIONS + CUPY_NVRTC_OPTIONS
 # Thread ids of the last block run past the element count, so counts stay this far below 2**31.
 MAX_INT32_ELEMENTS = 2**31 - 1 - 1024
-
-
-def _candidate_kernel_dirs(package_dir: Path) -> list[Path]:
-    """A checkout keeps kernels/ beside the package; a wheel ships them as gpucnn/kernels."""
-    return [package_dir.parent / "kernels", package_dir / "kernels"]
-
-
-def find_kernels_dir(package_dir) -> Path:
-    """The first folder holding ``*.cu`` files for the gpucnn package at ``package_dir``."""
-    candidates = _candidate_kernel_dirs(Path(package_dir))
-    for folder in candidates:
-        if folder.is_dir() and any(folder.glob("*.cu")):
-            return folder
-    raise FileNotFoundError("no CUDA kernel files (*.cu) were found in "
-                            + " or ".join(str(c) for c in candidates) + ".")
-
-
-def kernels_dir() -> Path:
-    """The folder of gpucnn's ``.cu`` files, in a checkout or an installed wheel."""
-    return find_kernels_dir(Path(__file__).resolve().parent.parent)
 
 
 class CupyRuntime:
@@ -109,47 +80,6 @@ def default_runtime() -> CupyRuntime:
         if _default is None:
             _default = CupyRuntime()
         return _default
-
-
-_emulators = {}        # thread order -> the emulator device's runtime in that order
-_emulator_order = None  # the order in force (None: $GPUCNN_EMULATOR_ORDER, default forward)
-
-
-def emulator_runtime(order: str | None = None):
-    """The process-wide runtime of the ``"emulator"`` device: gpucnn.testing's emulator, outputs as EmulatorArray.
-
-    One per thread order: ``order`` (forward, reverse or random), else the one ``emulator_order``
-    sets, else ``$GPUCNN_EMULATOR_ORDER`` (default forward).
-    """
-    if order is None:
-        order = _emulator_order or os.environ.get(EMULATOR_ORDER_ENV, "forward").strip() or "forward"
-    with _default_lock:
-        if order not in _emulators:
-            from gpucnn.testing.emulator import EmulatorRuntime  # noqa: PLC0415 - only the emulator device needs it
-
-            class EmulatorDeviceRuntime(EmulatorRuntime):
-                """EmulatorRuntime whose allocations live on the emulator device (EmulatorArray)."""
-
-                def empty(self, shape, dtype):
-                    return super().empty(shape, dtype).view(backend.EmulatorArray)
-
-                def zeros(self, shape, dtype):
-                    return super().zeros(shape, dtype).view(backend.EmulatorArray)
-
-            _emulators[order] = EmulatorDeviceRuntime(order=order)
-        return _emulators[order]
-
-
-@contextlib.contextmanager
-def emulator_order(order: str):
-    """Within the block, ops on emulator arrays run their kernels' threads in ``order``."""
-    global _emulator_order
-    emulator_runtime(order)  # refuses an unknown order before anything changes
-    previous, _emulator_order = _emulator_order, order
-    try:
-        yield
-    finally:
-        _emulator_order = previous
 
 
 def active_runtime(runtime=None):

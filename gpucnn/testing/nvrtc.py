@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpucnn.cuda.runtime import NVRTC_OPTIONS
+from gpucnn.kernel_sources import NVRTC_OPTIONS
 
 # NVRTC's options as CuPy compiles CupyRuntime's kernels: gpucnn's COMPILE_OPTIONS plus what CuPy
-# adds, among them -ftz=true (see gpucnn.cuda.runtime.CUPY_NVRTC_OPTIONS for where CuPy adds each);
+# adds, among them -ftz=true (see gpucnn.kernel_sources.CUPY_NVRTC_OPTIONS for where CuPy adds each);
 # compile_source adds a real architecture, as CuPy's -arch=sm_XX, and ptxas's report.
 BASE_OPTIONS = NVRTC_OPTIONS
 PTXAS_VERBOSE = "--ptxas-options=-v"

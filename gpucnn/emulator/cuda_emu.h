@@ -1,5 +1,5 @@
 // cuda_emu.h: the CUDA subset gpucnn's kernels use, so that g++ compiles an unmodified .cu file
-// for the CPU emulator (gpucnn/testing/emulator.py). Force-included before the kernel source:
+// for the CPU emulator (gpucnn/emulator/build.py). Force-included before the kernel source:
 //
 //     g++ -std=c++20 -O2 -shared -fPIC -pthread -include cuda_emu.h -x c++ wrapper.cpp emu_runtime.o
 //

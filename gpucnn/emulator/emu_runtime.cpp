@@ -1,5 +1,5 @@
 // emu_runtime.cpp: the execution engine behind cuda_emu.h. Compiled once into an object file that
-// is linked into every emulated kernel module (see gpucnn/testing/emulator.py).
+// is linked into every emulated kernel module (see gpucnn/emulator/build.py).
 //
 // Each CUDA thread of a block is a fiber with its own small stack. A block's fibers take turns on
 // one OS thread: the scheduler resumes every ready fiber in the launch's thread order and a fiber
