@@ -49,12 +49,13 @@ class KernelResources:
 
 @dataclass
 class CompileResult:
-    """One successful compilation: the per-kernel report, the full log, the CUBIN's size and the PTX."""
+    """One successful compilation: the per-kernel report, the full log, the CUBIN (and its size) and the PTX."""
     arch: str
     cubin_bytes: int
     log: str
     ptx: str
     kernels: dict[str, KernelResources] = field(default_factory=dict)
+    cubin: bytes = b""
 
 
 def find_library() -> Path:
@@ -127,6 +128,8 @@ def compile_source(source: str, name: str = "kernel.cu", arch: str = "sm_90",
             raise NvrtcCompileError(name, arch, log)
         cubin_size = ctypes.c_size_t()
         _check(lib.nvrtcGetCUBINSize(program, ctypes.byref(cubin_size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(cubin_size.value)
+        _check(lib.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
         ptx_size = ctypes.c_size_t()
         _check(lib.nvrtcGetPTXSize(program, ctypes.byref(ptx_size)), "nvrtcGetPTXSize")
         ptx = ctypes.create_string_buffer(ptx_size.value)
@@ -134,7 +137,7 @@ def compile_source(source: str, name: str = "kernel.cu", arch: str = "sm_90",
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(program))
     return CompileResult(arch=arch, cubin_bytes=cubin_size.value, log=log, ptx=ptx.value.decode(errors="replace"),
-                         kernels=parse_ptxas_log(log))
+                         kernels=parse_ptxas_log(log), cubin=cubin.raw)
 
 
 def compile_file(path, arch: str = "sm_90", options: tuple[str, ...] = BASE_OPTIONS) -> CompileResult:
