@@ -151,7 +151,7 @@ class KernelStatic:
 
 
 def static_report(arch: str) -> dict[str, KernelStatic]:
-    from gpucnn.cuda.runtime import kernels_dir
+    from gpucnn.kernel_sources import kernels_dir
     from gpucnn.testing import nvrtc
     report = {}
     for path in sorted(kernels_dir().glob("*.cu")):
@@ -202,15 +202,14 @@ class DryRuntime:
 def step_launches(model_name: str, batch: int) -> list[DryLaunch]:
     """The launches of one Adam TrainStep (after the planning step) of the model at this batch."""
     from gpucnn import backend, optim
-    from gpucnn.cuda import runtime as cuda_runtime
+    from gpucnn.emulator import runtime as emulator_runtime
     from gpucnn.models import build_model, default_input_shape
     from gpucnn.step import TrainStep
     dry = DryRuntime()
-    saved = dict(cuda_runtime._emulators)
-    cuda_runtime._emulators.clear()
-    cuda_runtime._emulators["forward"] = dry
-    order = cuda_runtime._emulator_order
-    cuda_runtime._emulator_order = "forward"
+    # The emulator device's runtime for a made-up thread order is the dry one, while the step runs.
+    order = emulator_runtime._order_in_force
+    emulator_runtime._device_runtimes["dry"] = dry
+    emulator_runtime._order_in_force = "dry"
     try:
         model = build_model(model_name, seed=0).to("emulator")
         step = TrainStep(model, optim.Adam(list(model.parameters()), lr=1e-3), batch, graph=False)
@@ -221,9 +220,8 @@ def step_launches(model_name: str, batch: int) -> list[DryLaunch]:
         step(x, y)
         return list(dry.launches)
     finally:
-        cuda_runtime._emulators.clear()
-        cuda_runtime._emulators.update(saved)
-        cuda_runtime._emulator_order = order
+        emulator_runtime._order_in_force = order
+        del emulator_runtime._device_runtimes["dry"]
 
 
 # ---------------------------------------------------------------- FLOPs, bytes, occupancy, time
