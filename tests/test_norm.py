@@ -14,7 +14,7 @@ from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.helpers import assert_close, chwn
 from tests.loops import batch_norm_eval_loops, batch_norm_loops, global_avg_pool2d_loops
 
-NORM_BACKENDS = pytest.mark.backends("reference", "fast")
+NORM_BACKENDS = pytest.mark.backends("reference", "fast", "emulator-forward", "emulator-reverse", "emulator-random")
 FLOAT64 = pytest.mark.backends("reference", "fast")
 TOL = 2e-5
 SHAPES = [(8, 3), (4, 3, 5), (2, 3, 4, 5), (3, 16, 7, 7), (64, 5, 1, 1)]

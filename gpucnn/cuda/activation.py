@@ -1,4 +1,5 @@
-"""Launchers for the element-wise kernels in ``kernels/elementwise.cu``: ReLU, tanh, sigmoid, dropout.
+"""Launchers for the element-wise kernels: ReLU, tanh, sigmoid, dropout (``kernels/elementwise.cu``) and the
+residual sum (``kernels/residual.cu``).
 
 Same signatures as gpucnn.ops.activation plus ``runtime`` (None: the process-wide CupyRuntime).
 The code is the same for CuPy arrays on a GPU and NumPy arrays under the emulator.
@@ -93,3 +94,27 @@ def dropout_backward(grad_y, mask, *, runtime=None):
     if mask is None:
         return grad_y
     return multiply(grad_y, mask, runtime=runtime)
+
+
+def _residual_sum(a, b, relu, runtime):
+    """y = a + b (then max(y, 0) when ``relu``) for two float32 arrays of one shape, by kernels/residual.cu."""
+    rt = active_runtime(runtime)
+    a, b = kernel_array(rt, a, "a"), kernel_array(rt, b, "b")
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"a has shape {tuple(a.shape)} but b has {tuple(b.shape)}; they must match.")
+    y = rt.empty(tuple(a.shape), np.float32)
+    if y.size:
+        # writes y: a 64-bit grid-stride loop over the elements
+        rt.function("residual.cu", "add_forward")(grid_for(y.size), (THREADS_PER_BLOCK, 1, 1),
+                                                  (a, b, y, np.int64(y.size), np.int32(bool(relu))))
+    return y
+
+
+def add_forward(a, b, *, runtime=None):
+    """y = a + b (a residual connection's sum), a and b float32 of one shape."""
+    return _residual_sum(a, b, False, runtime)
+
+
+def add_relu_forward(a, b, *, runtime=None):
+    """y = max(a + b, 0), NaN stays NaN; its gradient for a and b is relu_backward(grad_y, y)."""
+    return _residual_sum(a, b, True, runtime)

@@ -1,4 +1,4 @@
-"""Launchers for the pooling kernels in ``kernels/pool2d.cu``.
+"""Launchers for the pooling kernels in ``kernels/pool2d.cu`` and ``kernels/global_pool.cu``.
 
 Same signatures as gpucnn.ops.pool plus ``runtime`` (None: the process-wide CupyRuntime). The
 code is the same for CuPy arrays on a GPU and NumPy arrays under the emulator.
@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array
+from gpucnn.cuda.runtime import (MAX_INT32_ELEMENTS, active_runtime, ceil_div, check_int32_count, check_int32_extent,
+                                 kernel_array)
+from gpucnn.ops import check_float_array
+from gpucnn.ops.pool import _check_global_backward as check_global_backward
 from gpucnn.ops.pool import pool2d_geometry
 
 KERNEL_FILE = "pool2d.cu"
@@ -98,4 +101,61 @@ def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0, *,
     grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
     # writes grad_x: one thread per input element, gathering grad_y / (KH*KW) over its windows
     _launch_1d(rt, "avg_pool2d_backward", grad_x.size, (grad_y, grad_x, *_int32_args(g)))
+    return grad_x
+
+
+# Global average pooling (kernels/global_pool.cu): planes of L = H*W values, one block row per plane.
+
+GLOBAL_KERNEL_FILE = "global_pool.cu"
+GLOBAL_THREADS = 256       # GAP_THREADS in kernels/global_pool.cu
+MAX_GRID_Y = 65535
+MAX_PLANE_BLOCKS = 4096    # blocks along one plane's values (the backward loops past the grid)
+# Counters in the kernels stay int: planes plus the largest plane stride, values plus their stride.
+MAX_GLOBAL_PLANES = MAX_INT32_ELEMENTS - MAX_GRID_Y * GLOBAL_THREADS
+MAX_GLOBAL_PLANE_VALUES = 2**30
+
+
+def _plane_block(L: int) -> tuple[int, int, int]:
+    """(tx, ty, 1): tx the smallest power of two >= L (at most GLOBAL_THREADS) walks a plane, ty planes."""
+    tx = 1
+    while tx < min(L, GLOBAL_THREADS):
+        tx *= 2
+    return (tx, GLOBAL_THREADS // tx, 1)
+
+
+def _global_sizes(shape):
+    """(planes N*C, L = H*W) of an (N, C, H, W) shape, refused past the kernels' int32 counters."""
+    N, C, H, W = (int(s) for s in shape)
+    if N * C > MAX_GLOBAL_PLANES or H * W > MAX_GLOBAL_PLANE_VALUES:
+        raise ValueError(f"global average pooling of shape {(N, C, H, W)} needs N*C <= {MAX_GLOBAL_PLANES} and "
+                         f"H*W <= {MAX_GLOBAL_PLANE_VALUES} for the kernels' int32 counters.")
+    return N * C, H * W
+
+
+def global_avg_pool2d_forward(x, *, runtime=None):
+    """Global average pooling: x (N, C, H, W) float32 -> y (N, C, 1, 1), each plane's mean."""
+    rt = active_runtime(runtime)
+    x = kernel_array(rt, x, "x", ndim=4)
+    check_float_array(x, "x", ndim=4)
+    planes, L = _global_sizes(x.shape)
+    y = rt.empty((x.shape[0], x.shape[1], 1, 1), np.float32)
+    block = _plane_block(L)
+    # writes y: a row of threads per plane sums it in a fixed order
+    rt.function(GLOBAL_KERNEL_FILE, "global_avg_pool2d_forward")(
+        (min(ceil_div(planes, block[1]), 2**31 - 1), 1, 1), block, (x, y, np.int32(planes), np.int32(L)))
+    return y
+
+
+def global_avg_pool2d_backward(grad_y, x_shape, *, runtime=None):
+    """Gradient of global average pooling: grad_y (N, C, 1, 1) -> grad_x (x_shape) = grad_y / (H*W)."""
+    check_global_backward(grad_y, x_shape)
+    rt = active_runtime(runtime)
+    grad_y = kernel_array(rt, grad_y, "grad_y", ndim=4)
+    planes, L = _global_sizes(x_shape)
+    grad_x = rt.empty(tuple(int(s) for s in x_shape), np.float32)
+    tx, ty, _ = block = _plane_block(L)
+    grid = (min(ceil_div(L, tx), MAX_PLANE_BLOCKS), min(ceil_div(planes, ty), MAX_GRID_Y), 1)
+    # writes grad_x: every value of a plane gets its grad_y / L
+    rt.function(GLOBAL_KERNEL_FILE, "global_avg_pool2d_backward")(
+        grid, block, (grad_y, grad_x, np.int32(planes), np.int32(L)))
     return grad_x
