@@ -1,8 +1,9 @@
 """Batch normalisation, global average pooling and the residual add: the public ops against the loops of
 tests/loops.py and float64 finite differences, the running statistics updated in place, the refusals.
 
-NORM_BACKENDS lists the backends the float32 bodies run on: the kernel backends join it when their
-launchers (gpucnn/cuda/norm.py, the pool and activation additions) exist.
+NORM_BACKENDS lists the backends the float32 bodies run on: all of them (the kernel devices through
+gpucnn/cuda/norm.py and the pool and activation additions; tests/test_kernels_norm.py checks those
+launchers on awkward shapes, the fused ReLU and bitwise reruns).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.helpers import assert_close, chwn
 from tests.loops import batch_norm_eval_loops, batch_norm_loops, global_avg_pool2d_loops
 
-NORM_BACKENDS = pytest.mark.backends("reference", "fast", "emulator-forward", "emulator-reverse", "emulator-random")
+NORM_BACKENDS = pytest.mark.backends("cpu", "emulator", "gpu")  # every backend: the kernel launchers exist
 FLOAT64 = pytest.mark.backends("reference", "fast")
 TOL = 2e-5
 SHAPES = [(8, 3), (4, 3, 5), (2, 3, 4, 5), (3, 16, 7, 7), (64, 5, 1, 1)]
