@@ -1,4 +1,10 @@
-"""The metrics log ``metrics.jsonl``: one JSON object per epoch, written by the trainer, read by ``visualize``.
+"""Metrics: the training log ``metrics.jsonl``, and per-class results on label arrays.
+
+``confusion_matrix`` and ``per_class_accuracy`` take true and predicted labels
+(N,) (NumPy, CuPy or lists of ints) and answer "which classes get mixed up?";
+``gpucnn evaluate`` prints them and ``gpucnn visualize`` draws the matrix.
+
+The log ``metrics.jsonl`` holds one JSON object per epoch, written by the trainer, read by ``visualize``.
 
 Each line holds epoch, train_loss, train_acc, test_loss, test_acc, lr,
 images_per_s and seconds. Lines are appended, flushed and fsynced one epoch at a
@@ -11,6 +17,10 @@ import json
 import math
 import os
 from pathlib import Path
+
+import numpy as np
+
+from gpucnn import backend
 
 METRICS_FILE = "metrics.jsonl"
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")   # what a reader needs in a line
@@ -86,3 +96,54 @@ def read_metrics(path) -> list[dict]:
     if not by_epoch:
         raise ValueError(f"metrics file {path} holds no epochs yet.")
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+# --- per-class results ------------------------------------------------------------
+def _label_array(values, name: str) -> np.ndarray:
+    """``values`` as a host int64 array (N,); refuses other shapes, floats and negative labels."""
+    array = backend.to_numpy(values) if backend.is_array(values) else np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class labels (N,), not shape {array.shape}.")
+    if array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class labels, not {array.dtype}.")
+    array = array.astype(np.int64, copy=False)
+    if array.size and array.min() < 0:
+        raise ValueError(f"{name} holds a negative label ({int(array.min())}).")
+    return array
+
+
+def _label_pair(labels, predictions, num_classes):
+    """(labels (N,), predictions (N,), K) checked: the same N, every label below K."""
+    labels, predictions = _label_array(labels, "labels"), _label_array(predictions, "predictions")
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions.")
+    largest = int(max(labels.max(initial=-1), predictions.max(initial=-1)))
+    if num_classes is None:
+        num_classes = largest + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, not {num_classes!r}.")
+    if largest >= num_classes:
+        raise ValueError(f"label {largest} is out of range for {num_classes} classes.")
+    return labels, predictions, int(num_classes)
+
+
+def confusion_matrix(labels, predictions, num_classes: int | None = None) -> np.ndarray:
+    """Counts (K, K) int64: entry [i, j] is how many images of true class i were predicted as class j.
+
+    labels and predictions (N,) ints; K = ``num_classes`` (default: the largest label + 1).
+    The diagonal holds the correct predictions; row i sums to the number of images of class i.
+    """
+    labels, predictions, K = _label_pair(labels, predictions, num_classes)
+    return np.bincount(labels * K + predictions, minlength=K * K).reshape(K, K)
+
+
+def per_class_accuracy(labels, predictions, num_classes: int | None = None) -> np.ndarray:
+    """(K,) float64: for each true class, the fraction of its images predicted right (its recall).
+
+    NaN for a class without images. The mean over the images is the accuracy;
+    the mean over the classes weighs every class alike.
+    """
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    counts = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, np.diag(matrix) / counts, np.nan)

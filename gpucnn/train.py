@@ -167,10 +167,12 @@ def describe_epoch(record: dict, epochs: int) -> str:
             f"lr {record['lr']:.3g}  {record['images_per_s']:,.0f} img/s  {record['seconds']:.1f} s")
 
 
-def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE, return_predictions: bool = False) -> dict:
     """Mean softmax cross-entropy loss and accuracy (a fraction in [0, 1]) of ``model``.
 
-    images (N, C, H, W) float and labels (N,) int on the model's device.
+    images (N, C, H, W) float and labels (N,) int on the model's device. With
+    ``return_predictions`` the dict also holds "predictions": the predicted classes (N,)
+    int64 on the host, for gpucnn.metrics.confusion_matrix and per_class_accuracy.
     Batches run in order in eval mode and under no_grad(); the previous mode is restored.
     The sums stay on the device and are read back once.
     """
@@ -182,17 +184,24 @@ def evaluate(model, images, labels, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     try:
         loss_sum = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.int64)
+        predicted = []
         with no_grad():
             for start in range(0, len(images), batch_size):
                 x, y = images[start:start + batch_size], labels[start:start + batch_size]
                 logits = model(x)
                 loss, _ = softmax_cross_entropy(logits, y)
                 loss_sum += loss * len(y)
-                correct += (logits.argmax(axis=1) == y).sum()
+                classes = logits.argmax(axis=1)
+                correct += (classes == y).sum()
+                if return_predictions:
+                    predicted.append(classes)
     finally:
         model.train(was_training)
     n = len(images)
-    return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n}
+    result = {"loss": float(loss_sum) / n, "accuracy": int(correct) / n}
+    if return_predictions:
+        result["predictions"] = backend.to_numpy(xp.concatenate(predicted)).astype(np.int64, copy=False)
+    return result
 
 
 class Trainer:

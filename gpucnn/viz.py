@@ -1,4 +1,4 @@
-"""Figures: learned filters, top-activating input patches, training curves (PNG via matplotlib).
+"""Figures: learned filters, top-activating input patches, training curves, confusion matrix (PNG via matplotlib).
 
 matplotlib is an optional extra (``pip install 'gpucnn[viz]'``) and is imported
 only when a figure is drawn. Figures are drawn on matplotlib's Agg canvas
@@ -28,6 +28,8 @@ COLOUR_FILTER_COLUMNS = 8
 PATCH_LEFT, PATCH_TOP, PATCH_BOTTOM, PATCH_RIGHT, PATCH_CAPTION = 70, 70, 10, 10, 16
 # training curves, pixels
 CURVES_SIZE = (1000, 420)
+# confusion matrix, pixels
+CONFUSION_CELL, CONFUSION_LEFT, CONFUSION_TOP, CONFUSION_RIGHT, CONFUSION_BOTTOM = 44, 140, 50, 20, 140
 
 
 class MissingDependencyError(RuntimeError):
@@ -292,3 +294,44 @@ def training_curves(records, path, title: str | None = None) -> Path:
                  f"{last['test_acc']:.2%}", fontsize=12)
     return _save(fig, path)
 
+
+
+def confusion_figure_size(K: int) -> tuple[int, int]:
+    """(width, height) in pixels of the confusion figure of K classes."""
+    grid = K * CONFUSION_CELL
+    return CONFUSION_LEFT + grid + CONFUSION_RIGHT, CONFUSION_TOP + grid + CONFUSION_BOTTOM
+
+
+def confusion_figure(matrix, classes, path, title: str | None = None) -> Path:
+    """The confusion matrix (K, K) as a heat map with its counts: rows true classes, columns predicted.
+
+    Each row is coloured by its share of the class's images, so rare and common
+    classes read alike; ``classes`` names the K rows and columns. The PNG is
+    ``confusion_figure_size(K)`` pixels.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 1:
+        raise ValueError(f"confusion_figure needs a square (K, K) matrix, not shape {matrix.shape}.")
+    K = matrix.shape[0]
+    if len(classes) != K:
+        raise ValueError(f"confusion_figure got {len(classes)} class names for a {K}x{K} matrix.")
+    make = _figure_class()
+    fig = make(*confusion_figure_size(K))
+    ax = _axes_at(fig, CONFUSION_LEFT, CONFUSION_TOP, K * CONFUSION_CELL, K * CONFUSION_CELL)
+    counts = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, counts, out=np.zeros(matrix.shape), where=counts > 0)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fontsize = min(9.0, CONFUSION_CELL * 0.3 * 72 / DPI)
+    for i in range(K):
+        for j in range(K):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    names = [f"{k} {name}" if name != str(k) else str(k) for k, name in enumerate(classes)]
+    ax.set_xticks(range(K), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(K), names, fontsize=8)
+    ax.set_ylabel("true class")
+    ax.set_xlabel("predicted class")
+    right = int(np.trace(matrix))
+    fig.suptitle(title or f"confusion matrix: {right:,} of {int(matrix.sum()):,} right "
+                 f"({right / max(1, int(matrix.sum())):.2%})", fontsize=11, y=0.995)
+    return _save(fig, path)

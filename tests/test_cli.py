@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gpucnn import backend
-from gpucnn.checkpoint import load_checkpoint
+from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint
+from gpucnn.data import DATASETS, load_dataset, normalize
 from gpucnn.train import CHECKPOINT_FILE
 from tests.helpers import ROOT, assert_one_line_error, clean_env, invoke, run_cli, run_cli_together
 from tests.synthetic_data import quadrant_images, write_quadrant_mnist
@@ -65,15 +66,37 @@ def test_train_writes_checkpoints_and_metrics(trained):
     assert (out / "checkpoint.npz").is_file() and (out / "best.npz").is_file()
 
 
-def test_evaluate_reports_the_trained_accuracy(trained, data_dir):
+def test_evaluate_reports_the_trained_accuracy_per_class_and_the_confusion_matrix(trained, data_dir):
     out, _ = trained
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    result = run_cli("evaluate", out / "checkpoint.npz", "--data-dir", data_dir, "--no-download",
-                     "--device", "cpu", "--batch-size", 17)
+    result, as_json = run_cli_together(
+        *[("evaluate", out / "checkpoint.npz", "--data-dir", data_dir, "--no-download", "--device", "cpu",
+           "--batch-size", 17, *extra) for extra in ((), ("--json",))])
+    assert result.returncode == 0 and as_json.returncode == 0, (result.stderr, as_json.stderr)
     assert result.stdout.startswith("device: cpu")
     assert f"accuracy {metrics['test_acc']:.2%}" in result.stdout
     assert f"loss {metrics['test_loss']:.4f}" in result.stdout
     assert "80 images" in result.stdout
+    report = json.loads(as_json.stdout)  # nothing but the JSON object on stdout
+    assert report["accuracy"] == metrics["test_acc"] and report["images"] == 80
+    assert report["classes"] == [str(k) for k in range(10)]
+
+    # the same numbers, computed here from the checkpoint's own predictions
+    model = model_from_checkpoint(load_checkpoint(out / "checkpoint.npz"))
+    images, labels = load_dataset("mnist", "test", data_dir=data_dir, download=False)
+    spec = DATASETS["mnist"]
+    predicted = model.eval()(normalize(images, spec.mean, spec.std)).argmax(axis=1)
+    expected = np.zeros((10, 10), int)
+    for true, guess in zip(labels, predicted):
+        expected[true, guess] += 1
+    assert report["confusion_matrix"] == expected.tolist() and report["class_images"] == expected.sum(1).tolist()
+    for k in range(10):
+        right, total = expected[k, k], expected[k].sum()
+        assert report["per_class_accuracy"][k] == (right / total if total else None)
+        if total:  # one text row per class: label, accuracy, right of images
+            assert f"{k:>3}  {right / total:7.2%}  ({right} of {total})" in result.stdout
+    matrix_rows = result.stdout.split("columns the predicted ones\n")[1].splitlines()[1:]
+    assert [[int(v) for v in row.split()] for row in matrix_rows] == [[k, *expected[k]] for k in range(10)]
 
 
 def write_pgm(path, image, binary):

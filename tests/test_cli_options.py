@@ -191,7 +191,7 @@ def test_visualize_and_features_on_a_colour_checkpoint(folder_run, places, tmp_p
     assert features.returncode == 0, features.stderr
     assert "data: folder test, 32 images" in result.stdout
     names = sorted(p.name for p in (tmp_path / "viz").iterdir())
-    assert names == ["curves.png", "filters_conv1.png", "patches_conv1.npz", "patches_conv1.png",
+    assert names == ["confusion.png", "curves.png", "filters_conv1.png", "patches_conv1.npz", "patches_conv1.png",
                      "patches_conv2.npz", "patches_conv2.png"]
     filters = np.asarray(Image.open(tmp_path / "viz" / "filters_conv1.png").convert("RGB"))
     assert filters.shape[:2][::-1] == viz.colour_filter_grid_size(6)

@@ -174,7 +174,8 @@ def test_visualize_writes_legible_figures_and_patches_that_reproduce_their_activ
     assert result.output.startswith("device: cpu")
     assert "data: mnist test, 40 images" in result.output
     sizes = {"filters_conv1.png": viz.filter_grid_size(6, 1), "patches_conv1.png": viz.patch_figure_size(6, 4),
-             "patches_conv2.png": viz.patch_figure_size(16, 4), "curves.png": viz.CURVES_SIZE}
+             "patches_conv2.png": viz.patch_figure_size(16, 4), "curves.png": viz.CURVES_SIZE,
+             "confusion.png": viz.confusion_figure_size(10)}
     assert sizes["patches_conv2.png"] == (70 + 4 * 80 + 10, 70 + 16 * 96 + 10)
     for name, (width, height) in sizes.items():
         assert f"wrote {tmp_path / name}" in result.output
@@ -214,8 +215,8 @@ def test_visualize_options_and_errors(run, tmp_path):
                     "--out", tmp_path / "v")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [
-        "curves.png", "filters_conv1.png", "patches_conv2.npz", "patches_conv2.png", "patches_pool1.npz",
-        "patches_pool1.png"]
+        "confusion.png", "curves.png", "filters_conv1.png", "patches_conv2.npz", "patches_conv2.png",
+        "patches_pool1.npz", "patches_pool1.png"]
     assert not TopPatches.load(tmp_path / "v" / "patches_pool1.npz").info["distinct_images"]
     for bad, message in ((["--layers", "fc1"], "layer fc1 (Linear) has no spatial layout"),
                          (["--patches", 13], "k=13 exceeds the 12 images"),
@@ -237,7 +238,7 @@ def test_visualize_without_metrics_still_draws_the_rest(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "no metrics.jsonl beside the checkpoint" in result.output
     assert sorted(p.name for p in (tmp_path / "viz").glob("*.png")) == [
-        "filters_conv1.png", "patches_conv1.png", "patches_conv2.png"]
+        "confusion.png", "filters_conv1.png", "patches_conv1.png", "patches_conv2.png"]
 
 
 def test_features_command_saves_activations_and_labels(run, tmp_path):

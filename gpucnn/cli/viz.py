@@ -21,7 +21,8 @@ from gpucnn.cli.errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - E
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
                                 skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
-from gpucnn.metrics import METRICS_FILE
+from gpucnn.metrics import METRICS_FILE, confusion_matrix
+from gpucnn.train import evaluate
 
 DEFAULT_MAX_CHANNELS = 16        # rows of a patch figure (the .npz keeps every channel)
 
@@ -100,6 +101,18 @@ def _draw_filters(viz, model, out: Path) -> list[Path]:
     return [draw(weight, out / f"filters_{first}.png", title=title)]
 
 
+def _draw_confusion(viz, model, images, labels, settings, batch_size: int, out: Path, source: str) -> list[Path]:
+    """The confusion matrix of the model on these images as out/confusion.png (classes named from the checkpoint)."""
+    device = model.device
+    result = evaluate(model, backend.to_device(images, device), backend.to_device(labels, device), batch_size,
+                      return_predictions=True)
+    K = getattr(model, "num_classes", len(settings.classes))
+    classes = tuple(settings.classes) if len(settings.classes) == K else tuple(str(k) for k in range(K))
+    matrix = confusion_matrix(labels, result["predictions"], K)
+    title = f"confusion matrix, {source}: accuracy {result['accuracy']:.2%}"
+    return [viz.confusion_figure(matrix, classes, out / "confusion.png", title=title)]
+
+
 def _draw_patches(viz, name: str, found, top_k: int, out: Path, max_channels: int, pixel_stats) -> list[Path]:
     """One layer's top patches as out/patches_<layer>.npz (all channels) and .png (the first max_channels)."""
     info = found.info
@@ -132,7 +145,8 @@ def _draw_patches(viz, name: str, found, top_k: int, out: Path, max_channels: in
 @one_line_errors
 def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batch_size, device, no_download, quiet,
               out, patches, max_channels, layers, all_positions, metrics):
-    """Draw a checkpoint's first-layer filters, the top input patches per channel, and its training curves.
+    """Draw a checkpoint's first-layer filters, the top input patches per channel, its training curves and
+    its confusion matrix.
 
     \b
     Writes into --out:
@@ -145,6 +159,8 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
                             the image's own colours
       patches_<layer>.npz   their activations, image indexes, positions and crops
       curves.png            loss and accuracy per epoch, train and test
+      confusion.png         the confusion matrix on the split: rows true classes,
+                            columns predicted ones, with counts
 
     \b
     Example:
@@ -156,7 +172,7 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
     metrics = _metrics_path(checkpoint, metrics)
     out = out if out is not None else checkpoint.parent / "viz"
     layers = _layer_list(layers)
-    model, images, _, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
+    model, images, labels, dataset_name, settings = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
                                                      use_device(device), no_download, quiet, layers)
     out.mkdir(parents=True, exist_ok=True)
     written = _draw_filters(viz, model, out)
@@ -169,6 +185,8 @@ def visualize(checkpoint, dataset, split, data_dir, skip_bad_images, limit, batc
         written += _draw_patches(viz, name, found_patches, patches, out, max_channels,
                                  (settings.mean, settings.std))
     written += _draw_curves(viz, metrics, out)
+    written += _draw_confusion(viz, model, images, labels, settings, batch_size, out,
+                               f"{dataset_name} {split}, {len(images):,} images")
     for path in written:
         click.echo(f"wrote {path}")
 
