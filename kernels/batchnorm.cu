@@ -15,8 +15,8 @@
 // Block shape (every kernel but the two finalize ones): BN_THREADS threads as (tx, ty), tx the smallest
 // power of two >= l (at most BN_THREADS): threadIdx.x walks the l values of a plane, so a warp reads
 // consecutive addresses, and threadIdx.y picks one of ty planes (or images) at a time. The launcher
-// (gpucnn/cuda/norm.py) picks it; offsets into x are 64-bit (plane * l may pass 2**31), plane and
-// value counters stay below 2**31 (the launcher checks n*c and l).
+// (gpucnn/cuda/norm.py) picks it and keeps n*c and l within int32; indexes, offsets and loop counters
+// are 64-bit (plane * l may pass 2**31, and a counter plus its grid stride may too).
 //
 // Kernels and what they write:
 //   batch_norm_stats_partial    partial (c, slices, 2): grid (c, slices). Block (ch, slice) sums, over
@@ -80,8 +80,9 @@ extern "C" __global__ void batch_norm_stats_partial(const float* x, float* parti
     const int slice = (int)blockIdx.y;
     const float shift = x[(long long)ch * l];
     float sum = 0.0f, squares = 0.0f;
-    for (int img = slice * (int)blockDim.y + (int)threadIdx.y; img < n; img += slices * (int)blockDim.y) {
-        const float* row = x + ((long long)img * c + ch) * l;
+    for (long long img = (long long)slice * blockDim.y + threadIdx.y; img < n;
+         img += (long long)slices * blockDim.y) {
+        const float* row = x + (img * c + ch) * l;
         for (int s = (int)threadIdx.x; s < l; s += (int)blockDim.x) {
             const float d = row[s] - shift;
             sum += d;
@@ -127,15 +128,16 @@ __device__ __forceinline__ void normalize_planes(
     const float* bias, float* y, int n, int c, int l, float eps, int relu)
 {
     const int planes = n * c;
-    for (int plane = (int)(blockIdx.y * blockDim.y + threadIdx.y); plane < planes;
-         plane += (int)(gridDim.y * blockDim.y)) {
-        const int ch = plane % c;
+    for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
+         plane += (long long)gridDim.y * blockDim.y) {
+        const int ch = (int)(plane % c);
         const float inv = invstd != 0 ? invstd[ch] : 1.0f / sqrtf(var[ch] + eps);
         const float scale = inv * weight[ch];
         const float center = mean[ch];
         const float shift = bias[ch];
-        const long long base = (long long)plane * l;
-        for (int s = (int)(blockIdx.x * blockDim.x + threadIdx.x); s < l; s += (int)(gridDim.x * blockDim.x)) {
+        const long long base = plane * l;
+        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
+             s += (long long)gridDim.x * blockDim.x) {
             const float v = (x[base + s] - center) * scale + shift;
             y[base + s] = (relu && !(v > 0.0f) && !isnan(v)) ? 0.0f : v;
         }
@@ -166,8 +168,9 @@ extern "C" __global__ void batch_norm_backward_partial(
     const int slice = (int)blockIdx.y;
     const float center = mean[ch];
     float sum = 0.0f, dot = 0.0f;
-    for (int img = slice * (int)blockDim.y + (int)threadIdx.y; img < n; img += slices * (int)blockDim.y) {
-        const long long base = ((long long)img * c + ch) * l;
+    for (long long img = (long long)slice * blockDim.y + threadIdx.y; img < n;
+         img += (long long)slices * blockDim.y) {
+        const long long base = (img * c + ch) * l;
         for (int s = (int)threadIdx.x; s < l; s += (int)blockDim.x) {
             const float g = relu_masked(grad_y[base + s], y, base + s, relu);
             sum += g;
@@ -204,16 +207,17 @@ extern "C" __global__ void batch_norm_backward_data(
 {
     const int planes = n * c;
     const float m = (float)n * (float)l;
-    for (int plane = (int)(blockIdx.y * blockDim.y + threadIdx.y); plane < planes;
-         plane += (int)(gridDim.y * blockDim.y)) {
-        const int ch = plane % c;
+    for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
+         plane += (long long)gridDim.y * blockDim.y) {
+        const int ch = (int)(plane % c);
         const float center = mean[ch];
         const float inv = invstd[ch];
         const float gb = grad_bias[ch];
         const float gw = grad_weight[ch];
         const float factor = weight[ch] * inv * (1.0f / m);
-        const long long base = (long long)plane * l;
-        for (int s = (int)(blockIdx.x * blockDim.x + threadIdx.x); s < l; s += (int)(gridDim.x * blockDim.x)) {
+        const long long base = plane * l;
+        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
+             s += (long long)gridDim.x * blockDim.x) {
             const float g = relu_masked(grad_y[base + s], y, base + s, relu);
             const float xhat = (x[base + s] - center) * inv;
             grad_x[base + s] = (m * g - gb - xhat * gw) * factor;

@@ -6,8 +6,8 @@
 //
 // Block shape: GAP_THREADS threads as (tx, ty), tx the smallest power of two >= l (at most GAP_THREADS):
 // threadIdx.x walks a plane's values (a warp reads consecutive addresses), threadIdx.y picks one of ty
-// planes. gpucnn/cuda/pool.py picks it and keeps planes and l within int32 with room for the strides;
-// offsets are 64-bit (plane * l may pass 2**31).
+// planes. gpucnn/cuda/pool.py picks it and keeps planes and l within int32; offsets and loop counters
+// are 64-bit (plane * l may pass 2**31, and a counter plus its grid stride may too).
 //
 // Kernels and what they write:
 //   global_avg_pool2d_forward   y: 1-D grid over groups of ty planes (looping past the grid). Each row of
@@ -23,11 +23,12 @@ extern "C" __global__ void global_avg_pool2d_forward(const float* x, float* y, i
     const int t = (int)(threadIdx.y * blockDim.x + threadIdx.x);
     const float scale = 1.0f / (float)l;
     // The loop bound depends only on blockIdx, so every thread of the block reaches every barrier.
-    for (int first = (int)(blockIdx.x * blockDim.y); first < planes; first += (int)(gridDim.x * blockDim.y)) {
-        const int plane = first + (int)threadIdx.y;
+    for (long long first = blockIdx.x * (long long)blockDim.y; first < planes;
+         first += (long long)gridDim.x * blockDim.y) {
+        const long long plane = first + threadIdx.y;
         float acc = 0.0f;
         if (plane < planes) {
-            const float* row = x + (long long)plane * l;
+            const float* row = x + plane * l;
             for (int s = (int)threadIdx.x; s < l; s += (int)blockDim.x) acc += row[s];
         }
         sums[t] = acc;
@@ -44,11 +45,12 @@ extern "C" __global__ void global_avg_pool2d_forward(const float* x, float* y, i
 extern "C" __global__ void global_avg_pool2d_backward(const float* grad_y, float* grad_x, int planes, int l)
 {
     const float scale = 1.0f / (float)l;
-    for (int plane = (int)(blockIdx.y * blockDim.y + threadIdx.y); plane < planes;
-         plane += (int)(gridDim.y * blockDim.y)) {
+    for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
+         plane += (long long)gridDim.y * blockDim.y) {
         const float share = grad_y[plane] * scale;
-        const long long base = (long long)plane * l;
-        for (int s = (int)(blockIdx.x * blockDim.x + threadIdx.x); s < l; s += (int)(gridDim.x * blockDim.x)) {
+        const long long base = plane * l;
+        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
+             s += (long long)gridDim.x * blockDim.x) {
             grad_x[base + s] = share;
         }
     }

@@ -24,7 +24,7 @@ PROBE_GRID = 4096    # blocks of one thread: a stride of 4096, more than 2**31 -
 PROBE = """
 extern "C" __global__ void probe(long long start, long long* next)
 {{
-    if (blockIdx.x != 0 || blockIdx.z != 0) return;
+    if (blockIdx.x != 0 || blockIdx.y != 0 || blockIdx.z != 0) return;
     {type} {var} = ({type})start;
     {var} += {stride};
     next[0] = (long long){var};
@@ -59,7 +59,8 @@ def test_the_last_index_plus_the_stride_does_not_wrap(loop, tmp_path):
     file, kernel, index_type, var, stride = loop
     probe = tmp_path / f"probe_{kernel}.cu"
     probe.write_text(PROBE.format(type=index_type, var=var, stride=stride))
-    grid = (PROBE_GRID, 1, 1) if "gridDim.x" in stride else (1, 1, PROBE_GRID)
+    axis = next(i for i, name in enumerate("xyz") if f"gridDim.{name}" in stride)
+    grid = tuple(PROBE_GRID if i == axis else 1 for i in range(3))
     start = MAX_INT32_ELEMENTS - 1   # the last element of the largest count a launcher accepts
     next_index = np.zeros(1, np.int64)
     EmulatedModule(probe).get_function("probe")(grid, (1, 1, 1), (np.int64(start), next_index))

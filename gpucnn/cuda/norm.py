@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import MAX_INT32_ELEMENTS, active_runtime, ceil_div, kernel_array, kernel_inout_array
+from gpucnn.cuda.runtime import active_runtime, ceil_div, check_int32_count, kernel_array, kernel_inout_array
 from gpucnn.ops import norm as ops_norm
 
 KERNEL_FILE = "batchnorm.cu"
@@ -23,9 +23,6 @@ MAX_SLICES = 32          # slices per channel; the finalize thread adds them in 
 MAX_GRID_Y = 65535
 MAX_PLANE_BLOCKS = 4096  # blocks along one plane's values (the kernels loop past the grid)
 FINALIZE_THREADS = 128
-# Counters in the kernels stay int: planes plus the largest plane stride, values plus their stride.
-MAX_PLANES = MAX_INT32_ELEMENTS - MAX_GRID_Y * THREADS
-MAX_PLANE_VALUES = 2**30
 
 
 def block_shape(L: int) -> tuple[int, int, int]:
@@ -49,14 +46,11 @@ def stats_slices(N: int, C: int, L: int) -> int:
 
 
 def _sizes(x):
-    """(N, C, L) of x, refused when the kernels' int32 counters could overflow."""
+    """(N, C, L) of x; N*C and L must fit the kernels' int sizes (their indexes are 64-bit)."""
     N, C = int(x.shape[0]), int(x.shape[1])
     L = int(x.size) // (N * C)
-    if N * C > MAX_PLANES:
-        raise ValueError(f"x has {N * C} planes (N*C), more than the {MAX_PLANES} the batch-norm kernels allow.")
-    if L > MAX_PLANE_VALUES:
-        raise ValueError(f"x has {L} values per plane (the product of its sizes after C), more than the "
-                         f"{MAX_PLANE_VALUES} the batch-norm kernels allow.")
+    check_int32_count("x's planes (N*C)", N * C)
+    check_int32_count("each plane of x (the sizes after C)", L)
     return N, C, L
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cuda.runtime import (MAX_INT32_ELEMENTS, active_runtime, ceil_div, check_int32_count, check_int32_extent,
+from gpucnn.cuda.runtime import (active_runtime, ceil_div, check_int32_count, check_int32_extent,
                                  kernel_array)
 from gpucnn.ops import check_float_array
 from gpucnn.ops.pool import _check_global_backward as check_global_backward
@@ -110,9 +110,6 @@ GLOBAL_KERNEL_FILE = "global_pool.cu"
 GLOBAL_THREADS = 256       # GAP_THREADS in kernels/global_pool.cu
 MAX_GRID_Y = 65535
 MAX_PLANE_BLOCKS = 4096    # blocks along one plane's values (the backward loops past the grid)
-# Counters in the kernels stay int: planes plus the largest plane stride, values plus their stride.
-MAX_GLOBAL_PLANES = MAX_INT32_ELEMENTS - MAX_GRID_Y * GLOBAL_THREADS
-MAX_GLOBAL_PLANE_VALUES = 2**30
 
 
 def _plane_block(L: int) -> tuple[int, int, int]:
@@ -124,11 +121,10 @@ def _plane_block(L: int) -> tuple[int, int, int]:
 
 
 def _global_sizes(shape):
-    """(planes N*C, L = H*W) of an (N, C, H, W) shape, refused past the kernels' int32 counters."""
+    """(planes N*C, L = H*W) of an (N, C, H, W) shape; both must fit the kernels' int sizes (indexes are 64-bit)."""
     N, C, H, W = (int(s) for s in shape)
-    if N * C > MAX_GLOBAL_PLANES or H * W > MAX_GLOBAL_PLANE_VALUES:
-        raise ValueError(f"global average pooling of shape {(N, C, H, W)} needs N*C <= {MAX_GLOBAL_PLANES} and "
-                         f"H*W <= {MAX_GLOBAL_PLANE_VALUES} for the kernels' int32 counters.")
+    check_int32_count("the planes (N*C) of global average pooling", N * C)
+    check_int32_count("each plane (H*W) of global average pooling", H * W)
     return N * C, H * W
 
 
