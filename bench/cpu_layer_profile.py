@@ -1,6 +1,7 @@
-"""Per-layer time of one LeNet-5 training step on the CPU (gpucnn only), fast path or reference.
+"""Per-layer time of one training step on the CPU (gpucnn only), fast path or reference.
 
-    python bench/cpu_layer_profile.py [--batch-size 256] [--steps 25] [--cpu-path fast|reference]
+    python bench/cpu_layer_profile.py [--model lenet5|vgg-small] [--batch-size 256] [--steps 25]
+                                      [--cpu-path fast|reference]
 
 Runs the layers one by one in the model's run order (each max-pool before its ReLU), times each
 layer's forward and backward (the first layer without an input gradient, as the Trainer), the loss
@@ -26,11 +27,14 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cpu-path", choices=dispatch.CPU_PATHS, default="fast")
+    parser.add_argument("--model", choices=("lenet5", "vgg-small"), default="lenet5")
     args = parser.parse_args(argv)
+    if args.steps < 6:
+        parser.error("--steps must be at least 6 (the first five are not counted)")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch_size, 1, 28, 28), dtype=np.float32)
+    model = models.LeNet5(seed=0) if args.model == "lenet5" else models.VGGSmall(seed=0)
+    x = rng.standard_normal((args.batch_size, *model.input_shape), dtype=np.float32)
     labels = rng.integers(0, 10, args.batch_size)
-    model = models.LeNet5(seed=0)
     opt = optim.Adam(model.parameters(), lr=1e-3)
     names = model._run_order()
     forward, backward = {n: [] for n in names}, {n: [] for n in names}
@@ -59,7 +63,7 @@ def main(argv=None):
         return 1e3 * float(np.median(values[5:]))
 
     total = ms(loss_times) + ms(adam_times)
-    print(f"batch {args.batch_size}, cpu path {args.cpu_path}, median of {args.steps - 5} steps, ms")
+    print(f"{args.model}, batch {args.batch_size}, cpu path {args.cpu_path}, median of {args.steps - 5} steps, ms")
     for name in names:
         print(f"{name:8s} forward {ms(forward[name]):6.2f} backward {ms(backward[name]):6.2f}")
         total += ms(forward[name]) + ms(backward[name])
