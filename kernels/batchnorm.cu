@@ -25,7 +25,7 @@
 //                               |mean| >> std); then a fixed tree over the block.
 //   batch_norm_stats_finalize   mean, invstd (c), running_mean and running_var in place: one thread per
 //                               channel adds its slices in order, in double precision.
-//   batch_norm_forward_train    y from mean and invstd (grid: x over a plane's values, y over planes).
+//   batch_norm_forward_train    y from mean and invstd (grid: x covers a plane's values, y loops over planes).
 //   batch_norm_forward_eval     y from running_mean and running_var (same grid).
 //   batch_norm_backward_partial partial (c, slices, 2): sums of g and g * (x - mean), as the stats.
 //   batch_norm_backward_finalize grad_bias, grad_weight (c): one thread per channel, slices in order.
@@ -121,26 +121,28 @@ extern "C" __global__ void batch_norm_stats_finalize(
     running_var[ch] = keep * running_var[ch] + momentum * (float)(var * (m / (m - 1.0)));
 }
 
-// y over the planes this thread visits: (x - mean) * scale + bias of the plane's channel, then the ReLU.
-// scale[ch] = invstd * weight comes from invstd, or from var as 1 / sqrt(var + eps) when invstd is 0.
+// y at value s of every plane this thread visits: (x - mean) * scale + bias of the plane's channel, then
+// the ReLU. scale = invstd * weight, with invstd from invstd[], or (invstd null) 1 / sqrt(var + eps).
+// The grid's x covers a plane (no loop over values); its y loops over planes, and the channel follows
+// the plane by adding the stride's remainder instead of dividing again.
 __device__ __forceinline__ void normalize_planes(
     const float* x, const float* mean, const float* invstd, const float* var, const float* weight,
     const float* bias, float* y, int n, int c, int l, float eps, int relu)
 {
-    const int planes = n * c;
-    for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
-         plane += (long long)gridDim.y * blockDim.y) {
-        const int ch = (int)(plane % c);
+    const long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (s >= l) return;
+    const long long planes = (long long)n * c;
+    const long long stride = (long long)gridDim.y * blockDim.y;
+    const int channel_step = (int)(stride % c);
+    long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y;
+    int ch = (int)(plane % c);
+    for (; plane < planes; plane += stride) {
         const float inv = invstd != 0 ? invstd[ch] : 1.0f / sqrtf(var[ch] + eps);
-        const float scale = inv * weight[ch];
-        const float center = mean[ch];
-        const float shift = bias[ch];
-        const long long base = plane * l;
-        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
-             s += (long long)gridDim.x * blockDim.x) {
-            const float v = (x[base + s] - center) * scale + shift;
-            y[base + s] = (relu && !(v > 0.0f) && !isnan(v)) ? 0.0f : v;
-        }
+        const long long i = plane * l + s;
+        const float v = (x[i] - mean[ch]) * (inv * weight[ch]) + bias[ch];
+        y[i] = (relu && !(v > 0.0f) && !isnan(v)) ? 0.0f : v;
+        ch += channel_step;
+        if (ch >= c) ch -= c;
     }
 }
 
@@ -205,22 +207,21 @@ extern "C" __global__ void batch_norm_backward_data(
     const float* weight, const float* grad_weight, const float* grad_bias, float* grad_x,
     int n, int c, int l, int relu)
 {
-    const int planes = n * c;
+    const long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (s >= l) return;
     const float m = (float)n * (float)l;
-    for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
-         plane += (long long)gridDim.y * blockDim.y) {
-        const int ch = (int)(plane % c);
-        const float center = mean[ch];
+    const long long planes = (long long)n * c;
+    const long long stride = (long long)gridDim.y * blockDim.y;
+    const int channel_step = (int)(stride % c);
+    long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y;
+    int ch = (int)(plane % c);
+    for (; plane < planes; plane += stride) {
+        const long long i = plane * l + s;
+        const float g = relu_masked(grad_y[i], y, i, relu);
         const float inv = invstd[ch];
-        const float gb = grad_bias[ch];
-        const float gw = grad_weight[ch];
-        const float factor = weight[ch] * inv * (1.0f / m);
-        const long long base = plane * l;
-        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
-             s += (long long)gridDim.x * blockDim.x) {
-            const float g = relu_masked(grad_y[base + s], y, base + s, relu);
-            const float xhat = (x[base + s] - center) * inv;
-            grad_x[base + s] = (m * g - gb - xhat * gw) * factor;
-        }
+        const float xhat = (x[i] - mean[ch]) * inv;
+        grad_x[i] = (m * g - grad_bias[ch] - xhat * grad_weight[ch]) * (weight[ch] * inv * (1.0f / m));
+        ch += channel_step;
+        if (ch >= c) ch -= c;
     }
 }

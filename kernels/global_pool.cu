@@ -13,7 +13,7 @@
 //   global_avg_pool2d_forward   y: 1-D grid over groups of ty planes (looping past the grid). Each row of
 //                               tx threads sums its plane, thread s adding values s, s + tx, ..., then a
 //                               fixed tree in shared memory; no atomics, so y is bitwise reproducible.
-//   global_avg_pool2d_backward  grad_x: grid x over a plane's values, y over groups of planes.
+//   global_avg_pool2d_backward  grad_x: grid x covers a plane's values, y loops over groups of planes.
 
 #define GAP_THREADS 256  // threads per block; gpucnn/cuda/pool.py agrees
 
@@ -44,14 +44,11 @@ extern "C" __global__ void global_avg_pool2d_forward(const float* x, float* y, i
 
 extern "C" __global__ void global_avg_pool2d_backward(const float* grad_y, float* grad_x, int planes, int l)
 {
+    const long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (s >= l) return;
     const float scale = 1.0f / (float)l;
     for (long long plane = blockIdx.y * (long long)blockDim.y + threadIdx.y; plane < planes;
          plane += (long long)gridDim.y * blockDim.y) {
-        const float share = grad_y[plane] * scale;
-        const long long base = plane * l;
-        for (long long s = blockIdx.x * (long long)blockDim.x + threadIdx.x; s < l;
-             s += (long long)gridDim.x * blockDim.x) {
-            grad_x[base + s] = share;
-        }
+        grad_x[plane * l + s] = grad_y[plane] * scale;
     }
 }

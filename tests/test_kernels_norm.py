@@ -92,6 +92,20 @@ def test_batch_norm_kernels_match_the_reference_and_rerun_bit_for_bit(shape, rel
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("shape", [(20, 5, 3, 3), (600, 7), (3, 6, 17, 19)], ids=str)
+def test_threads_that_visit_several_planes_keep_their_channel(shape, blocks, emulator, monkeypatch):
+    # A small element-wise grid: each thread loops over planes, its channel moving by the stride's remainder.
+    monkeypatch.setattr(cuda_norm, "PLANE_BLOCKS", blocks)
+    assert cuda_norm.plane_grid(shape[0] * shape[1], int(np.prod(shape[2:])))[1] * cuda_norm.block_shape(
+        int(np.prod(shape[2:])))[1] < shape[0] * shape[1]
+    check_batch_norm(shape, emulator, relu=True)
+    if len(shape) == 4:
+        grad_y = np.random.default_rng(1).standard_normal((*shape[:2], 1, 1)).astype(np.float32)
+        np.testing.assert_array_equal(cuda_pool.global_avg_pool2d_backward(grad_y, shape, runtime=emulator),
+                                      ops_pool.global_avg_pool2d_backward_reference(grad_y, shape))
+
+
 def test_batch_norm_keeps_the_variance_of_values_far_from_zero(emulator):
     # |mean| / std = 1e4: sums of x and x*x would lose the variance; the kernels sum x - (a value of x).
     check_batch_norm((16, 3, 6, 6), emulator, relu=False, offset=100.0, spread=0.01)

@@ -21,7 +21,7 @@ THREADS = 256            # BN_THREADS in kernels/batchnorm.cu
 TARGET_BLOCKS = 512      # blocks a statistics pass aims for (a few per SM of a large GPU)
 MAX_SLICES = 32          # slices per channel; the finalize thread adds them in order
 MAX_GRID_Y = 65535
-MAX_PLANE_BLOCKS = 4096  # blocks along one plane's values (the kernels loop past the grid)
+PLANE_BLOCKS = 2048      # blocks of an element-wise pass (about two waves of a large GPU); threads loop past it
 FINALIZE_THREADS = 128
 
 
@@ -33,10 +33,12 @@ def block_shape(L: int) -> tuple[int, int, int]:
     return (tx, THREADS // tx, 1)
 
 
-def plane_grid(N: int, C: int, L: int) -> tuple[int, int, int]:
-    """The grid of the element-wise kernels: x over a plane's L values, y over the N*C planes."""
+def plane_grid(planes: int, L: int) -> tuple[int, int, int]:
+    """The grid of the element-wise kernels: x covers a plane's L values, y loops over the planes
+    (each thread visits several planes once the grid has PLANE_BLOCKS blocks)."""
     tx, ty, _ = block_shape(L)
-    return (min(ceil_div(L, tx), MAX_PLANE_BLOCKS), min(ceil_div(N * C, ty), MAX_GRID_Y), 1)
+    across = ceil_div(L, tx)
+    return (across, max(1, min(ceil_div(planes, ty), PLANE_BLOCKS // across, MAX_GRID_Y)), 1)
 
 
 def stats_slices(N: int, C: int, L: int) -> int:
@@ -109,7 +111,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps
     y = rt.empty(tuple(x.shape), np.float32)
     # writes y: (x - mean) * invstd * weight + bias per element, ReLU when asked
     rt.function(KERNEL_FILE, "batch_norm_forward_train")(
-        plane_grid(N, C, L), block_shape(L),
+        plane_grid(N * C, L), block_shape(L),
         (x, mean, invstd, weight, bias, y, np.int32(N), np.int32(C), np.int32(L), np.int32(bool(relu))))
     return y, mean, invstd
 
@@ -125,7 +127,7 @@ def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, *, 
     y = rt.empty(tuple(x.shape), np.float32)
     # writes y: one pass, the running statistics read once per plane
     rt.function(KERNEL_FILE, "batch_norm_forward_eval")(
-        plane_grid(N, C, L), block_shape(L),
+        plane_grid(N * C, L), block_shape(L),
         (x, running_mean, running_var, weight, bias, y, np.int32(N), np.int32(C), np.int32(L), np.float32(eps),
          np.int32(bool(relu))))
     return y
@@ -153,7 +155,7 @@ def batch_norm_backward(grad_y, x, weight, mean, invstd, *, y=None, runtime=None
     grad_x = rt.empty(tuple(x.shape), np.float32)
     # writes grad_x: one value per element from the channel's sums
     rt.function(KERNEL_FILE, "batch_norm_backward_data")(
-        plane_grid(N, C, L), block_shape(L),
+        plane_grid(N * C, L), block_shape(L),
         (grad_y, x, y, mean, invstd, weight, grad_weight, grad_bias, grad_x, np.int32(N), np.int32(C),
          np.int32(L), relu))
     return grad_x, grad_weight, grad_bias

@@ -9,6 +9,7 @@ import numpy as np
 
 from gpucnn.cuda.runtime import (active_runtime, ceil_div, check_int32_count, check_int32_extent,
                                  kernel_array)
+from gpucnn.cuda.norm import block_shape, plane_grid
 from gpucnn.ops import check_float_array
 from gpucnn.ops.pool import _check_global_backward as check_global_backward
 from gpucnn.ops.pool import pool2d_geometry
@@ -104,20 +105,10 @@ def avg_pool2d_backward(grad_y, x_shape, kernel_size, stride=None, padding=0, *,
     return grad_x
 
 
-# Global average pooling (kernels/global_pool.cu): planes of L = H*W values, one block row per plane.
+# Global average pooling (kernels/global_pool.cu): planes of L = H*W values, one row of threads per plane.
 
 GLOBAL_KERNEL_FILE = "global_pool.cu"
-GLOBAL_THREADS = 256       # GAP_THREADS in kernels/global_pool.cu
-MAX_GRID_Y = 65535
-MAX_PLANE_BLOCKS = 4096    # blocks along one plane's values (the backward loops past the grid)
-
-
-def _plane_block(L: int) -> tuple[int, int, int]:
-    """(tx, ty, 1): tx the smallest power of two >= L (at most GLOBAL_THREADS) walks a plane, ty planes."""
-    tx = 1
-    while tx < min(L, GLOBAL_THREADS):
-        tx *= 2
-    return (tx, GLOBAL_THREADS // tx, 1)
+# GAP_THREADS in kernels/global_pool.cu is gpucnn.cuda.norm.THREADS: the two files share block_shape and plane_grid.
 
 
 def _global_sizes(shape):
@@ -135,7 +126,7 @@ def global_avg_pool2d_forward(x, *, runtime=None):
     check_float_array(x, "x", ndim=4)
     planes, L = _global_sizes(x.shape)
     y = rt.empty((x.shape[0], x.shape[1], 1, 1), np.float32)
-    block = _plane_block(L)
+    block = block_shape(L)
     # writes y: a row of threads per plane sums it in a fixed order
     rt.function(GLOBAL_KERNEL_FILE, "global_avg_pool2d_forward")(
         (min(ceil_div(planes, block[1]), 2**31 - 1), 1, 1), block, (x, y, np.int32(planes), np.int32(L)))
@@ -149,9 +140,7 @@ def global_avg_pool2d_backward(grad_y, x_shape, *, runtime=None):
     grad_y = kernel_array(rt, grad_y, "grad_y", ndim=4)
     planes, L = _global_sizes(x_shape)
     grad_x = rt.empty(tuple(int(s) for s in x_shape), np.float32)
-    tx, ty, _ = block = _plane_block(L)
-    grid = (min(ceil_div(L, tx), MAX_PLANE_BLOCKS), min(ceil_div(planes, ty), MAX_GRID_Y), 1)
     # writes grad_x: every value of a plane gets its grad_y / L
     rt.function(GLOBAL_KERNEL_FILE, "global_avg_pool2d_backward")(
-        grid, block, (grad_y, grad_x, np.int32(planes), np.int32(L)))
+        plane_grid(planes, L), block_shape(L), (grad_y, grad_x, np.int32(planes), np.int32(L)))
     return grad_x
