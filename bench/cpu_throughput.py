@@ -1,13 +1,18 @@
-"""LeNet-5 on the CPU: gpucnn (NumPy) against PyTorch's CPU build, each library in its own process.
+"""CNNs on the CPU: gpucnn (NumPy) against PyTorch's CPU build and ONNX Runtime, each library in its own process.
 
-    python bench/cpu_throughput.py [--threads 2] [--batch-sizes 64,256,1000] [--rounds 7] [--steps 20]
-                                   [--modes train,infer] [--rss] [--epochs 1] [--cli-epochs 5] [--json PATH]
+    python bench/cpu_throughput.py [--model lenet5|vgg-small] [--threads 2] [--batch-sizes 64,256,1000]
+                                   [--rounds 7] [--steps 50] [--modes train,loop,infer]
+                                   [--libraries gpucnn,pytorch,onnxruntime] [--rss] [--epochs 1]
+                                   [--cli-epochs 5] [--json PATH]
 
 Every library runs in a worker process of its own (a library's thread pool never meets the other's);
 the parent alternates the rounds between the workers (ABBA...), so machine noise falls on both, and
-only one works at a time. Training: Adam 1e-3, the same LeNet-5 (modern form), float32 images held
-in memory, each batch gathered by fresh random indices from a pool of random images. Inference: eval
-mode, no gradients. Each round times --steps steps after --warmup steps at the first round and
+only one works at a time. Training: Adam 1e-3, the same network (bench/bench_models.py), float32
+images held in memory, each batch gathered by fresh random indices from a pool of random images;
+mode "train" is gpucnn's Trainer.train_step, mode "loop" the library loop a user writes in one
+process (forward, loss, backward, step); PyTorch runs its usual loop in both. Inference ("infer"):
+eval mode, no gradients (gpucnn.no_grad, torch.no_grad); ONNX Runtime (inference rows only) runs
+gpucnn's model with gpucnn's weights, exported by gpucnn.export, at all graph optimisations. Each round times --steps steps after --warmup steps at the first round and
 --round-warmup steps at the start of every round (the other library ran in between: with 20-step
 rounds and no per-round warm-up PyTorch's batch-64 training showed 11,800-17,800 images/s against
 19,500 in 100-step rounds, a bias in gpucnn's favour); the table gives the median images/s over
@@ -43,8 +48,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_steps import gpucnn_adam_step, torch_adam_step  # noqa: E402 - the step both CPU benchmarks time
-LIBRARIES = ("gpucnn", "pytorch")
-MODES = ("train", "infer")
+from bench_models import MODELS, gpucnn_model, onnx_session, torch_model  # noqa: E402
+from train_steps import gpucnn_loop_step  # noqa: E402
+LIBRARIES = ("gpucnn", "pytorch", "onnxruntime")
+MODES = ("train", "loop", "infer")
+INFERENCE_ONLY = ("onnxruntime",)
 
 
 def _positive_ints(text):
@@ -69,6 +77,7 @@ def _choices(allowed):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="lenet5")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=_positive_ints, default=[64, 256, 1000])
     parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))
@@ -78,7 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--round-warmup", type=int, default=3,
                         help="untimed steps at the start of every round (the other library ran in between)")
     parser.add_argument("--pool", type=int, default=4096, help="random images to draw batches from")
-    parser.add_argument("--libraries", type=_choices(LIBRARIES), default=list(LIBRARIES))
+    parser.add_argument("--libraries", type=_choices(LIBRARIES), default=list(LIBRARIES),
+                        help="onnxruntime times inference only")
     parser.add_argument("--cpu-path", choices=("fast", "reference"), default="fast",
                         help="gpucnn's CPU implementation: gpucnn.cpu (fast) or the NumPy reference")
     parser.add_argument("--rss", action="store_true", help="also measure peak memory of batch-1000 inference")
@@ -158,27 +168,16 @@ def _set_cpu_path(path: str):
     return context
 
 
-def _gpucnn_model(seed=0):
-    from gpucnn import models  # noqa: PLC0415
-    return models.LeNet5(seed=seed)
-
-
-def _torch_model(torch):
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-
-
 class _Steppers:
     """The worker's step functions, one per (mode, batch size), built on first use."""
 
-    def __init__(self, library, pool):
+    def __init__(self, library, pool, model_name):
         import numpy as np  # noqa: PLC0415
         self.library = library
+        self.model_name = model_name
         self.rng = np.random.default_rng(0)
-        self.images = self.rng.standard_normal((pool, 1, 28, 28), dtype=np.float32)
+        shape = gpucnn_model(model_name).input_shape
+        self.images = self.rng.standard_normal((pool, *shape), dtype=np.float32)
         self.labels = self.rng.integers(0, 10, pool)
         self.made = {}
         if library == "pytorch":
@@ -193,11 +192,12 @@ class _Steppers:
     def get(self, mode, batch_size):
         key = (mode, batch_size)
         if key not in self.made:
-            self.made[key] = (self._gpucnn if self.library == "gpucnn" else self._torch)(mode, batch_size)
+            make = {"gpucnn": self._gpucnn, "pytorch": self._torch, "onnxruntime": self._onnxruntime}[self.library]
+            self.made[key] = make(mode, batch_size)
         return self.made[key]
 
     def _gpucnn(self, mode, batch_size):
-        model = _gpucnn_model()
+        model = gpucnn_model(self.model_name)
         if mode == "infer":
             import gpucnn  # noqa: PLC0415
             model.eval()
@@ -206,12 +206,13 @@ class _Steppers:
                 with gpucnn.no_grad():  # as PyTorch's torch.no_grad() below
                     return model(self.batch(batch_size)[0])
             return infer
-        return gpucnn_adam_step(model, lambda: self.batch(batch_size))
+        make = gpucnn_adam_step if mode == "train" else gpucnn_loop_step
+        return make(model, lambda: self.batch(batch_size))
 
     def _torch(self, mode, batch_size):
         torch = self.torch
         torch.manual_seed(0)
-        model = _torch_model(torch)
+        model = torch_model(torch, self.model_name)
         if mode == "infer":
             model.eval()
 
@@ -221,10 +222,27 @@ class _Steppers:
             return infer
         return torch_adam_step(torch, model, lambda: self.batch(batch_size))
 
+    def _onnxruntime(self, mode, batch_size):
+        if mode != "infer":
+            raise SystemExit("ONNX Runtime times inference only")
+        import numpy as np  # noqa: PLC0415
+
+        import gpucnn  # noqa: PLC0415
+        model = gpucnn_model(self.model_name)
+        model.eval()
+        session, input_name = onnx_session(model, int(os.environ["OMP_NUM_THREADS"]))
+        probe = self.images[:4]
+        with gpucnn.no_grad():  # the same weights: ONNX Runtime's logits are gpucnn's
+            np.testing.assert_allclose(session.run(None, {input_name: probe})[0], model(probe), rtol=1e-3, atol=1e-4)
+
+        def infer():
+            return session.run(None, {input_name: self.batch(batch_size)[0]})
+        return infer
+
 
 def _serve(args):
     """Answer the parent's round requests (one JSON line each) until stdin closes."""
-    steppers = _Steppers(args.worker, args.pool)
+    steppers = _Steppers(args.worker, args.pool, args.model)
     warmed = set()
     for line in sys.stdin:
         request = json.loads(line)
@@ -250,7 +268,7 @@ def _serve(args):
 
 def _peak_rss(args):
     """Batch-1000 inference in this fresh process: VmHWM (peak) and VmRSS before inference, in MiB."""
-    steppers = _Steppers(args.worker, 1000)
+    steppers = _Steppers(args.worker, 1000, args.model)
     step = steppers.get("infer", 1000)
     before = _status_mib("VmRSS")
     for _ in range(5):
@@ -283,7 +301,7 @@ def _epochs(args, epochs):
     if args.worker == "gpucnn":
         from gpucnn import optim  # noqa: PLC0415
         from gpucnn.train import Trainer  # noqa: PLC0415
-        model = _gpucnn_model(seed=0)
+        model = gpucnn_model("lenet5")
         opt = optim.Adam(model.parameters(), lr=1e-3)
         trainer = Trainer(model, opt, optim.CosineAnnealingLR(opt, T_max=epochs), device="cpu", seed=0)
         start = time.perf_counter()
@@ -293,7 +311,7 @@ def _epochs(args, epochs):
     import torch  # noqa: PLC0415
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     torch.manual_seed(0)
-    model = _torch_model(torch)
+    model = torch_model(torch, "lenet5")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -344,7 +362,7 @@ def worker_main(args):
 def _worker_command(args, library, task):
     return [sys.executable, str(Path(__file__).resolve()), "--worker", library, "--task", task,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--round-warmup", str(args.round_warmup),
-            "--pool", str(args.pool),
+            "--pool", str(args.pool), "--model", args.model,
             "--cpu-path", args.cpu_path]
 
 
@@ -357,45 +375,61 @@ def _run_once(args, library, task) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _row_libraries(args, mode) -> list:
+    """The libraries that time `mode` (ONNX Runtime only infers)."""
+    return [name for name in args.libraries if mode == "infer" or name not in INFERENCE_ONLY]
+
+
+def _ask(worker, name, mode, batch_size) -> dict:
+    """One round of `mode` at `batch_size` in the worker process; its JSON answer."""
+    worker.stdin.write(json.dumps({"mode": mode, "batch_size": batch_size}) + "\n")
+    worker.stdin.flush()
+    answer = worker.stdout.readline()
+    if not answer:
+        raise SystemExit(f"the {name} worker stopped (exit code {worker.wait()})")
+    return json.loads(answer)
+
+
+def _measure_row(args, workers, mode, batch_size) -> dict:
+    """--rounds rounds of every library alternating (ABC, CBA, ...); medians, ratios and the load."""
+    libraries = _row_libraries(args, mode)
+    rates = {name: [] for name in libraries}
+    others = []  # (CPU seconds the rest of the machine used, stolen, seconds) of each round
+    load_before = load_average()
+    for round_index in range(args.rounds):
+        for name in libraries if round_index % 2 == 0 else libraries[::-1]:
+            answer = _ask(workers[name], name, mode, batch_size)
+            rates[name].append(answer["images_per_s"])
+            if "other_cpu_seconds" in answer:
+                others.append((answer["other_cpu_seconds"], answer["stolen_cpu_seconds"], answer["seconds"]))
+            time.sleep(0.05)  # let the other library's idle threads go to sleep
+    row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
+           "load_after": load_average(), "other_cores_busy": None, "cores_stolen": None}
+    if others:
+        seconds = sum(o[2] for o in others)
+        row["other_cores_busy"] = max(0.0, sum(o[0] for o in others) / seconds)
+        row["cores_stolen"] = sum(o[1] for o in others) / seconds
+    for name in libraries:
+        row[f"{name}_images_per_s"] = median(rates[name])
+        row[f"{name}_rounds"] = [round(r) for r in rates[name]]
+    if "gpucnn" in libraries and "pytorch" in libraries:
+        row["ratio"] = row["gpucnn_images_per_s"] / row["pytorch_images_per_s"]
+    if "gpucnn" in libraries and "onnxruntime" in libraries:
+        row["ratio_onnxruntime"] = row["gpucnn_images_per_s"] / row["onnxruntime_images_per_s"]
+    return row
+
+
 def throughput(args) -> list:
+    needed = [name for name in args.libraries if any(name in _row_libraries(args, mode) for mode in args.modes)]
     workers = {name: subprocess.Popen(_worker_command(args, name, "serve"), env=_worker_env(args.threads),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for name in args.libraries}
+               for name in needed}
     rows = []
     try:
         for mode in args.modes:
             for batch_size in args.batch_sizes:
-                rates = {name: [] for name in args.libraries}
-                others = []  # (CPU seconds the rest of the machine used, seconds) of each round
-                load_before = load_average()
-                for round_index in range(args.rounds):
-                    order = args.libraries if round_index % 2 == 0 else args.libraries[::-1]
-                    for name in order:
-                        worker = workers[name]
-                        worker.stdin.write(json.dumps({"mode": mode, "batch_size": batch_size}) + "\n")
-                        worker.stdin.flush()
-                        answer = worker.stdout.readline()
-                        if not answer:
-                            raise SystemExit(f"the {name} worker stopped (exit code {worker.wait()})")
-                        answer = json.loads(answer)
-                        rates[name].append(answer["images_per_s"])
-                        if "other_cpu_seconds" in answer:
-                            others.append((answer["other_cpu_seconds"], answer["stolen_cpu_seconds"],
-                                           answer["seconds"]))
-                        time.sleep(0.05)  # let the other library's idle threads go to sleep
-                row = {"mode": mode, "batch_size": batch_size, "load_before": load_before,
-                       "load_after": load_average(), "other_cores_busy": None, "cores_stolen": None}
-                if others:
-                    seconds = sum(o[2] for o in others)
-                    row["other_cores_busy"] = max(0.0, sum(o[0] for o in others) / seconds)
-                    row["cores_stolen"] = sum(o[1] for o in others) / seconds
-                for name in args.libraries:
-                    row[f"{name}_images_per_s"] = median(rates[name])
-                    row[f"{name}_rounds"] = [round(r) for r in rates[name]]
-                if len(args.libraries) == 2:
-                    row["ratio"] = row["gpucnn_images_per_s"] / row["pytorch_images_per_s"]
-                rows.append(row)
-                print(format_row(row, args.libraries), flush=True)
+                rows.append(_measure_row(args, workers, mode, batch_size))
+                print(format_row(rows[-1], args.libraries), flush=True)
     finally:
         for worker in workers.values():
             worker.stdin.close()
@@ -405,9 +439,10 @@ def throughput(args) -> list:
 
 def format_row(row, libraries) -> str:
     text = f"{row['mode']:>6} {row['batch_size']:>6}" + "".join(
-        f" {row[name + '_images_per_s']:>14.0f}" for name in libraries)
-    if "ratio" in row:
-        text += f" {row['ratio']:>15.2f}"
+        f" {row[name + '_images_per_s']:>14.0f}" if name + "_images_per_s" in row else f" {'-':>14}"
+        for name in libraries)
+    for key in ("ratio", "ratio_onnxruntime"):
+        text += f" {row[key]:>11.2f}" if key in row else f" {'-':>11}"
     others, stolen = row.get("other_cores_busy"), row.get("cores_stolen")
     return text + f"   load {row['load_before']} -> {row['load_after']}" + (
         f", other processes {others:.2f} cores, stolen {stolen:.2f} cores" if others is not None else "")
@@ -479,8 +514,19 @@ def environment(args) -> dict:
             "cpu_count": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
             **versions, "gpucnn_cpu_path": args.cpu_path, "steps_per_round": args.steps, "rounds": args.rounds,
             "warmup_steps": args.warmup, "round_warmup_steps": args.round_warmup,
-            "optimizer": "Adam(lr=1e-3)", "model": "LeNet-5 (modern)",
+            "optimizer": "Adam(lr=1e-3)", "model": args.model, **_library_versions(args.libraries),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+
+
+def _library_versions(libraries) -> dict:
+    found = {}
+    for name in ("onnxruntime", "onnx"):
+        if "onnxruntime" in libraries:
+            try:
+                found[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                found[name] = None
+    return found
 
 
 def main(argv=None):
@@ -492,13 +538,13 @@ def main(argv=None):
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     report = {"env": env}
     if not args.no_throughput:
-        print(f"{'mode':>6} {'batch':>6}" + "".join(f" {name + ' img/s':>14}" for name in args.libraries)
-              + (f" {'gpucnn/pytorch':>15}" if len(args.libraries) == 2 else ""), flush=True)
+        print(f"{'mode':>6} {'batch':>6}" + "".join(f" {name[:8] + ' img/s':>14}" for name in args.libraries)
+              + f" {'/pytorch':>11} {'/onnxrt':>11}", flush=True)
         report["throughput"] = throughput(args)
     if args.rss:
         report["peak_rss_batch_1000_inference"] = alternating(args, "rss", args.libraries)
     if args.epochs:
-        report["fashion_mnist_epochs"] = alternating(args, f"epochs={args.epochs}", args.libraries)
+        report["fashion_mnist_epochs"] = alternating(args, f"epochs={args.epochs}", _row_libraries(args, "train"))
     if args.cli_epochs:
         report["cli"] = cli_comparison(args)
     if args.json:

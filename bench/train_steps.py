@@ -1,7 +1,8 @@
-"""The training step both CPU benchmarks time, written once per library.
+"""The training steps the CPU benchmarks time, written once per library.
 
 Softmax cross-entropy and Adam (lr 1e-3) on batches from ``next_batch()`` (float32 images, int64
-labels as NumPy arrays). gpucnn's step is its Trainer's ``train_step``, which computes no gradient
+labels as NumPy arrays). gpucnn has two: its Trainer's ``train_step`` and the library loop a user
+writes (forward, loss, backward with ``input_grad=False``, ``step()``); neither computes a gradient
 for the images, as PyTorch's does not.
 """
 from __future__ import annotations
@@ -17,6 +18,21 @@ def gpucnn_adam_step(model, next_batch):
     def step():
         x, y = next_batch()
         loss, _ = trainer.train_step(x, y)
+        return float(loss)
+    return step
+
+
+def gpucnn_loop_step(model, next_batch):
+    """A function running one training step of ``model`` as a user's own loop does, in this process."""
+    from gpucnn import ops, optim
+    opt = optim.Adam(list(model.parameters()), lr=1e-3)
+
+    def step():
+        x, y = next_batch()
+        opt.zero_grad()
+        loss, probs = ops.softmax_cross_entropy(model(x), y)
+        model.backward(ops.softmax_cross_entropy_backward(probs, y), input_grad=False)
+        opt.step()
         return float(loss)
     return step
 

@@ -362,7 +362,9 @@ def test_cpu_benchmark_arguments_and_median():
     cpu = _load("cpu_throughput")
     args = cpu.parse_args(["--batch-sizes", "64,256", "--modes", "infer", "--libraries", "gpucnn"])
     assert args.batch_sizes == [64, 256] and args.modes == ["infer"] and args.libraries == ["gpucnn"]
-    for bad in (["--batch-sizes", "0"], ["--modes", "eval"], ["--libraries", "jax"], ["--rounds", "0"]):
+    assert cpu.parse_args([]).modes == ["train", "loop", "infer"] and cpu.parse_args([]).model == "lenet5"
+    for bad in (["--batch-sizes", "0"], ["--modes", "eval"], ["--libraries", "jax"], ["--rounds", "0"],
+                ["--model", "resnet-1000"]):
         with pytest.raises(SystemExit):
             cpu.parse_args(bad)
     assert cpu.median([3.0, 1.0, 2.0]) == 2.0 and cpu.median([4.0, 1.0, 2.0, 3.0]) == 2.5
@@ -376,10 +378,27 @@ def test_cpu_benchmark_runs_a_worker_process_per_library_and_writes_json(tmp_pat
     assert result.returncode == 0, result.stderr
     import json  # noqa: PLC0415
     report = json.loads(out.read_text())
-    assert [(row["mode"], row["batch_size"]) for row in report["throughput"]] == [("train", 3), ("infer", 3)]
+    assert [(row["mode"], row["batch_size"]) for row in report["throughput"]] == [("train", 3), ("loop", 3),
+                                                                                  ("infer", 3)]
     for row in report["throughput"]:
         assert len(row["gpucnn_rounds"]) == 2 and row["gpucnn_images_per_s"] > 0 and "load_before" in row
     assert report["env"]["gpucnn_cpu_path"] == "fast" and report["env"]["threads"] == 2
+
+
+def test_cpu_benchmark_onnxruntime_rows_are_inference_only_with_gpucnns_weights(tmp_path):
+    """ONNX Runtime runs gpucnn's exported model (its worker checks the logits agree) and only in infer rows."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = tmp_path / "ort.json"
+    result = _run([sys.executable, "bench/cpu_throughput.py", "--libraries", "gpucnn,onnxruntime", "--batch-sizes", "3",
+                   "--rounds", "2", "--steps", "1", "--warmup", "0", "--round-warmup", "0", "--pool", "8",
+                   "--modes", "loop,infer", "--json", str(out)])
+    assert result.returncode == 0, result.stderr
+    import json  # noqa: PLC0415
+    loop, infer = json.loads(out.read_text())["throughput"]
+    assert "onnxruntime_images_per_s" not in loop and "ratio_onnxruntime" not in loop
+    assert infer["onnxruntime_images_per_s"] > 0 and len(infer["onnxruntime_rounds"]) == 2
+    assert infer["ratio_onnxruntime"] == infer["gpucnn_images_per_s"] / infer["onnxruntime_images_per_s"]
 
 
 def test_cpu_layer_profile_prints_every_layer_in_run_order():

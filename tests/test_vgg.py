@@ -157,20 +157,20 @@ def test_a_colour_and_shape_task_is_learned_by_a_narrow_vgg_small():
     assert history[-1]["test_acc"] >= 0.95, history   # 1.0 from epoch 3 when written (2-6 s, by load)
 
 
-def test_vgg_cpu_benchmark_worker_times_real_steps():
+def test_cpu_benchmark_times_vgg_small_in_every_mode():
+    """bench/cpu_throughput.py --model vgg-small: a worker per library answers rounds of each mode (gpucnn
+    alone here; PyTorch's and ONNX Runtime's workers are the same code with another step)."""
     import json
     import subprocess
     import sys
 
-    from tests.test_bench_scripts import ROOT, _load
-    bench = _load("vgg_cpu_throughput")
-    args = bench.parse_args(["--batch-sizes", "8,16", "--rounds", "3"])
-    assert args.batch_sizes == [8, 16] and args.rounds == 3
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--steps", "0"])
-    result = subprocess.run([sys.executable, "bench/vgg_cpu_throughput.py", "--worker", "gpucnn", "--batch-size", "2",
-                             "--steps", "1", "--warmup", "0", "--threads", "1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    from tests.test_bench_scripts import ROOT
+    result = subprocess.run([sys.executable, "bench/cpu_throughput.py", "--model", "vgg-small", "--libraries", "gpucnn",
+                             "--batch-sizes", "2", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                             "--round-warmup", "0", "--pool", "4", "--threads", "1", "--modes", "train,loop,infer"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["library"] == "gpucnn" and report["images_per_s"] > 0 and report["seconds"] > 0
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["train"], ["loop"], ["infer"])]
+    assert [row[:2] for row in rows] == [["train", "2"], ["loop", "2"], ["infer", "2"]]
+    assert all(float(row[2]) > 0 for row in rows)
+    assert "model=vgg-small" in result.stdout.splitlines()[0]
