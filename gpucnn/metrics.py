@@ -4,7 +4,9 @@
 (N,) (NumPy, CuPy or lists of ints) and answer "which classes get mixed up?";
 ``gpucnn evaluate`` prints them and ``gpucnn visualize`` draws the matrix.
 
-The log ``metrics.jsonl`` holds one JSON object per epoch, written by the trainer, read by ``visualize``.
+The log ``metrics.jsonl`` holds one JSON object per epoch, written by the trainer, read by ``visualize``;
+``metrics.csv`` beside it holds the same records as a table (a header row, then one row per epoch) for
+spreadsheets and pandas, rewritten from the log whenever the log changes.
 
 Each line holds epoch, train_loss, train_acc, test_loss, test_acc, lr,
 images_per_s and seconds. Lines are appended, flushed and fsynced one epoch at a
@@ -13,6 +15,8 @@ epoch appears once (a reader still keeps the last line of an epoch seen twice).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -24,6 +28,7 @@ from gpucnn import backend
 from gpucnn.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")   # what a reader needs in a line
 
 
@@ -33,6 +38,26 @@ def append_metrics(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    write_metrics_csv(path)
+
+
+def write_metrics_csv(path) -> Path:
+    """Rewrite ``metrics.csv`` beside the log at ``path`` from its complete lines; returns the CSV's path.
+
+    Columns: every key of the records, in the order they first appear (epoch, train_loss, ...).
+    """
+    path = Path(path)
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []:
+        if math.isfinite(_line_epoch(line)):
+            records.append(json.loads(line))
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return write_atomically(path.with_name(METRICS_CSV), lambda f: f.write(text.getvalue().encode("utf-8")),
+                            durable=False)  # derived from the log: a crash costs nothing
 
 
 def _line_epoch(line: str) -> float:
@@ -54,6 +79,7 @@ def trim_metrics(path, completed_epochs: int) -> None:
     kept = [line for line in lines if _line_epoch(line) <= completed_epochs]
     if len(kept) != len(lines):  # a full disk leaves the log as it was, and no temporary file
         write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        write_metrics_csv(path)
 
 
 def check_records(records) -> None:

@@ -10,6 +10,7 @@ Files written to ``out_dir`` (when given):
 
 - ``metrics.jsonl``: one JSON object per epoch (epoch, train_loss, train_acc,
   test_loss, test_acc, lr, images_per_s, seconds), each line flushed and fsynced;
+- ``metrics.csv``: the same records as a table, rewritten after every line;
 - ``checkpoint.npz``: the latest state, after every epoch and on Ctrl-C;
 - ``best.npz``: the epoch with the highest test accuracy so far.
 
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from gpucnn import backend, distributed, runfolder
 from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint

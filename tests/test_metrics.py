@@ -59,3 +59,26 @@ def test_evaluate_returns_the_predicted_classes_in_order(backend):
     np.testing.assert_array_equal(result["predictions"], expected)
     assert result["accuracy"] == np.mean(expected == labels)
     assert "predictions" not in evaluate(model, backend.to(images), backend.to(labels))
+
+
+def test_metrics_csv_mirrors_the_log_through_appends_and_trims(tmp_path):
+    import csv
+    import json
+
+    from gpucnn.metrics import append_metrics, trim_metrics, write_metrics_csv
+    log = tmp_path / "metrics.jsonl"
+    records = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": 0.5 + e / 10, "lr": 1e-3} for e in (1, 2, 3)]
+    for record in records:
+        append_metrics(log, record)
+
+    def csv_rows():
+        with open(tmp_path / "metrics.csv", newline="") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "epoch,train_loss,test_acc,lr"
+    assert csv_rows() == records                         # floats written by repr: read back exactly
+    trim_metrics(log, 2)                                  # a run resumed from epoch 2
+    assert csv_rows() == records[:2]
+    with open(log, "a") as f:
+        f.write(json.dumps(records[2])[:20])              # a line torn by a killed run is not a row
+    write_metrics_csv(log)
+    assert csv_rows() == records[:2]
