@@ -20,10 +20,12 @@ function of (seed, epoch), and the checkpoint holds the weights, optimizer and
 scheduler state, the Dropout generators and the partial epoch sums, so on the
 CPU the final weights equal an uninterrupted run's bit for bit.
 
-Ctrl-C: the first SIGINT during ``fit`` asks the loop to stop after the
-current step; it writes ``checkpoint.npz`` (mid-epoch, resumable exactly) and
-returns with ``trainer.interrupted`` set. A second Ctrl-C interrupts at once
-without saving.
+Ctrl-C and SIGTERM: the first SIGINT or SIGTERM during ``fit`` asks the loop to
+stop after the current step; it writes ``checkpoint.npz`` (mid-epoch, resumable
+exactly) and returns with ``trainer.interrupted`` set (``trainer.stop_signal``
+says which). A second one interrupts at once without saving. While ``fit`` runs
+the trainer owns ``out_dir`` (``gpucnn.runfolder``); a file it cannot write (a
+full disk) stops it with a TrainingError naming the file.
 
 Data-parallel (``Trainer(comm=distributed.init(device))`` on every rank of an
 MPI job, see ``gpucnn.distributed``): rank 0's weights are broadcast at the

@@ -314,3 +314,18 @@ def test_written_files_get_the_umask_mode_not_0600(tmp_path, monkeypatch, mask, 
 def test_a_training_run_writes_its_files_with_the_umask_mode(run):
     for path in run.iterdir():  # checkpoint.npz, best.npz, metrics.jsonl (umask 022 in the CLI's process)
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~files.umask(), path
+
+
+def test_a_download_lands_with_the_umask_mode(tiny_cache, server, tmp_path):
+    from tests.helpers import MNIST_FILES  # noqa: PLC0415
+    for key, name in MNIST_FILES.items():
+        server.routes[f"/good/{name}"] = tiny_cache.files[key]
+    previous = os.umask(0o022)
+    try:
+        datasets.load_dataset("tiny", "test", mirrors=[server.url + "/good/"], progress=False)
+    finally:
+        os.umask(previous)
+    downloaded = sorted(tiny_cache.cache.iterdir())
+    assert [p.name for p in downloaded] == sorted([MNIST_FILES["test-images"], MNIST_FILES["test-labels"]])
+    for path in downloaded:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # before the fix: mkstemp's 0600

@@ -165,8 +165,9 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
-    best.npz when the test accuracy improved). Ctrl-C saves checkpoint.npz after
-    the current step and exits with status 130; --resume continues exactly there.
+    best.npz when the test accuracy improved). Ctrl-C (SIGTERM) saves checkpoint.npz after
+    the current step and exits with status 130 (143); --resume continues exactly there.
+    A run owns its --out folder while it lives: a second run into it is refused.
 
     \b
     Examples:
