@@ -3,6 +3,7 @@ PyTorch on the same GPU with TF32 off, and a record of the device and the versio
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -28,13 +29,51 @@ def comma_list(parser, text: str, allowed=None, what: str = "entries", convert=s
 
 
 def require_gpu():
-    """The CuPy module; exits with status 1 and the line "no GPU: <reason>" where no GPU is usable."""
+    """The CuPy module, checked by ``preflight``; exits with status 1 and the line "no GPU: <reason>"
+    where no GPU is usable or a library the benchmarks need is missing."""
     os.environ["CUPY_TF32"] = "0"  # fp32 products everywhere: the ceilings and cuBLAS stay full precision
     from gpucnn import backend
 
     if not backend.gpu_available():
         raise SystemExit(f"no GPU: {backend.gpu_unavailable_reason()}")
-    return backend.cupy_module()
+    cp = backend.cupy_module()
+    preflight(cp)
+    return cp
+
+
+PREFLIGHT_KERNEL = 'extern "C" __global__ void gpucnn_preflight(float* x) { x[0] = 1.0f; }'
+
+
+def _compile_and_launch(cp):
+    from gpucnn.kernel_sources import COMPILE_OPTIONS
+
+    kernel = cp.RawModule(code=PREFLIGHT_KERNEL, options=COMPILE_OPTIONS).get_function("gpucnn_preflight")
+    x = cp.zeros(1, dtype=cp.float32)
+    kernel((1,), (1,), (x,))
+    return float(x[0]) == 1.0
+
+
+# Each library a later step needs, tried once (what, call): a missing one would fail every step.
+PREFLIGHT = (
+    ("the CUDA runtime (cupy.zeros(1).sum())", lambda cp: float(cp.zeros(1).sum()) == 0.0),
+    ("cuRAND (a cupy.random.RandomState draw)",
+     lambda cp: cp.random.RandomState(0).standard_normal((1,), dtype=cp.float32).shape == (1,)),
+    ("cuBLAS (a 2x2 matmul)",
+     lambda cp: float(cp.matmul(cp.ones((2, 2), cp.float32), cp.ones((2, 2), cp.float32))[0, 0]) == 2.0),
+    ("NVRTC (one RawModule compile and launch)", _compile_and_launch),
+)
+
+
+def preflight(cp) -> None:
+    """Run each PREFLIGHT check; the first that fails stops the process with one line naming it."""
+    for what, check in PREFLIGHT:
+        try:
+            ok = check(cp)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the library is unusable
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise SystemExit(f"no GPU: {what} failed ({type(exc).__name__}: {reason})") from None
+        if not ok:
+            raise SystemExit(f"no GPU: {what} gave a wrong result")
 
 
 def require_torch():
@@ -89,6 +128,17 @@ def environment(cp, torch=None) -> dict:
         env.update({"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                     "cudnn": torch.backends.cudnn.version(), "tf32": False})
     return env
+
+
+def write_json(path, payload) -> None:
+    """Write to a temp name then rename, so a run cut short by its timeout leaves the last whole file
+    (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 def describe(env: dict) -> str:

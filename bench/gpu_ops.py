@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ class Row:
     torch_value: Callable[[], object] | None = None   # ... and PyTorch's, as a tensor
     call: Callable[[], object] | None = None          # the public launcher call, where one call is the op
     results: dict = field(default_factory=dict)
+    launches: list = field(default_factory=list)      # what ``ours`` replays, where the row keeps it
 
 
 def floor_us(flops: float, nbytes: float, ceilings: dict) -> float:
@@ -314,6 +314,7 @@ class Bench:
         from gpucnn.models import LeNet5
         params = list(LeNet5(seed=0).to(self.device).parameters())
         opt = FusedAdam(params, lr=1e-3, runtime=self.rt)
+        self.rt.take()  # the constructor's fill of the gradients is no part of a step
         opt.step()  # with the zero gradients that zero_grad() bound
         launches = self.rt.take()
         count = sum(p.size for p in params)
@@ -356,7 +357,8 @@ class Bench:
         def torch_steps():  # called after ours_steps, which ran both
             return self.torch.cat([tp.detach().reshape(-1) for tp in state["checked"]])
         self.rows.append(Row("adam step", f"{count} params", 0.0, 4.0 * 7 * count, lambda: replay(launches),
-                             refresh, lambda: torch_optimizer().step(), ours_steps, torch_steps, call=call))
+                             refresh, lambda: torch_optimizer().step(), ours_steps, torch_steps, call=call,
+                             launches=launches))
 
 
 def time_op(cp, stream, run, refresh, reps: int, warmup: int, inner: int) -> float:
@@ -481,7 +483,8 @@ def main(argv=None) -> int:
         ceilings = measure_ceilings(cp, stream, args.copy_mib, args.gemm_n, max(5, args.reps // 3))
         bench = Bench(cp, torch)
         build_rows(bench, args)
-        for row in bench.rows:
+        for done, row in enumerate(bench.rows):
+            write_results(args.json, env, args, ceilings, bench.rows[:done])  # a time-out keeps the rows so far
             res = row.results
             if torch is not None:
                 res["check"] = bench.check(row)
@@ -496,15 +499,18 @@ def main(argv=None) -> int:
             print(f"{row.op:<28} {row.shape:<28} ours {res['ours_us']:9.1f} us"
                   + (f"  torch {res['torch_us']:9.1f} us  ratio {res['ours_over_torch']:.2f}"
                      if torch is not None else ""), flush=True)
+    write_results(args.json, env, args, ceilings, bench.rows)
     print()
     print(format_table(bench.rows, ceilings))
-    if args.json:
-        args.json.write_text(json.dumps({
-            "environment": env, "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "ceilings": ceilings,
-            "rows": [{"op": r.op, "shape": r.shape, "flops": r.flops, "bytes": r.bytes, **r.results}
-                     for r in bench.rows]}, indent=2, default=str) + "\n")
     return 0
+
+
+def write_results(path, env, args, ceilings, rows) -> None:
+    """The JSON of the rows measured so far (nothing without --json)."""
+    gpu_env.write_json(path, {
+        "environment": env, "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "ceilings": ceilings,
+        "rows": [{"op": r.op, "shape": r.shape, "flops": r.flops, "bytes": r.bytes, **r.results} for r in rows]})
 
 
 if __name__ == "__main__":

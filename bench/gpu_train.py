@@ -459,15 +459,6 @@ def parse_args(argv=None):
     return args
 
 
-def _write_json(path, payload) -> None:
-    """Write to a temp name then rename, so a run cut short by its timeout leaves the last whole file."""
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def build_variants(cp, torch, names, batch_size: int, args) -> tuple[list, dict]:
     """The variants that can run, warmed up, and {name: reason} for those that cannot."""
     random = cp.random.RandomState(batch_size)
@@ -524,13 +515,14 @@ def main(argv=None) -> int:
     for batch_size in args.batch_sizes:
         variants, skipped = build_variants(cp, torch, args.only, batch_size, args)
         payload["not_measured"][str(batch_size)] = skipped
+        gpu_env.write_json(args.json, payload)  # a time-out while measuring keeps what was set up
         measure(variants, args.rounds, args.round_steps, args.pool)
         for v in variants:
             row = summarize(v.name, batch_size, v.rounds_s, args.round_steps)
             row.update(setup_s=v.setup_s, rounds_s=v.rounds_s, **v.result())
             payload["rows"].append(row)
         add_ratios(payload["rows"])
-        _write_json(args.json, payload)
+        gpu_env.write_json(args.json, payload)
         del variants
 
     print()
@@ -560,7 +552,7 @@ def main(argv=None) -> int:
         for label in ("cold", "warm"):
             files = ", ".join(f"{name} {sec:.2f}" for name, sec in compiled[label].items())
             print(f"kernel compile, {label} cache: {sum(compiled[label].values()):.2f} s ({files})")
-    _write_json(args.json, payload)
+    gpu_env.write_json(args.json, payload)
     return 0
 
 

@@ -33,6 +33,11 @@
 # bench/data/ is ignored by git; send it with the command (the device tool's carry: ["bench/data"]).
 # $GPUCNN_DATA_DIR points elsewhere. Without the files the train step is skipped, and says so.
 # $PYTHON picks the interpreter (default: python3, else python).
+#
+# GPUCNN_RUN_GPU_SCALE=small runs every step scaled down to seconds (the GPU tests of
+# tests/test_backend.py, one epoch, batch 2 rows without PyTorch, one round of the gpucnn variants):
+# for the script's own test on the CuPy stand-in (tests/test_run_gpu.py), not for figures. The scale
+# is written to environment.txt.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -44,6 +49,22 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX shares the GPU with CuPy and 
 # Each step's own limit in seconds: together under the total, the e2e benchmark last and largest.
 declare -A LIMIT=([tests]=100 [train]=60 [ops]=80 [e2e]=170)
 DATA_FILES=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
+
+SCALE=${GPUCNN_RUN_GPU_SCALE:-full}
+case "$SCALE" in
+    full)
+        TESTS_ARGS=(tests)
+        TRAIN_ARGS=(--epochs 2 --batch-size 64)
+        OPS_ARGS=(--batches 64,256 --reps 20)
+        E2E_ARGS=() ;;
+    small)
+        TESTS_ARGS=(tests/test_backend.py)
+        TRAIN_ARGS=(--epochs 1 --batch-size 16)
+        OPS_ARGS=(--batches 2 --reps 1 --warmup 0 --inner 1 --copy-mib 1 --gemm-n 8 --no-torch --only relu,adam)
+        E2E_ARGS=(--batch-sizes 4 --rounds 1 --round-steps 1 --warmup-steps 1 --pool 1 --determinism-steps 1
+                  --only gpucnn-graph,gpucnn-eager --no-torch --no-compile-times) ;;
+    *) echo "GPUCNN_RUN_GPU_SCALE must be full or small, not '$SCALE'" >&2; exit 2 ;;
+esac
 
 steps=("$@")
 if [ ${#steps[@]} -eq 0 ]; then
@@ -100,6 +121,7 @@ run_step() {
     echo "git_commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "git_changed_files: $(git status --porcelain 2>/dev/null | grep -c . || true)"
     echo "steps: ${steps[*]}"
+    echo "scale: $SCALE"
     timeout 40 "$PYTHON" - <<'EOF' || echo "environment: the version probe failed or timed out"
 import importlib.metadata
 import sys
@@ -127,7 +149,7 @@ cat "$out/environment.txt"
 for step in "${steps[@]}"; do
     case "$step" in
         tests)
-            run_step tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider tests ;;
+            run_step tests "$PYTHON" -m pytest -m gpu -q -rs -p no:cacheprovider "${TESTS_ARGS[@]}" ;;
         train)
             missing=()
             for f in "${DATA_FILES[@]}"; do
@@ -139,12 +161,12 @@ for step in "${steps[@]}"; do
                 failed=1
             else
                 run_step train "$PYTHON" cli.py train --device gpu --dataset fashion-mnist --data-dir "$DATA_DIR" \
-                    --epochs 2 --batch-size 64 --quiet --out "$out/train-fashion-mnist"
+                    "${TRAIN_ARGS[@]}" --quiet --out "$out/train-fashion-mnist"
             fi ;;
         ops)
-            run_step ops "$PYTHON" bench/gpu_ops.py --batches 64,256 --reps 20 --json "$out/gpu_ops.json" ;;
+            run_step ops "$PYTHON" bench/gpu_ops.py "${OPS_ARGS[@]}" --json "$out/gpu_ops.json" ;;
         e2e)
-            run_step e2e "$PYTHON" bench/gpu_train.py --json "$out/gpu_train.json" ;;
+            run_step e2e "$PYTHON" bench/gpu_train.py "${E2E_ARGS[@]}" --json "$out/gpu_train.json" ;;
     esac
 done
 

@@ -19,11 +19,17 @@ A body puts its inputs on the backend with ``backend.to(array)``, brings results
 finite differences). The kernels are float32 only: ``backend.kernels`` says whether they run, and a
 test that needs float64 asks for ``@pytest.mark.backends("reference", "fast")``. The fixture holds
 the backend's context (CPU path or thread order) for the whole test.
+
+``--cupy-standin`` runs only the GPU tests (``-m gpu``), on tests/cupy_standin: a strict CuPy
+stand-in put first on the path as ``cupy`` (for subprocesses too, through PYTHONPATH), whose
+kernels run under the emulator. It checks gpucnn's CuPy code without a GPU; it measures nothing.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import sys
 import types
 from dataclasses import dataclass
 
@@ -33,7 +39,7 @@ import pytest
 from gpucnn import backend as gpucnn_backend
 from gpucnn import dispatch
 from gpucnn.data import DATASETS, DatasetSpec, FileSpec, datasets
-from tests.helpers import MNIST_FILES, Server, run_cli, train_args
+from tests.helpers import MNIST_FILES, ROOT, Server, run_cli, train_args
 from tests.synthetic_data import write_random_split
 
 
@@ -88,8 +94,36 @@ BACKENDS = [
 _MARKS = {"emulator": [pytest.mark.emulator], "gpu": [pytest.mark.gpu], "cpu": []}
 
 
+STANDIN_DIR = ROOT / "tests" / "cupy_standin"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cupy-standin", action="store_true",
+                     help="run only the GPU tests, with tests/cupy_standin (a strict CuPy stand-in on the CPU) as cupy")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run the backend fixture only on these backends")
+    if config.getoption("--cupy-standin"):
+        use_cupy_standin()
+
+
+def use_cupy_standin():
+    """Make ``import cupy`` (here and in subprocesses) find the stand-in, and gpucnn probe it afresh."""
+    sys.path.insert(0, str(STANDIN_DIR))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDIN_DIR), os.environ.get("PYTHONPATH")]))
+    for name in [n for n in sys.modules if n == "cupy" or n.startswith("cupy.")]:
+        del sys.modules[name]  # a real CuPy imported before the option was read
+    gpucnn_backend._cupy = gpucnn_backend._cupy_problem = None
+    import cupy  # noqa: PLC0415
+
+    assert getattr(cupy, "STANDIN", False), f"{cupy.__file__} is not the stand-in"
+
+
+def pytest_report_header(config):
+    if config.getoption("--cupy-standin"):
+        return f"cupy: gpucnn's strict stand-in ({STANDIN_DIR}), kernels under the emulator; not a GPU"
+    return None
 
 
 def pytest_generate_tests(metafunc):
@@ -110,6 +144,10 @@ def backend(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cupy-standin"):
+        deselected = [item for item in items if "gpu" not in item.keywords]
+        items[:] = [item for item in items if "gpu" in item.keywords]
+        config.hook.pytest_deselected(items=deselected)
     if gpucnn_backend.gpu_available():
         return
     skip_gpu = pytest.mark.skip(reason=f"no GPU: {gpucnn_backend.gpu_unavailable_reason()}")

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from gpucnn.checkpoint import load_checkpoint
-from gpucnn.cli import cli
 from gpucnn.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +73,10 @@ def assert_one_line_error(code, stderr, fragment, expected_code=1):
 
 def invoke(args):
     """The CLI in this process (so a test can monkeypatch it); an escaping exception fails the test."""
+    from click.testing import CliRunner  # noqa: PLC0415 - helpers load without click (bench/run_gpu.sh's tests)
+
+    from gpucnn.cli import cli  # noqa: PLC0415
+
     result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="gpucnn")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception

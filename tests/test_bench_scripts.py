@@ -5,6 +5,9 @@ emulator against PyTorch on the CPU, the floors, the table) work.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -401,21 +404,67 @@ def test_cpu_benchmark_onnxruntime_rows_are_inference_only_with_gpucnns_weights(
     assert infer["ratio_onnxruntime"] == infer["gpucnn_images_per_s"] / infer["onnxruntime_images_per_s"]
 
 
-def test_cpu_benchmark_models_are_gpucnns_networks_in_pytorch():
-    """bench/bench_models.py: PyTorch's form of every registered model has gpucnn's parameter count."""
-    torch = pytest.importorskip("torch")
-    from gpucnn import models  # noqa: PLC0415
-    bench_models = _load("bench_models")
-    built = [name for name in bench_models.MODELS if name in models.available_models()]
-    assert {"lenet5", "vgg-small"} <= set(built)
-    for name in built:
-        ours = sum(p.data.size for p in bench_models.gpucnn_model(name).parameters())
-        assert sum(p.numel() for p in bench_models.torch_model(torch, name).parameters()) == ours, name
-
-
 def test_cpu_layer_profile_prints_every_layer_in_run_order():
     result = _run([sys.executable, "bench/cpu_layer_profile.py", "--batch-size", "2", "--steps", "6"])
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()[1:-1]]
     assert names[:6] == ["conv1", "pool1", "act1", "conv2", "pool2", "act2"] and names[-1] == "fc3"
     assert result.stdout.splitlines()[-1].startswith("loss ")
+
+
+@pytest.mark.emulator
+def test_the_adam_row_replays_only_the_update():
+    """The "adam step" row times advance_step and adam_update, not the constructor's fill of the gradients."""
+    gpu_ops = _load("gpu_ops")
+    numpy_as_cupy = types.SimpleNamespace(float32=np.float32, random=types.SimpleNamespace(RandomState=_NumpyRandomState))
+    bench = gpu_ops.Bench(numpy_as_cupy, None, runtime=EmulatorRuntime(), device="cpu")
+    bench.adam()
+    (row,) = bench.rows
+    assert [launch.name for launch in row.launches] == ["optim_advance_step", "adam_update"]
+
+
+def test_gpu_tests_are_collected_without_the_optional_test_packages(tmp_path):
+    """bench/run_gpu.sh's `pytest -m gpu tests` on a machine without hypothesis, matplotlib, Pillow or
+    click: the modules that need them skip, and every GPU test is still collected."""
+    for name in ("hypothesis", "matplotlib", "PIL", "click"):
+        (tmp_path / f"{name}.py").write_text(f"raise ModuleNotFoundError('{name} is hidden', name='{name}')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    result = _run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
+                   "-p", "no:hypothesispytest", "tests"], env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    collected = int(re.search(r"(\d+)/\d+ tests collected", result.stdout).group(1))
+    assert collected >= 100 and "error" not in result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.gpu
+def test_gpu_ops_writes_its_json_after_every_row(tmp_path, monkeypatch):
+    """A run stopped after two rows (as by its time limit) leaves them in --json."""
+    gpu_ops = _load("gpu_ops")
+    real_time_op, calls = gpu_ops.time_op, []
+
+    def time_op(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 + 4:  # the two ceilings, then two rows: ours and the public call each
+            raise KeyboardInterrupt
+        return real_time_op(*args, **kwargs)
+    monkeypatch.setattr(gpu_ops, "time_op", time_op)
+    out = tmp_path / "ops.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_ops.main(["--batches", "2", "--reps", "1", "--warmup", "0", "--inner", "1", "--copy-mib", "1",
+                      "--gemm-n", "8", "--no-torch", "--only", "relu,adam", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["op"] for row in rows] == ["b2 act1 relu fwd", "b2 act1 relu bwd"]
+    assert all(row["ours_us"] > 0 for row in rows)
+
+
+@pytest.mark.gpu
+def test_preflight_names_the_missing_library(monkeypatch):
+    gpu_env = _load("gpu_env")
+    cp = gpu_env.require_gpu()  # every check passes here
+
+    def missing(*args, **kwargs):
+        raise ImportError("libcurand.so.10: cannot open shared object file")
+    monkeypatch.setattr(cp.random, "RandomState", missing)
+    with pytest.raises(SystemExit, match=r"^no GPU: cuRAND \(a cupy.random.RandomState draw\) failed "
+                                         r"\(ImportError: libcurand.so.10"):
+        gpu_env.require_gpu()

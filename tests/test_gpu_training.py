@@ -62,3 +62,17 @@ def test_captured_step_equals_eager_step_and_follows_the_cpu():
         assert error <= 1e-5, f"{name}: relative error {error:.2e}"
     loss_sum, correct = step.totals()
     assert np.isfinite(loss_sum) and 0 <= correct <= 5 * 64
+
+
+def test_an_error_inside_a_capture_is_the_one_raised():
+    """A body that CUDA refuses inside a capture (a synchronisation) surfaces that error, not the
+    'capture invalidated' that end_capture raises afterwards; the step can then be recorded again."""
+    from gpucnn.cuda.graph import StepRuntime  # noqa: PLC0415
+    from gpucnn.cuda.runtime import default_runtime  # noqa: PLC0415
+
+    step = StepRuntime(default_runtime(), "gpu")
+    step.run(lambda: None, "plan")
+    with pytest.raises(Exception, match="cudaErrorStreamCaptureUnsupported"):
+        step.run(lambda: backend.synchronize("gpu"), "record")
+    step.run(lambda: None, "record")
+    step.replay()

@@ -536,6 +536,8 @@ def test_fused_adam_replays_from_a_cuda_graph():
                            cp.zeros(1, cp.float32), cp.ones(1, cp.int32), cp.ones(1, cp.float64))
     cuda_optim.advance_step(cp.zeros(1, cp.int32))
     stream = cp.cuda.Stream(non_blocking=True)
+    # The inputs were written on the legacy stream, which a non-blocking stream does not wait for.
+    stream.wait_event(cp.cuda.Stream.null.record())
     with stream:
         stream.begin_capture()
         cuda_optim.advance_step(step)

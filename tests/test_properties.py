@@ -11,6 +11,7 @@ import itertools
 
 import numpy as np
 import pytest
+pytest.importorskip("hypothesis")  # absent on a bare GPU machine: skip, not a collection error
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 

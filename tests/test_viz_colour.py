@@ -1,6 +1,8 @@
 """Colour figures: RGB filters, true-colour patches (the training normalisation undone), few channels drawn."""
 import numpy as np
 import pytest
+pytest.importorskip("matplotlib")  # absent on a bare GPU machine: skip, not a collection error
+pytest.importorskip("PIL")
 from matplotlib.colors import to_rgb
 from PIL import Image
 

@@ -84,8 +84,12 @@ def dropout_forward(x, p, rng, training, *, runtime=None):
     x = kernel_array(rt, x, "x")
     keep = rng.random(tuple(x.shape)) >= p
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    host_mask = (keep * scale).astype(np.float32)
     mask = rt.empty(x.shape, np.float32)
-    mask[...] = (keep * scale).astype(np.float32)  # a host-to-device copy
+    if isinstance(mask, np.ndarray):
+        mask[...] = host_mask  # the emulator: host memory
+    else:
+        mask.set(host_mask)  # CuPy refuses mask[...] = <NumPy array>; set() is its host-to-device copy
     return multiply(x, mask, runtime=rt), mask
 
 

@@ -144,8 +144,13 @@ class StepRuntime:
             stream.begin_capture()
             try:
                 result = body()
-            finally:
-                self.graph = stream.end_capture()
+            except BaseException:
+                # End the capture, but raise the body's error: after a refused call CUDA's end_capture
+                # only says the capture was invalidated, which would hide what the body did.
+                with contextlib.suppress(Exception):
+                    stream.end_capture()
+                raise
+            self.graph = stream.end_capture()
         self.graph.upload(stream)
         return result
 
