@@ -122,7 +122,8 @@ def test_train_on_an_image_folder_stores_classes_and_normalisation(folder_run, p
     assert "data: folder, 80 training and 32 test images of 3x28x28, 4 classes" in result.stdout
     config = load_checkpoint(out / "checkpoint.npz")["config"]
     assert config["classes"] == sorted(CLASSES) and config["dataset"] == "folder"
-    assert config["image"] == {"size": 28, "grey": False, "shape": [3, 28, 28]}
+    assert config["image"] == {"size": 28, "grey": False, "shape": [3, 28, 28],
+                               "folder": str((places / "photos").resolve())}
     assert config["model"]["in_channels"] == 3 and config["model"]["input_size"] == 28
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]
     assert len(mean) == len(std) == 3 and mean[0] > mean[1]          # more red than green in the pictures
@@ -147,6 +148,33 @@ def test_evaluate_uses_the_stored_normalisation(folder_run, places):
     result = gpucnn(places / "cache", "evaluate", out / "checkpoint.npz", "--data-dir", places / "photos",
                     "--device", "cpu")
     assert f"accuracy {last['test_acc']:.2%}" in result.stdout and "32 images" in result.stdout
+
+
+def test_a_folder_checkpoint_remembers_its_folder_until_it_is_gone(places, tmp_path):
+    photos = tmp_path / "photos"
+    write_image_folder(photos, per_class_train=6, per_class_test=3, size=28)
+    run = tmp_path / "run"
+    gpucnn(tmp_path / "cache", "train", "--dataset", "folder", "--data-dir", photos, "--device", "cpu", "--epochs", 1,
+           "--batch-size", 8, "--out", run, "-q")
+    checkpoint = run / "checkpoint.npz"
+    evaluated, features, resumed = run_cli_together(
+        ("evaluate", checkpoint, "--device", "cpu"),
+        ("features", checkpoint, "--layer", "flatten", "--out", tmp_path / "f.npy", "-q"),
+        ("train", "--resume", checkpoint, "--epochs", 2, "-q"), env=clean_env(tmp_path / "cache"))
+    for result in (evaluated, features, resumed):
+        assert result.returncode == 0, result.stderr
+    assert "folder test: loss" in evaluated.stdout and "12 images" in evaluated.stdout
+    assert evaluated.stderr.strip() == f"images from {photos}, the checkpoint's folder"
+    assert f"data: folder test, 12 images (images from {photos}, the checkpoint's folder)" in features.stdout
+    assert np.load(tmp_path / "f.npy").shape == (12, 400)
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+    photos.rename(tmp_path / "moved")
+    gone, told = run_cli_together(("evaluate", checkpoint, "--device", "cpu"),
+                                  ("evaluate", checkpoint, "--device", "cpu", "--data-dir", tmp_path / "moved"),
+                                  env=clean_env(tmp_path / "cache"))
+    assert_one_line_error(gone, 1, f"the image folder {photos} that the checkpoint was trained on is gone; "
+                                   "pass --data-dir DIR.")
+    assert told.returncode == 0 and "12 images" in told.stdout, told.stderr
 
 
 def test_predict_names_the_folder_classes_for_png_jpeg_npy(folder_run, places, tmp_path):

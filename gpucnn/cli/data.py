@@ -2,7 +2,8 @@
 
 ``train`` stores ``data_record(...)`` in the checkpoint's config: the data set,
 its class names, the per-channel normalisation of its training split and, for
-image folders, the image size and colour mode. ``evaluate``, ``predict``,
+image folders, the image size, colour mode and the folder itself (its absolute
+path, so the other commands find it without ``--data-dir`` while it exists). ``evaluate``, ``predict``,
 ``visualize`` and ``features`` read it back with ``DataSettings.from_config`` so
 they feed the model exactly what it was trained on. Checkpoints written before
 the record existed (MNIST family only) get the data set's published statistics.
@@ -10,6 +11,7 @@ the record existed (MNIST family only) get the data set's published statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from gpucnn.data import DATASETS, channel_stats, load_split, normalize, standardize
 from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
@@ -26,12 +28,25 @@ class DataSettings:
     input_shape: tuple
     image_size: int | None = None   # image folders: the resize target
     grey: bool = False              # image folders: read as grey
+    folder: str | None = None       # image folders: the absolute path trained on
 
     def record(self) -> dict:
         """The JSON-able entries train adds to the checkpoint config."""
+        image = {"size": self.image_size, "grey": self.grey, "shape": list(self.input_shape)}
+        if self.folder is not None:
+            image["folder"] = self.folder
         return {"dataset": self.dataset, "classes": list(self.classes),
-                "normalization": {"mean": list(self.mean), "std": list(self.std)},
-                "image": {"size": self.image_size, "grey": self.grey, "shape": list(self.input_shape)}}
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "image": image}
+
+    def remembered_folder(self, where: str = "the checkpoint") -> Path:
+        """The image folder this model was trained on; ValueError when none is recorded or it is gone."""
+        if self.folder is None:
+            raise ValueError(f"{where} does not record its image folder (trained before gpucnn remembered it); "
+                             "pass --data-dir DIR.")
+        folder = Path(self.folder)
+        if not folder.is_dir():
+            raise ValueError(f"the image folder {folder} that {where} was trained on is gone; pass --data-dir DIR.")
+        return folder
 
     @classmethod
     def from_config(cls, config: dict, where: str = "the checkpoint") -> "DataSettings":
@@ -58,7 +73,8 @@ class DataSettings:
         if not classes:
             raise ValueError(f"{where} does not record the class names of its image folder.")
         shape = tuple(image.get("shape") or model_shape)
-        return cls(dataset, classes, mean, std, shape, image.get("size"), bool(image.get("grey", False)))
+        return cls(dataset, classes, mean, std, shape, image.get("size"), bool(image.get("grey", False)),
+                   image.get("folder"))
 
 
 def checkpoint_settings(ckpt: dict, checkpoint, dataset=None) -> DataSettings:
@@ -104,6 +120,8 @@ def training_data(dataset, model_name, data_dir=None, download=True, progress=Tr
             raise ValueError(f"a resumed run keeps its image settings ({stored.image_size}x{stored.image_size}, "
                              f"{'grey' if stored.grey else 'RGB'}); drop --image-size and --grey.")
         image_size, grey = stored.image_size, stored.grey
+        if data_dir is None:
+            data_dir = stored.remembered_folder()
     if dataset == FOLDER and image_size is None:
         image_size = default_input_shape(model_name)[1]
     options = dict(data_dir=data_dir, download=download, progress=progress, image_size=image_size, grey=grey,
@@ -116,8 +134,10 @@ def training_data(dataset, model_name, data_dir=None, download=True, progress=Tr
     else:
         mean, std = channel_stats(train.images)
     input_shape = tuple(train.images.shape[1:])
+    folder = str(Path(data_dir).resolve()) if dataset == FOLDER and data_dir is not None else None
     settings = DataSettings(dataset, train.classes, tuple(mean), tuple(std), input_shape,
-                            image_size if dataset == FOLDER else None, bool(grey) if dataset == FOLDER else False)
+                            image_size if dataset == FOLDER else None, bool(grey) if dataset == FOLDER else False,
+                            folder)
     cached = " (decoded earlier, read from the cache)" if train.from_cache and test.from_cache else ""
     summary = (f"data: {dataset}, {len(train.labels):,} training and {len(test.labels):,} test images of "
                f"{'x'.join(map(str, input_shape))}, {len(train.classes)} classes{cached}"
@@ -131,10 +151,14 @@ def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir
     """(images normalised as in training (N, C, H, W), labels (N,), dataset name, console note) of one split.
 
     ``dataset`` (default: the checkpoint's) must give images of the model's input
-    shape; an image folder is read with the checkpoint's image size and colour mode.
+    shape; an image folder is read with the checkpoint's image size and colour mode,
+    from ``data_dir`` or else from the folder the checkpoint was trained on.
     """
     dataset = dataset or settings.dataset
     check_dataset(dataset)
+    remembered = dataset == FOLDER == settings.dataset and data_dir is None
+    if remembered:
+        data_dir = settings.remembered_folder()
     if dataset == FOLDER:
         C, H, _ = settings.input_shape
         image_size, grey = settings.image_size or H, C == 1
@@ -152,6 +176,8 @@ def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     note = _describe_skipped(split, part.skipped).lstrip("; ")
+    if remembered:
+        note = "; ".join(filter(None, [f"images from {data_dir}, the checkpoint's folder", note]))
     return normalize(images, settings.mean, settings.std), labels, dataset, note
 
 
