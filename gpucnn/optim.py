@@ -1,4 +1,5 @@
-"""Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR).
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR,
+ReduceLROnPlateau, and LinearWarmup in front of any of them).
 
 The update rules are PyTorch's, written out (g is a parameter's gradient, p its
 values, t the step count starting at 1):
@@ -355,3 +356,145 @@ class CosineAnnealingLR(LRScheduler):
 
     def lr_at(self, epoch: int) -> float:
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+class ReduceLROnPlateau:
+    """Multiplies the lr by ``factor`` once a watched value has not improved for more than ``patience`` epochs.
+
+    Call ``step(value)`` once per epoch with the value (a validation loss with
+    ``mode="min"``, an accuracy with ``mode="max"``). As PyTorch's (threshold mode
+    "rel"): the value improves on the best one when it is below ``best * (1 -
+    threshold)`` ("min") or above ``best * (1 + threshold)`` ("max"); after a cut
+    the count of bad epochs starts again; the lr never goes below ``min_lr``.
+    """
+
+    needs_value = True   # the Trainer passes the watched metric to step()
+
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1, patience: int = 2,
+                 threshold: float = 1e-4, min_lr: float = 0.0):
+        if not isinstance(getattr(optimizer, "rule", optimizer), Optimizer):
+            raise TypeError(f"ReduceLROnPlateau needs an Optimizer, not {type(optimizer).__name__}.")
+        self.optimizer = optimizer
+        self._set_settings(mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr)
+        self.best = None          # the best value seen (None before the first step)
+        self.bad_epochs = 0       # epochs since the best one, or since the last cut
+        self.last_epoch = 0
+
+    def _set_settings(self, mode, factor, patience, threshold, min_lr) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}.")
+        factor = _number(factor, "factor")
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be between 0 and 1, got {factor}.")
+        self.mode, self.factor = mode, factor
+        self.patience = _positive_int(patience, "patience")
+        self.threshold, self.min_lr = _at_least(threshold, "threshold", 0.0), _at_least(min_lr, "min_lr", 0.0)
+
+    def _settings(self) -> dict:
+        return {"mode": self.mode, "factor": self.factor, "patience": self.patience, "threshold": self.threshold,
+                "min_lr": self.min_lr}
+
+    def _improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best * (1 - self.threshold) if self.best > 0 else value < self.best
+        return value > self.best * (1 + self.threshold) if self.best > 0 else value > self.best
+
+    def step(self, value) -> None:
+        """End of an epoch whose watched value is ``value``: count it; cut the lr after more than ``patience`` bad."""
+        value = _number(value, "the watched value")
+        self.last_epoch += 1
+        if self._improves(value):
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:   # as PyTorch: more than ``patience`` bad epochs
+            self.optimizer.lr = max(self.min_lr, self.optimizer.lr * self.factor)
+            self.bad_epochs = 0
+
+    def get_last_lr(self) -> list[float]:
+        return [self.optimizer.lr]
+
+    def state_dict(self) -> dict:
+        return {"type": type(self).__name__, "lr": self.optimizer.lr, "best": self.best,
+                "bad_epochs": self.bad_epochs, "last_epoch": self.last_epoch, **self._settings()}
+
+    def load_state_dict(self, state_dict: dict, keep_settings: bool = False) -> None:
+        """Restore a ``state_dict()``: the lr, the best value and the count of bad epochs."""
+        expected = {"type", "lr", "best", "bad_epochs", "last_epoch", *self._settings()}
+        if not isinstance(state_dict, dict) or state_dict.get("type") != type(self).__name__ \
+                or set(state_dict) != expected:
+            raise ValueError(f"ReduceLROnPlateau.load_state_dict expects its own state_dict() "
+                             f"(keys {sorted(expected)}).")
+        if not keep_settings:
+            self._set_settings(**{k: state_dict[k] for k in self._settings()})
+        self.best = None if state_dict["best"] is None else _number(state_dict["best"], "best")
+        self.bad_epochs = int(state_dict["bad_epochs"])
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.optimizer.lr = _number(state_dict["lr"], "lr")
+
+
+class LinearWarmup:
+    """Raises the lr linearly over ``warmup_epochs`` epochs, then hands over to ``after`` (or keeps it).
+
+    Epoch k of the warm-up (k = 1 .. N) runs at base_lr * k / (N + 1); epoch N + 1
+    runs at base_lr, where ``after`` (StepLR, CosineAnnealingLR, ReduceLROnPlateau
+    or None, made on the same optimizer) starts its own count. Call ``step()``
+    (``step(value)`` when ``after`` needs a value) once per epoch.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_epochs: int, after=None):
+        if not isinstance(getattr(optimizer, "rule", optimizer), Optimizer):
+            raise TypeError(f"LinearWarmup needs an Optimizer, not {type(optimizer).__name__}.")
+        if after is not None and getattr(after, "optimizer", None) is not optimizer:
+            raise ValueError("LinearWarmup's after-schedule must steer the same optimizer.")
+        self.optimizer, self.after = optimizer, after
+        self.warmup_epochs = _positive_int(warmup_epochs, "warmup_epochs")
+        self.base_lr = optimizer.lr
+        self.last_epoch = 0
+        self.optimizer.lr = self._warm_lr(0)
+
+    @property
+    def needs_value(self) -> bool:
+        return bool(getattr(self.after, "needs_value", False))
+
+    def _warm_lr(self, epoch: int) -> float:
+        return self.base_lr * (epoch + 1) / (self.warmup_epochs + 1)
+
+    def step(self, value=None) -> None:
+        """Advance one epoch: the next warm-up lr, base_lr when the warm-up is over, then ``after``'s steps."""
+        self.last_epoch += 1
+        if self.last_epoch < self.warmup_epochs:
+            self.optimizer.lr = self._warm_lr(self.last_epoch)
+        elif self.last_epoch == self.warmup_epochs:
+            self.optimizer.lr = self.base_lr
+        elif self.after is not None:
+            self.after.step(value) if self.needs_value else self.after.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [self.optimizer.lr]
+
+    def state_dict(self) -> dict:
+        return {"type": type(self).__name__, "warmup_epochs": self.warmup_epochs, "base_lr": self.base_lr,
+                "last_epoch": self.last_epoch, "lr": self.optimizer.lr,
+                "after": None if self.after is None else self.after.state_dict()}
+
+    def load_state_dict(self, state_dict: dict, keep_settings: bool = False) -> None:
+        """Restore a ``state_dict()``, the after-schedule's state included (``keep_settings``: see LRScheduler)."""
+        expected = {"type", "warmup_epochs", "base_lr", "last_epoch", "lr", "after"}
+        if not isinstance(state_dict, dict) or state_dict.get("type") != type(self).__name__ \
+                or set(state_dict) != expected:
+            raise ValueError(f"LinearWarmup.load_state_dict expects its own state_dict() (keys {sorted(expected)}).")
+        if (state_dict["after"] is None) != (self.after is None):
+            raise ValueError("this state was saved with a different after-schedule.")
+        if not keep_settings:
+            self.warmup_epochs = _positive_int(state_dict["warmup_epochs"], "warmup_epochs")
+        self.base_lr = _number(state_dict["base_lr"], "base_lr")
+        self.last_epoch = int(state_dict["last_epoch"])
+        if self.after is not None:   # sets the lr of its own epoch (an LRScheduler recomputes it, a plateau restores it)
+            self.after.load_state_dict(state_dict["after"], keep_settings=keep_settings)
+        if self.last_epoch < self.warmup_epochs:
+            self.optimizer.lr = self._warm_lr(self.last_epoch)
+        elif self.last_epoch == self.warmup_epochs or self.after is None:
+            self.optimizer.lr = self.base_lr

@@ -12,7 +12,13 @@ Files written to ``out_dir`` (when given):
   test_loss, test_acc, lr, images_per_s, seconds), each line flushed and fsynced;
 - ``metrics.csv``: the same records as a table, rewritten after every line;
 - ``checkpoint.npz``: the latest state, after every epoch and on Ctrl-C;
-- ``best.npz``: the epoch with the highest test accuracy so far.
+- ``best.npz``: the epoch with the best watched metric so far (``gpucnn.watch``:
+  the highest accuracy, or ``monitor="loss"`` the lowest loss, of the validation
+  split when ``fit`` has one, else of the test split).
+
+Early stopping: ``fit(..., patience=N)`` stops after N epochs in a row without
+a better watched metric (``trainer.stopped_early``); a ReduceLROnPlateau
+scheduler steps on the same metric.
 
 Resuming (``fit(resume=path)``) continues exactly where the checkpoint stopped,
 at an epoch boundary or in the middle of an epoch: the batch order is a
@@ -56,6 +62,7 @@ from gpucnn.nn import Module
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
 from gpucnn.step import TrainStep
 from gpucnn.utils import check_int
+from gpucnn.watch import Watch
 
 CHECKPOINT_FILE = "checkpoint.npz"
 BEST_FILE = "best.npz"
@@ -163,8 +170,9 @@ class _StopRequest:
 
 def describe_epoch(record: dict, epochs: int) -> str:
     """One console line for an epoch's metrics record."""
+    val = f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}  " if "val_loss" in record else ""
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.2%}  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}  "
+            f"acc {record['train_acc']:.2%}  {val}test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}  "
             f"lr {record['lr']:.3g}  {record['images_per_s']:,.0f} img/s  {record['seconds']:.1f} s")
 
 
@@ -267,7 +275,10 @@ class Trainer:
         self.config = dict(config or {})
         self.xp = backend.xp_for(self.device)
         self.interrupted = False
-        self.best_accuracy = None
+        self.stopped_early = False   # the last fit ended on its patience
+        self.best_accuracy = None    # the watched split's accuracy in the best epoch
+        self.watch = Watch()
+        self._val_data = None        # fit's validation split, on the device
         self.checkpoint_path = None  # the last checkpoint written (or resumed from)
 
     # --- one step and evaluation --------------------------------------------
@@ -345,8 +356,14 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------
     def fit(self, train_data, test_data, epochs: int, batch_size: int, resume=None, progress: bool = True,
-            reschedule: bool = False) -> list:
-        """Train until ``epochs`` epochs are complete (counting those of a resumed checkpoint).
+            reschedule: bool = False, val_data=None, patience: int | None = None, monitor: str = "accuracy") -> list:
+        """Train until ``epochs`` epochs are complete (counting those of a resumed checkpoint), or stop early.
+
+        ``val_data`` (optional, like test_data): a validation split evaluated after
+        every epoch (``val_loss``, ``val_acc`` in the records); it, not the test
+        split, is then watched. ``monitor`` ("accuracy" or "loss") is the watched
+        metric: it picks best.npz and steps a ReduceLROnPlateau scheduler;
+        ``patience`` N stops the run after N epochs in a row without improving it.
 
         ``reschedule`` (with ``resume``): keep the scheduler's own settings (made for the new
         total of epochs) and take only its epoch count from the checkpoint, for a run extended
@@ -366,6 +383,9 @@ class Trainer:
         """
         train_images, train_labels = self._to_device(_check_data(train_data, "train_data"))
         test_images, test_labels = self._to_device(_check_data(test_data, "test_data"))
+        self._val_data = None if val_data is None else self._to_device(_check_data(val_data, "val_data"))
+        self.watch = Watch(monitor, patience)
+        self.stopped_early = False
         epochs = check_int(epochs, "epochs", 1)
         batch_size = check_int(batch_size, "batch_size", 1)
         batches = self._batches(train_images, train_labels, batch_size)
@@ -383,6 +403,8 @@ class Trainer:
         self.comm.broadcast_parameters(self.model.parameters())
 
         history = []
+        if self.watch.should_stop:   # resumed from a run that had already stopped early
+            return self._stop_early(history, progress)
         with _StopRequest() as stop:
             for epoch in range(start_epoch, epochs):
                 batches.set_epoch(epoch, start_batch=start_step if epoch == start_epoch else 0)
@@ -396,6 +418,8 @@ class Trainer:
                 history.append(record)
                 if progress:
                     tqdm.write(describe_epoch(record, epochs))
+                if self.watch.should_stop:
+                    return self._stop_early(history, progress)
                 if self.comm.any(stop.requested):
                     self._stopped(progress)
                     return history
@@ -499,23 +523,36 @@ class Trainer:
         sums.synced = total
         return bool(change[3] > 0)
 
+    def _stop_early(self, history: list, progress: bool) -> list:
+        self.stopped_early = True
+        if progress:
+            tqdm.write(self.watch.describe_stop("validation" if self._val_data is not None else "test"))
+        return history
+
     def _finish_epoch(self, epoch, sums: EpochSums, test_data, batch_size) -> dict:
         """Evaluate, step the scheduler, write checkpoints and the metrics line; returns the record."""
         evaluated = time.perf_counter()
         test = self._evaluate_over_ranks(*test_data)
         self._check_finite(test["loss"], "test", epoch, sums.steps)
+        val = None if self._val_data is None else self._evaluate_over_ranks(*self._val_data)
+        watched = test if val is None else val
         lr = self._current_lr()
         if self.scheduler is not None:
-            self.scheduler.step()
-        improved = self.best_accuracy is None or test["accuracy"] > self.best_accuracy
+            if getattr(self.scheduler, "needs_value", False):
+                self.scheduler.step(self.watch.value(watched))
+            else:
+                self.scheduler.step()
+        improved = self.watch.update(watched, epoch + 1)
         if improved:
-            self.best_accuracy = test["accuracy"]
+            self.best_accuracy = watched["accuracy"]
+        extra = {} if val is None else {"val_loss": val["loss"], "val_acc": val["accuracy"]}
         record = {
             "epoch": epoch + 1,
             "train_loss": float(sums.loss) / sums.seen,
             "train_acc": int(sums.correct) / sums.seen,
             "test_loss": test["loss"],
             "test_acc": test["accuracy"],
+            **extra,
             "lr": lr,
             "images_per_s": sums.seen / max(sums.seconds, 1e-9),
             "seconds": sums.seconds + time.perf_counter() - evaluated,
@@ -586,7 +623,7 @@ class Trainer:
             step=step,
             rng={name: gen.bit_generator.state for name, gen in self._generators().items()},
             trainer={"seed": self.seed, "batch_size": batch_size, "ranks": self.comm.size,
-                     "best_accuracy": self.best_accuracy,
+                     "best_accuracy": self.best_accuracy, "watch": self.watch.state_dict(),
                      "partial": partial, "optimizer_class": rule_name(self.optimizer),
                      "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__},
             config=config,
@@ -616,6 +653,10 @@ class Trainer:
         for name, gen in generators.items():
             gen.bit_generator.state = ckpt["rng"][name]
         self.best_accuracy = state["best_accuracy"]
+        if "watch" in state:
+            self.watch.load_state_dict(state["watch"])
+        elif self.watch.monitor == "accuracy":   # a checkpoint from before Watch: its best test accuracy
+            self.watch.best = state["best_accuracy"]
         self.checkpoint_path = Path(path)
         return ckpt["epoch"], ckpt["step"], state["partial"]
 

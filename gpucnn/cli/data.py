@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gpucnn.data import DATASETS, channel_stats, load_split, normalize, standardize
 from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
 from gpucnn.models import default_input_shape
@@ -98,6 +100,7 @@ class TrainingData:
     test: tuple
     settings: DataSettings
     summary: str
+    val: tuple | None = None    # the validation split held out of the training images (--val-split)
 
     @property
     def model_kwargs(self) -> dict:
@@ -105,11 +108,30 @@ class TrainingData:
         return {"num_classes": len(self.settings.classes), "in_channels": C, "input_size": H}
 
 
+def hold_out(images, labels, fraction: float, seed: int):
+    """((train images, labels), (validation images, labels)): ``fraction`` of the images, drawn by ``seed``.
+
+    The same (images, fraction, seed) always give the same split, so a resumed run holds out the same images;
+    both parts keep the images' order.
+    """
+    n = len(labels)
+    n_val = int(round(n * fraction))
+    if not 1 <= n_val < n:
+        raise ValueError(f"--val-split {fraction} of {n} training images leaves {n_val} for validation and "
+                         f"{n - n_val} for training; each needs at least one.")
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return (images[~chosen], labels[~chosen]), (images[chosen], labels[chosen])
+
+
 def training_data(dataset, model_name, data_dir=None, download=True, progress=True, image_size=None, grey=False,
-                  skip_bad_images=False, stored: DataSettings | None = None) -> TrainingData:
+                  skip_bad_images=False, stored: DataSettings | None = None, val_split=None,
+                  seed: int = 0) -> TrainingData:
     """Both splits of ``dataset`` for training ``model_name``, normalised with the training split's statistics.
 
-    ``stored`` (a resumed run's settings) fixes the image mode and the statistics.
+    ``stored`` (a resumed run's settings) fixes the image mode and the statistics. ``val_split`` (a
+    fraction) holds out that share of the training images, drawn by ``seed``, as a validation split;
+    the statistics then come from the rest.
     """
     check_dataset(dataset)
     if dataset != FOLDER and (image_size is not None or grey):
@@ -129,21 +151,26 @@ def training_data(dataset, model_name, data_dir=None, download=True, progress=Tr
     train, test = load_split(dataset, "train", **options), load_split(dataset, "test", **options)
     if test.classes != train.classes:
         raise ValueError(f"the {dataset} test split has classes {test.classes}, the training split {train.classes}.")
+    train_images, train_labels, val = train.images, train.labels, None
+    if val_split:
+        (train_images, train_labels), val = hold_out(train_images, train_labels, val_split, seed)
     if stored is not None:
         mean, std = stored.mean, stored.std
     else:
-        mean, std = channel_stats(train.images)
+        mean, std = channel_stats(train_images)
     input_shape = tuple(train.images.shape[1:])
     folder = str(Path(data_dir).resolve()) if dataset == FOLDER and data_dir is not None else None
     settings = DataSettings(dataset, train.classes, tuple(mean), tuple(std), input_shape,
                             image_size if dataset == FOLDER else None, bool(grey) if dataset == FOLDER else False,
                             folder)
     cached = " (decoded earlier, read from the cache)" if train.from_cache and test.from_cache else ""
-    summary = (f"data: {dataset}, {len(train.labels):,} training and {len(test.labels):,} test images of "
+    held = f" ({len(val[1]):,} more held out for validation)" if val is not None else ""
+    summary = (f"data: {dataset}, {len(train_labels):,} training{held} and {len(test.labels):,} test images of "
                f"{'x'.join(map(str, input_shape))}, {len(train.classes)} classes{cached}"
                f"{_describe_skipped('training', train.skipped)}{_describe_skipped('test', test.skipped)}")
-    return TrainingData((normalize(train.images, mean, std), train.labels),
-                        (normalize(test.images, mean, std), test.labels), settings, summary)
+    return TrainingData((normalize(train_images, mean, std), train_labels),
+                        (normalize(test.images, mean, std), test.labels), settings, summary,
+                        None if val is None else (normalize(val[0], mean, std), val[1]))
 
 
 def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir=None, download=True, progress=True,

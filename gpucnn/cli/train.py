@@ -23,10 +23,14 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_MOMENTUM = 0.9          # SGD only
 DEFAULT_ADAMW_WEIGHT_DECAY = 0.01
 STEP_GAMMA = 0.1                # --schedule step: lr x0.1 every third of the run
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 2   # --schedule plateau: lr x0.1 after more than 2 epochs without improvement
 # The run settings a resumed run takes from its checkpoint (option name -> config key).
 RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
                     "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
-                    "schedule": "schedule", "seed": "seed"}
+                    "schedule": "schedule", "seed": "seed", "val_split": "val_split", "patience": "patience",
+                    "monitor": "monitor", "warmup_epochs": "warmup_epochs"}
+# Settings newer than some checkpoints: what a checkpoint without them was trained with.
+SETTINGS_DEFAULTS = {"val_split": None, "patience": None, "monitor": "accuracy", "warmup_epochs": 0}
 
 
 
@@ -50,13 +54,19 @@ def _make_optimizer(name, params, lr, momentum, weight_decay):
     return optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _make_scheduler(name, optimizer, epochs):
+def _make_scheduler(name, optimizer, epochs, warmup_epochs=0, monitor="accuracy"):
+    """The --schedule over the epochs after the warm-up, behind a LinearWarmup when there is one."""
     from gpucnn import optim  # noqa: PLC0415
+    rest = max(1, epochs - warmup_epochs)
+    scheduler = None
     if name == "step":
-        return optim.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=STEP_GAMMA)
-    if name == "cosine":
-        return optim.CosineAnnealingLR(optimizer, T_max=epochs)
-    return None
+        scheduler = optim.StepLR(optimizer, step_size=max(1, rest // 3), gamma=STEP_GAMMA)
+    elif name == "cosine":
+        scheduler = optim.CosineAnnealingLR(optimizer, T_max=rest)
+    elif name == "plateau":
+        scheduler = optim.ReduceLROnPlateau(optimizer, mode="max" if monitor == "accuracy" else "min",
+                                            factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
+    return optim.LinearWarmup(optimizer, warmup_epochs, scheduler) if warmup_epochs else scheduler
 
 
 def _check_out_dir(out: Path, resuming: bool) -> None:
@@ -72,11 +82,11 @@ def _check_out_dir(out: Path, resuming: bool) -> None:
 def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
     """The run settings stored in the checkpoint; refuses explicit options that contradict them."""
     config = load_checkpoint(resume).get("config") or {}
-    missing = [key for key in RESUMED_SETTINGS.values() if key not in config]
+    missing = [key for key in RESUMED_SETTINGS.values() if key not in config and key not in SETTINGS_DEFAULTS]
     if missing:
         raise CheckpointError(f"checkpoint {resume} lacks the run settings {', '.join(missing)}; "
                               "it was not written by 'gpucnn train'.")
-    settings = {option: config[key] for option, key in RESUMED_SETTINGS.items()}
+    settings = {option: config.get(key, SETTINGS_DEFAULTS.get(key)) for option, key in RESUMED_SETTINGS.items()}
     for option, value in given.items():
         source = ctx.get_parameter_source(option)
         explicit = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
@@ -88,15 +98,16 @@ def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
     return settings
 
 
-def _training_data(dataset, model, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume):
+def _training_data(plan, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume):
     """cli_data.training_data with a resumed run's stored data settings (image mode, statistics)."""
     stored = None
     if resume is not None:
         config = load_checkpoint(resume).get("config") or {}
         if "normalization" in config:
             stored = cli_data.DataSettings.from_config(config, where=f"checkpoint {resume}")
-    return cli_data.training_data(dataset, model, data_dir, download=not no_download, progress=not quiet,
-                                  image_size=image_size, grey=grey, skip_bad_images=skip_bad_images, stored=stored)
+    return cli_data.training_data(plan.dataset, plan.model, data_dir, download=not no_download, progress=not quiet,
+                                  image_size=image_size, grey=grey, skip_bad_images=skip_bad_images, stored=stored,
+                                  val_split=plan.val_split, seed=plan.seed)
 
 
 # The options of train, in --help order.
@@ -121,8 +132,23 @@ _TRAIN_OPTIONS = [
                  help=f"SGD momentum (sgd only). [default: {DEFAULT_MOMENTUM}]"),
     click.option("--weight-decay", type=FiniteFloatRange(min=0), default=None,
                  help=f"L2 penalty (decoupled for adamw). [default: {DEFAULT_ADAMW_WEIGHT_DECAY} for adamw, else 0]"),
-    click.option("--schedule", type=click.Choice(["none", "step", "cosine"]), default="cosine", show_default=True,
-                 help="Per-epoch learning-rate schedule: cosine to 0 over the run, or x0.1 every third of it."),
+    click.option("--schedule", type=click.Choice(["none", "step", "cosine", "plateau"]), default="cosine",
+                 show_default=True,
+                 help="Per-epoch learning-rate schedule: cosine to 0 over the run, x0.1 every third of it, or "
+                      f"plateau: x{PLATEAU_FACTOR:g} when the --monitor value has not improved for more than "
+                      f"{PLATEAU_PATIENCE} epochs."),
+    click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Epochs of linear learning-rate warm-up before the --schedule: epoch k of N runs at "
+                      "lr*k/(N+1)."),
+    click.option("--val-split", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+                 help="Hold out this fraction of the training images (drawn by --seed) as a validation split; it, "
+                      "not the test split, then picks best.npz and drives --patience and --schedule plateau."),
+    click.option("--patience", type=click.IntRange(min=1), default=None,
+                 help="Stop early after N epochs in a row without a better --monitor value (best.npz keeps the "
+                      "best epoch). [default: run every epoch]"),
+    click.option("--monitor", type=click.Choice(["accuracy", "loss"]), default="accuracy", show_default=True,
+                 help="The watched metric: picks best.npz, and drives --patience and --schedule plateau; of the "
+                      "validation split with --val-split, else of the test split."),
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Seeds the initial weights and the batch order."),
     click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -147,7 +173,8 @@ _TRAIN_OPTIONS = [
 @click.pass_context
 @distributed.abort_on_error(describe=rank_error_text, passthrough=(click.exceptions.Exit,))
 def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, model, epochs, batch_size, lr,
-          optimizer, momentum, weight_decay, schedule, seed, out, resume, no_download, quiet, data_parallel, graph):
+          optimizer, momentum, weight_decay, schedule, warmup_epochs, val_split, patience, monitor, seed, out, resume,
+          no_download, quiet, data_parallel, graph):
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
@@ -162,7 +189,8 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
       gpucnn train --resume runs/fashion-mnist-20250101-120000/checkpoint.npz --epochs 10
     """
     given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-             "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed}
+             "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed,
+             "val_split": val_split, "patience": patience, "monitor": monitor, "warmup_epochs": warmup_epochs}
     plan = _resumed_plan(ctx, resume, given, epochs, out) if resume is not None else _new_plan(given, epochs, out)
     resolved = use_device(device, echo=False)   # the one resolution; everything below gets the name
     comm = distributed.init(resolved) if data_parallel else distributed.Communicator()
@@ -176,8 +204,7 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
         _check_out_dir(plan.out, resuming=resume is not None)
     if not main_rank:
         comm.barrier()  # rank 0 reads the data first, so that a download happens once
-    data = _training_data(plan.dataset, plan.model, data_dir, no_download, quiet, image_size, grey, skip_bad_images,
-                          resume)
+    data = _training_data(plan, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume)
     if main_rank:
         comm.barrier()
     if not quiet:
@@ -186,7 +213,8 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     if not quiet:
         click.echo(plan.describe(epochs))
     history = trainer.fit(data.train, data.test, epochs=epochs, batch_size=plan.batch_size, resume=resume,
-                          reschedule=plan.extended, progress=not quiet)
+                          reschedule=plan.extended, progress=not quiet, val_data=data.val, patience=plan.patience,
+                          monitor=plan.monitor)
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
@@ -194,10 +222,15 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
                        err=True)
         ctx.exit(EXIT_INTERRUPTED)
     if main_rank:
+        files = f"checkpoint {plan.out / CHECKPOINT_FILE}, metrics {plan.out / METRICS_FILE}"
+        if not history:
+            click.echo(f"done: the run had already stopped early, after epoch {trainer.watch.best_epoch} and "
+                       f"{trainer.watch.bad_epochs} more (--patience {plan.patience}); {files}")
+            return
         last = history[-1]
-        click.echo(f"done: epoch {last['epoch']} test accuracy {last['test_acc']:.2%} "
-                   f"(best {trainer.best_accuracy:.2%}); checkpoint {plan.out / CHECKPOINT_FILE}, "
-                   f"metrics {plan.out / METRICS_FILE}")
+        best = f"best {'validation ' if data.val is not None else ''}{trainer.best_accuracy:.2%}"
+        early = "stopped early: " if trainer.stopped_early else ""
+        click.echo(f"done: {early}epoch {last['epoch']} test accuracy {last['test_acc']:.2%} ({best}); {files}")
 
 
 @dataclass
@@ -212,6 +245,10 @@ class _RunPlan:
     weight_decay: float
     schedule: str
     seed: int
+    val_split: float | None  # the fraction of training images held out for validation
+    patience: int | None     # early stopping
+    monitor: str             # "accuracy" or "loss": the watched metric
+    warmup_epochs: int
     out: Path
     planned_epochs: int      # what the schedule spans
     extended: bool = False   # a resumed run asked for more epochs than it was planned for
@@ -220,11 +257,18 @@ class _RunPlan:
         """The run settings the checkpoints store (see RESUMED_SETTINGS)."""
         return {"dataset": self.dataset, "model_name": self.model, "optimizer": self.optimizer, "lr": self.lr,
                 "momentum": self.momentum, "weight_decay": self.weight_decay, "schedule": self.schedule,
-                "epochs": self.planned_epochs, **data.settings.record()}
+                "epochs": self.planned_epochs, "val_split": self.val_split, "patience": self.patience,
+                "monitor": self.monitor, "warmup_epochs": self.warmup_epochs, **data.settings.record()}
 
     def describe(self, epochs: int) -> str:
         text = (f"run: {self.model}, {self.optimizer} lr {self.lr:g}, schedule {self.schedule}, "
                 f"batch {self.batch_size}, seed {self.seed}, epochs {epochs}; writing to {self.out}")
+        extras = [f"warm-up {self.warmup_epochs} epochs" if self.warmup_epochs else "",
+                  f"validation {self.val_split:g} of the training images" if self.val_split else "",
+                  f"early stop after {self.patience} epochs without a better {self.monitor}" if self.patience else "",
+                  f"watching the {self.monitor}" if self.monitor != "accuracy" and not self.patience else ""]
+        if any(extras):
+            text += "\n" + "; ".join(extra for extra in extras if extra)
         if self.extended:
             text += f"\nextending the run to {epochs} epochs: the {self.schedule} schedule now spans all {epochs}"
         return text
@@ -235,6 +279,8 @@ def _new_plan(given: dict, epochs: int, out) -> _RunPlan:
     optimizer, momentum, weight_decay = given["optimizer"], given["momentum"], given["weight_decay"]
     if momentum is not None and optimizer != "sgd":
         raise ValueError(f"--momentum applies to --optimizer sgd only, not {optimizer}.")
+    if given["warmup_epochs"] >= epochs:
+        raise ValueError(f"--warmup-epochs {given['warmup_epochs']} must be fewer than --epochs {epochs}.")
     momentum = (DEFAULT_MOMENTUM if momentum is None else momentum) if optimizer == "sgd" else None
     if weight_decay is None:
         weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
@@ -258,7 +304,7 @@ def _make_trainer(plan: _RunPlan, data, device: str, comm, graph) -> Trainer:
     network = build_model(plan.model, seed=plan.seed, **data.model_kwargs).to(device)
     opt = _make_optimizer(plan.optimizer, list(network.parameters()), plan.lr, plan.momentum or 0.0,
                           plan.weight_decay)
-    scheduler = _make_scheduler(plan.schedule, opt, plan.planned_epochs)
+    scheduler = _make_scheduler(plan.schedule, opt, plan.planned_epochs, plan.warmup_epochs, plan.monitor)
     return Trainer(network, opt, scheduler, device=device, out_dir=plan.out, seed=plan.seed,
                    config=plan.config(data), comm=comm, graph=graph)
 
