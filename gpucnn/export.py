@@ -154,11 +154,22 @@ CONVERTERS = {
 }
 
 
+def _residual(graph, block, x: str, name: str) -> str:
+    """A residual block (gpucnn.nn.Residual, BasicBlock): both paths from ``x``, Add, then Relu when it has one."""
+    (body_name, body), (shortcut_name, shortcut) = block.named_paths()
+    through = _convert(graph, body, x, ".".join(filter(None, [name, body_name])))
+    across = x if shortcut is None else _convert(graph, shortcut, x, ".".join(filter(None, [name, shortcut_name])))
+    y = graph.node("Add", [through, across], name or "residual")
+    return graph.node("Relu", [y], name or "residual") if block.relu else y
+
+
 def _convert(graph, module, x: str, name: str) -> str:
     """The graph of ``module`` applied to the value ``x``; returns the name of its output."""
     converter = CONVERTERS.get(type(module).__name__)
     if converter is not None:
         return converter(graph, module, x, name)
+    if callable(getattr(module, "named_paths", None)):   # a residual block: y = body(x) + shortcut(x)
+        return _residual(graph, module, x, name)
     if isinstance(module, Sequential):
         # Layers in their declared order: the models' ReLU/max-pool swap (see models.py) computes the same.
         for child_name, child in module.named_children():
