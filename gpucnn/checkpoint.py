@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn import __version__, backend
+from gpucnn.files import require_regular_file, write_atomically
 from gpucnn.models import build_model
 
 FORMAT = "gpucnn-checkpoint"
@@ -88,20 +88,6 @@ def _decode(value, arrays: dict, path: Path):
     return {k: _decode(v, arrays, path) for k, v in value.items()}
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path, **parts) -> Path:
     """Write ``parts`` (e.g. ``model=state_dict, optimizer=..., epoch=3``) to the checkpoint ``path``.
 
@@ -124,17 +110,7 @@ def save_checkpoint(path, **parts) -> Path:
     arrays[META_KEY] = np.array(json.dumps(meta))
 
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
     _remove_stale_temporaries(directory, path.name)
     return path
 
@@ -157,17 +133,16 @@ def load_checkpoint(path) -> dict:
     wrote it). Arrays come back as NumPy arrays. Raises CheckpointError naming the
     file when it is missing, not a readable npz, or not a gpucnn checkpoint.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file.")
+    path = require_regular_file(path, "checkpoint", CheckpointError)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is not an .npz archive (truncated, corrupt, or another kind of file).")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except MemoryError:
+        raise CheckpointError(f"checkpoint {path} is corrupt: an array's header declares more memory than "
+                              "there is.") from None
+    except Exception as exc:  # noqa: BLE001 - NumPy's header parser raises ValueError, SyntaxError, TokenError, ...
         raise CheckpointError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc}).") from None
     if META_KEY not in arrays:
         raise CheckpointError(f"{path} is not a gpucnn checkpoint: it has no {META_KEY} entry.")
@@ -175,12 +150,25 @@ def load_checkpoint(path) -> dict:
         meta = json.loads(str(arrays.pop(META_KEY)))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is not JSON ({exc}).") from None
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is nested too deeply.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("parts"), dict):
         raise CheckpointError(f"{path} is not a gpucnn checkpoint: its metadata names no {FORMAT!r} format.")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('format_version')!r}; "
                               f"this gpucnn {__version__} reads version {FORMAT_VERSION}.")
-    parts = _decode(meta["parts"], arrays, path)
+    try:
+        parts = _decode(meta["parts"], arrays, path)
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is nested too deeply.") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # a marker holding the wrong kind of value
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is malformed ({exc}).") from None
+    config = parts.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its config is a {type(config).__name__}, not a dict.")
+    if isinstance(config, dict) and config.get("model") is not None and not isinstance(config["model"], dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its model config is a "
+                              f"{type(config['model']).__name__}, not a dict.")
     parts["gpucnn_version"] = meta.get("gpucnn_version")
     return parts
 
@@ -250,6 +238,7 @@ def check_resumable(ckpt: dict, path, model, optimizer, scheduler, generators: d
     own_name = (getattr(model, "config", None) or {}).get("name")
     if stored_name is not None and own_name is not None and stored_name != own_name:
         raise CheckpointError(f"checkpoint {path} holds a {stored_name} model, but this run trains {own_name}.")
+    _check_trainer_state(ckpt, path)
     state = ckpt["trainer"]
     if state["seed"] != seed or state["batch_size"] != batch_size:
         raise ValueError(f"checkpoint {path} was trained with seed {state['seed']} and batch size "
@@ -270,3 +259,28 @@ def check_resumable(ckpt: dict, path, model, optimizer, scheduler, generators: d
     if set(ckpt["rng"]) != set(generators):
         raise CheckpointError(f"checkpoint {path} holds random generators {sorted(ckpt['rng'])}, "
                               f"but the model has {sorted(generators)}.")
+
+
+TRAINER_KEYS = ("seed", "batch_size", "best_accuracy", "partial", "optimizer_class", "scheduler_class")
+PARTIAL_KEYS = ("loss", "correct", "seen", "steps", "seconds")
+
+
+def _check_trainer_state(ckpt: dict, path) -> None:
+    """CheckpointError unless the trainer's entries of ``ckpt`` have the keys and kinds a resume reads."""
+    state = ckpt["trainer"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its trainer state is a "
+                              f"{type(state).__name__}, not a dict.")
+    missing = [key for key in TRAINER_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its trainer state lacks {', '.join(missing)}.")
+    partial = state["partial"]
+    if partial is not None and (not isinstance(partial, dict) or any(k not in partial for k in PARTIAL_KEYS)):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its partial epoch is malformed.")
+    for key in ("epoch", "step"):
+        if not isinstance(ckpt[key], (int, np.integer)) or isinstance(ckpt[key], bool) or ckpt[key] < 0:
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: its {key} is {ckpt[key]!r}, "
+                                  "not a count.")
+    if not isinstance(ckpt["rng"], dict):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its rng entry is a "
+                              f"{type(ckpt['rng']).__name__}, not a dict.")

@@ -56,6 +56,8 @@ def cpu_implementation(family: str, name: str, path: str | None = None):
         fast = _lookup(f"gpucnn.cpu.{family}", name) if path == "fast" else None
         if fast is not None:  # the fast path's first use: its arrays should not page-fault anew each step
             from gpucnn.cpu.memory import keep_freed_memory  # noqa: PLC0415
+            from gpucnn.cpu.threads import check_setting  # noqa: PLC0415
+            check_setting()
             keep_freed_memory()
         reference = _lookup(f"gpucnn.ops.{family}", f"{name}_reference")
         if fast is None and reference is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn import backend
+from gpucnn.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -55,11 +56,8 @@ def write_metrics_csv(path) -> Path:
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
-    target = path.with_name(METRICS_CSV)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text.getvalue(), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return write_atomically(path.with_name(METRICS_CSV), lambda f: f.write(text.getvalue().encode("utf-8")),
+                            durable=False)  # derived from the log: a crash costs nothing
 
 
 def _line_epoch(line: str) -> float:
@@ -79,10 +77,8 @@ def trim_metrics(path, completed_epochs: int) -> None:
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if _line_epoch(line) <= completed_epochs]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+    if len(kept) != len(lines):  # a full disk leaves the log as it was, and no temporary file
+        write_atomically(path, lambda f: f.write("".join(kept).encode("utf-8")))
         write_metrics_csv(path)
 
 

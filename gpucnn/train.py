@@ -26,10 +26,12 @@ function of (seed, epoch), and the checkpoint holds the weights, optimizer and
 scheduler state, the Dropout generators and the partial epoch sums, so on the
 CPU the final weights equal an uninterrupted run's bit for bit.
 
-Ctrl-C: the first SIGINT during ``fit`` asks the loop to stop after the
-current step; it writes ``checkpoint.npz`` (mid-epoch, resumable exactly) and
-returns with ``trainer.interrupted`` set. A second Ctrl-C interrupts at once
-without saving.
+Ctrl-C and SIGTERM: the first SIGINT or SIGTERM during ``fit`` asks the loop to
+stop after the current step; it writes ``checkpoint.npz`` (mid-epoch, resumable
+exactly) and returns with ``trainer.interrupted`` set (``trainer.stop_signal``
+says which). A second one interrupts at once without saving. While ``fit`` runs
+the trainer owns ``out_dir`` (``gpucnn.runfolder``); a file it cannot write (a
+full disk) stops it with a TrainingError naming the file.
 
 Data-parallel (``Trainer(comm=distributed.init(device))`` on every rank of an
 MPI job, see ``gpucnn.distributed``): rank 0's weights are broadcast at the
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-from gpucnn import backend, distributed
+from gpucnn import backend, distributed, runfolder
 from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint, rule_name, save_checkpoint
 from gpucnn.cpu import optim as cpu_optim
 from gpucnn.cpu import split
@@ -138,33 +140,41 @@ class EpochSums:
         return np.array([float(self.loss), int(self.correct), self.seen], dtype=np.float64)
 
 
-class _StopRequest:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; a second one raises at once.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what Slurm, `docker stop` and `timeout` send
 
-    Signal handlers can only be installed from the main thread; elsewhere
-    Ctrl-C keeps its default behaviour (a KeyboardInterrupt, nothing saved).
+
+class _StopRequest:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets ``requested`` (and ``signal``, the
+    one that came); a second one raises KeyboardInterrupt at once.
+
+    Signal handlers can only be installed from the main thread; elsewhere the
+    signals keep their default behaviour (nothing saved).
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
-        self._installed = False
+        self.signal = None
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.signal = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        else:
+            tqdm.write(f"{self.signal.name}: stopping after this step and saving a checkpoint")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         return False
 
 
@@ -248,6 +258,8 @@ class Trainer:
         if comm is not None and not isinstance(comm, distributed.Communicator):
             raise TypeError(f"comm must be a gpucnn.distributed.Communicator or None, not {type(comm).__name__}.")
         self.device = backend.resolve_device(device)
+        if self.device == "cpu":
+            split.threads.check_setting()  # a bad GPUCNN_CPU_THREADS is refused before any data is copied
         if comm is not None and comm.device not in (None, self.device):
             raise ValueError(f"comm was made for the {comm.device} but the trainer runs on the {self.device}.")
         self.comm = distributed.Communicator() if comm is None else comm
@@ -275,6 +287,7 @@ class Trainer:
         self.config = dict(config or {})
         self.xp = backend.xp_for(self.device)
         self.interrupted = False
+        self.stop_signal = None      # the signal that stopped fit (SIGINT or SIGTERM), when interrupted
         self.stopped_early = False   # the last fit ended on its patience
         self.best_accuracy = None    # the watched split's accuracy in the best epoch
         self.watch = Watch()
@@ -313,15 +326,16 @@ class Trainer:
         return loss, correct
 
     def _split_step(self, batch: int):
-        """The SplitStep for this batch size on the cpu (None: the step runs in this process alone)."""
+        """The SplitStep for this batch size on the cpu; with one process, ``split.serial_step`` (the same
+        arithmetic, in ``split.SerialStep``: runs repeat bit for bit on any number of cores); None: a plain step."""
         if self._split is False:
             return None
         if self._split is None:
-            usable = self.device == "cpu" and not self.comm.distributed and split.processes() == 2 and \
-                split.splittable(self.model)
-            if not usable:
+            if self.device != "cpu" or self.comm.distributed or not split.splittable(self.model):
                 self._split = False
                 return None
+            if split.processes() == 1:
+                self._split = split.SerialStep(self.model)
         if self._split is None or batch > self._split.capacity:
             if self._split is not None:
                 self._split.close()
@@ -390,16 +404,27 @@ class Trainer:
         batch_size = check_int(batch_size, "batch_size", 1)
         batches = self._batches(train_images, train_labels, batch_size)
         main_rank = self.comm.rank == 0  # the one that writes files and shows progress
-        progress = progress and main_rank
-        if self.out_dir is not None and main_rank:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.interrupted = False
+        owns_folder = self.out_dir is not None and main_rank
+        if owns_folder:
+            runfolder.claim(self.out_dir)  # the run owns its folder until fit returns (see gpucnn.runfolder)
+        try:
+            return self._fit(batches, (test_images, test_labels), (len(train_labels), epochs, batch_size), resume,
+                             progress and main_rank, reschedule)
+        finally:
+            if owns_folder:
+                runfolder.release(self.out_dir)
+
+    def _fit(self, batches, test_data, sizes, resume, progress, reschedule) -> list:
+        """fit's loop once the data are on the device; ``sizes`` is (training images, epochs, batch size)."""
+        train_count, epochs, batch_size = sizes
+        self.interrupted, self.stop_signal = False, None
         start_epoch, start_step, partial = 0, 0, None
         if resume is not None:
             start_epoch, start_step, partial = self._resume(resume, epochs, batch_size, len(batches), reschedule)
         self.comm.check_same("the run (training images, test images, batch size, seed, epochs, start epoch, step)",
-                             (len(train_labels), len(test_labels), batch_size, self.seed, epochs, start_epoch,
+                             (train_count, len(test_data[1]), batch_size, self.seed, epochs, start_epoch,
                               start_step))
+        self._check_same_settings()
         self.comm.broadcast_parameters(self.model.parameters())
 
         history = []
@@ -411,19 +436,34 @@ class Trainer:
                 sums = self._train_epoch(batches, epoch, epochs, partial if epoch == start_epoch else None,
                                          batch_size, stop, progress)
                 if sums.stopped and sums.steps < len(batches):
-                    self._save_latest(epoch, sums.steps, sums, batch_size)
-                    self._stopped(progress)
+                    self._guarded(lambda: self._save_latest(epoch, sums.steps, sums, batch_size), CHECKPOINT_FILE)
+                    self._stopped(progress, stop)
                     return history
-                record = self._finish_epoch(epoch, sums, (test_images, test_labels), batch_size)
+                record = self._finish_epoch(epoch, sums, test_data, batch_size)
                 history.append(record)
                 if progress:
                     tqdm.write(describe_epoch(record, epochs))
                 if self.watch.should_stop:
                     return self._stop_early(history, progress)
                 if self.comm.any(stop.requested):
-                    self._stopped(progress)
+                    self._stopped(progress, stop)
                     return history
         return history
+
+    def _check_same_settings(self) -> None:
+        """Distributed: every rank must train what rank 0 trains (the model, optimizer, its hyperparameters,
+        the schedule and the run config), else ranks would average different runs; ValueError naming it."""
+        if not self.comm.distributed:
+            return
+        rule = getattr(self.optimizer, "rule", self.optimizer)
+        hyper = rule.hyperparameters() if callable(getattr(rule, "hyperparameters", None)) else None
+        settings = {"model": getattr(self.model, "config", None),
+                    "parameter shapes": [tuple(p.shape) for p in self.model.parameters()],
+                    "optimizer": rule_name(self.optimizer), "optimizer settings": hyper,
+                    "scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
+                    "run config": self.config}
+        for what, value in settings.items():
+            self.comm.check_same(what, value)
 
     def _batches(self, images, labels, batch_size: int):
         """The epochs' batches: shuffled by (seed, epoch); distributed, this rank's share of each batch."""
@@ -439,7 +479,7 @@ class Trainer:
             raise ValueError(f"the checkpoint {path} has already completed {start_epoch} epochs; "
                              f"ask for more than {start_epoch} epochs to continue it.")
         if self.comm.rank == 0:
-            self._trim_metrics(start_epoch)
+            self._guarded(lambda: self._trim_metrics(start_epoch), METRICS_FILE)
         return start_epoch, start_step, partial
 
     def _train_epoch(self, batches, epoch, epochs, partial, batch_size, stop, progress) -> EpochSums:
@@ -491,6 +531,8 @@ class Trainer:
                 loss, correct = self.train_step(x, y)
                 sums.loss += loss * len(y)
                 sums.correct += correct
+        except split.WorkerError as exc:
+            raise TrainingError(f"{str(exc).rstrip('.')}; training stopped and {self._kept_text()}.") from None
         except Exception as exc:
             if not backend.is_out_of_memory(exc):
                 raise
@@ -561,14 +603,16 @@ class Trainer:
             # checkpoint.npz last: a run killed before it resumes from the previous epoch, which
             # drops this metrics line and rewrites best.npz with the same bits, so nothing is lost.
             if self.comm.rank == 0:
-                self._append_metrics(record)
+                self._guarded(lambda: self._append_metrics(record), METRICS_FILE)
                 if improved:
-                    self._save(self.out_dir / BEST_FILE, epoch + 1, 0, None, batch_size)
-            self._save_latest(epoch + 1, 0, None, batch_size)
+                    self._guarded(lambda: self._save(self.out_dir / BEST_FILE, epoch + 1, 0, None, batch_size),
+                                  BEST_FILE)
+            self._guarded(lambda: self._save_latest(epoch + 1, 0, None, batch_size), CHECKPOINT_FILE)
         return record
 
-    def _stopped(self, progress) -> None:
+    def _stopped(self, progress, stop=None) -> None:
         self.interrupted = True
+        self.stop_signal = None if stop is None else stop.signal
         if progress:
             where = f"saved {self.checkpoint_path}" if self.checkpoint_path else "no out_dir, nothing saved"
             tqdm.write(f"interrupted: {where}")
@@ -583,9 +627,21 @@ class Trainer:
         raise TrainingError(f"the {phase} loss became {value} in epoch {epoch + 1} (by step {step}); "
                             f"training stopped and {kept}; try a smaller learning rate.")
 
-    def _out_of_memory_text(self, exc, batch_size) -> str:
-        kept = (f"the last good checkpoint, {self.checkpoint_path}, is unchanged" if self.checkpoint_path
+    def _guarded(self, write, name: str):
+        """``write()``; an OSError (a full disk, a folder gone) becomes a TrainingError naming the file."""
+        try:
+            return write()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise TrainingError(f"could not write {self.out_dir / name} ({reason}); training stopped and "
+                                f"{self._kept_text()}; free some space (or fix the folder) and resume.") from None
+
+    def _kept_text(self) -> str:
+        return (f"the last good checkpoint, {self.checkpoint_path}, is unchanged" if self.checkpoint_path
                 else "no checkpoint had been written yet")
+
+    def _out_of_memory_text(self, exc, batch_size) -> str:
+        kept = self._kept_text()
         return (f"training on the {self.device} ran out of memory at batch size {batch_size} "
                 f"({type(exc).__name__}: {exc}); "
                 f"training stopped and {kept}; try a smaller batch size (--batch-size {max(1, batch_size // 2)}).")

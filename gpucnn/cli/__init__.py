@@ -9,7 +9,7 @@ expected errors in gpucnn.cli.errors.
 Every expected failure (no GPU, missing data, a bad checkpoint, an invalid
 value, an unwritable folder) ends with one line on stderr and exit status 1;
 Click usage errors (an unknown option, a value out of range) exit with 2, also
-on one line. An interrupted ``train`` saves a checkpoint and exits with 130.
+on one line. An interrupted ``train`` saves a checkpoint and exits with 130 (Ctrl-C) or 143 (SIGTERM).
 """
 from gpucnn.cli import export, inference, summary, train, viz
 from gpucnn.cli.app import cli, main

@@ -16,7 +16,7 @@ class _App(click.Group):
 
     def invoke(self, ctx):
         # Overflow in a diverging run is reported once, as a NaN/Inf loss, not as NumPy warnings.
-        with np.errstate(all="ignore"), expected_errors():
+        with np.errstate(all="ignore"), expected_errors(lambda: ctx.invoked_subcommand):
             try:
                 return super().invoke(ctx)
             except BrokenPipeError:

@@ -10,11 +10,13 @@ the record existed (MNIST family only) get the data set's published statistics.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gpucnn.checkpoint import CheckpointError
 from gpucnn.data import DATASETS, channel_stats, load_split, normalize, standardize
 from gpucnn.data.sources import FOLDER, check_dataset, default_classes, native_input_shape
 from gpucnn.models import default_input_shape
@@ -70,13 +72,31 @@ class DataSettings:
             spec = DATASETS[dataset]
             mean, std = (spec.mean,), (spec.std,)
         else:
-            mean, std = tuple(normalization["mean"]), tuple(normalization["std"])
+            try:
+                mean, std = tuple(normalization["mean"]), tuple(normalization["std"])
+            except (TypeError, KeyError):
+                raise CheckpointError(f"{where} is damaged: its normalisation record is malformed.") from None
         classes = tuple(config.get("classes") or default_classes(dataset) or ())
         if not classes:
             raise ValueError(f"{where} does not record the class names of its image folder.")
         shape = tuple(image.get("shape") or model_shape)
+        _check_record(where, classes, model_config.get("num_classes"), mean, std)
         return cls(dataset, classes, mean, std, shape, image.get("size"), bool(image.get("grey", False)),
                    image.get("folder"))
+
+
+def _check_record(where, classes, num_classes, mean, std) -> None:
+    """CheckpointError unless the class names fit the model's outputs and the statistics are usable numbers."""
+    if not all(isinstance(name, str) for name in classes):
+        raise CheckpointError(f"{where} is damaged: its class names are not all text.")
+    if isinstance(num_classes, int) and len(classes) != num_classes:
+        raise CheckpointError(f"{where} is damaged: it names {len(classes)} classes but its model has "
+                              f"{num_classes} outputs.")
+    numbers = [*mean, *std]
+    if not mean or len(mean) != len(std) or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                    for v in numbers) or min(std) <= 0:
+        raise CheckpointError(f"{where} is damaged: its normalisation statistics (mean {list(mean)}, std "
+                              f"{list(std)}) are not finite numbers with positive std.")
 
 
 def checkpoint_settings(ckpt: dict, checkpoint, dataset=None) -> DataSettings:
@@ -151,6 +171,10 @@ def training_data(dataset, model_name, data_dir=None, download=True, progress=Tr
     train, test = load_split(dataset, "train", **options), load_split(dataset, "test", **options)
     if test.classes != train.classes:
         raise ValueError(f"the {dataset} test split has classes {test.classes}, the training split {train.classes}.")
+    if stored is not None and tuple(train.classes) != tuple(stored.classes):
+        raise ValueError(f"the training data's classes {tuple(train.classes)} are not the resumed run's "
+                         f"{tuple(stored.classes)} (renamed, added or removed class folders would relabel the "
+                         "images); resume on the data the run started with.")
     train_images, train_labels, val = train.images, train.labels, None
     if val_split:
         (train_images, train_labels), val = hold_out(train_images, train_labels, val_split, seed)
@@ -195,10 +219,14 @@ def evaluation_data(settings: DataSettings, dataset=None, split="test", data_dir
         if native != tuple(settings.input_shape):
             raise ValueError(f"the checkpoint's model takes {'x'.join(map(str, settings.input_shape))} images, but "
                              f"{dataset} images are {'x'.join(map(str, native))}.")
+    # An image folder is labelled by the checkpoint's class names: its test/ needs no train/ beside it,
+    # and class folders the checkpoint does not know are refused, not scored under other names.
     part = load_split(dataset, split, data_dir=data_dir, download=download, progress=progress,
-                      image_size=image_size, grey=grey, skip_bad_images=skip_bad_images)
-    if dataset == settings.dataset and dataset == FOLDER and part.classes != tuple(settings.classes):
-        raise ValueError(f"the image folder's classes {part.classes} are not the checkpoint's {settings.classes}.")
+                      image_size=image_size, grey=grey, skip_bad_images=skip_bad_images,
+                      classes=tuple(settings.classes) if dataset == FOLDER else None)
+    if len(part.classes) != len(settings.classes):
+        raise ValueError(f"{dataset} has {len(part.classes)} classes but the checkpoint's model "
+                         f"{len(settings.classes)}; it cannot score them.")
     images, labels = part.images, part.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]

@@ -22,6 +22,7 @@ from gpucnn.train import TrainingError
 from gpucnn.viz import MissingDependencyError
 
 EXIT_INTERRUPTED = 130   # Ctrl-C: a run saved and stopped, or an aborted command
+EXIT_TERMINATED = 143    # SIGTERM (Slurm, `docker stop`, `timeout`): a run saved and stopped
 EXIT_BROKEN_PIPE = 141   # what a shell reports for a tool ended by SIGPIPE (`gpucnn summary | head`)
 
 EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,
@@ -44,9 +45,28 @@ def rank_error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
 
+# What to change when memory runs out, per command (one without --batch-size must not be told to lower it).
+MEMORY_HINTS = {
+    "train": "try a smaller --batch-size",
+    "evaluate": "try a smaller --batch-size",
+    "visualize": "try a smaller --batch-size or --limit",
+    "features": "try a smaller --batch-size or --limit",
+    "predict": "try fewer or smaller images per .npy file",
+    "summary": "the model for this --input-shape does not fit in memory; try a smaller --input-shape",
+}
+
+
+def memory_hint(command: str | None) -> str:
+    return MEMORY_HINTS.get(command or "", "try smaller inputs")
+
+
 @contextlib.contextmanager
-def expected_errors():
-    """Turn the expected errors raised inside into a one-line click.ClickException."""
+def expected_errors(command=None):
+    """Turn the expected errors raised inside into a one-line click.ClickException.
+
+    ``command``: the command's name, or a callable giving it once an error comes (the
+    app's subcommand is known only once it runs); it picks the out-of-memory advice.
+    """
     try:
         yield
     except BrokenPipeError:  # the reader went away (`| head`): gpucnn.cli.app.main ends quietly
@@ -56,13 +76,14 @@ def expected_errors():
     except Exception as exc:  # CuPy's OutOfMemoryError, NumPy's MemoryError
         if not backend.is_out_of_memory(exc):
             raise
-        raise click.ClickException(f"out of memory ({one_line(exc)}); try a smaller --batch-size.") from None
+        name = command() if callable(command) else command
+        raise click.ClickException(f"out of memory ({one_line(exc)}); {memory_hint(name)}.") from None
 
 
 def one_line_errors(func):
     """Decorator: run a command inside ``expected_errors()``, so it reports alike in any Click group."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        with expected_errors():
+        with expected_errors(lambda: click.get_current_context().info_name):
             return func(*args, **kwargs)
     return wrapper

@@ -133,6 +133,8 @@ def predict(checkpoint, files, top_k, device):
     network, ckpt = _load_model(checkpoint, resolved)
     try:
         settings = cli_data.checkpoint_settings(ckpt, checkpoint)
+    except CheckpointError:
+        raise
     except (ValueError, KeyError):
         raise CheckpointError(f"checkpoint {checkpoint} does not name a known data set, so its pixel "
                               "normalisation and class names are unknown.") from None

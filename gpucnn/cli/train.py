@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from gpucnn import backend, distributed
+from gpucnn import backend, distributed, runfolder
 from gpucnn.checkpoint import CheckpointError, load_checkpoint
 from gpucnn.cli import data as cli_data
-from gpucnn.cli.errors import EXIT_INTERRUPTED, rank_error_text
+from gpucnn.cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, rank_error_text
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, grey_option,
                                 image_size_option, model_option, skip_bad_images_option, use_device)
 from gpucnn.metrics import METRICS_FILE
@@ -69,14 +70,27 @@ def _make_scheduler(name, optimizer, epochs, warmup_epochs=0, monitor="accuracy"
     return optim.LinearWarmup(optimizer, warmup_epochs, scheduler) if warmup_epochs else scheduler
 
 
-def _check_out_dir(out: Path, resuming: bool) -> None:
-    """Create ``out`` and prove it writable now, not after the first epoch."""
-    out.mkdir(parents=True, exist_ok=True)
+def _check_out_dir(out: Path, resume: Path | None) -> None:
+    """Claim ``out`` for this run (see gpucnn.runfolder), prove it writable now, not after the first
+    epoch, and refuse a folder holding another run: a fresh run's, or a resumed run's other than its own."""
+    runfolder.claim(out)  # held until this process ends; a second run into it is refused meanwhile
     with tempfile.TemporaryFile(dir=out):
         pass
-    if not resuming and ((out / CHECKPOINT_FILE).exists() or (out / METRICS_FILE).exists()):
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT_FILE} or {METRICS_FILE}); choose another "
-                         f"--out, or continue that run with --resume {out / CHECKPOINT_FILE}.")
+    held = runfolder.describe_run(out)
+    if held is None:
+        return
+    if resume is None:
+        raise ValueError(f"{held}, or choose another --out.")
+    if out.resolve() != resume.resolve().parent:
+        raise ValueError(f"--out {out} holds another run ({', '.join(runfolder.run_files(out))}); a resumed run "
+                         f"continues in its own folder {resume.parent} (drop --out) or in an empty one.")
+
+
+def _out_option(ctx, param, value):
+    """--out as a Path; an empty string (which would mean the current folder) is refused."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("an empty folder name; name a folder for the run's files (--out . for this one).")
+    return None if value is None else Path(value)
 
 
 def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
@@ -151,7 +165,7 @@ _TRAIN_OPTIONS = [
                       "validation split with --val-split, else of the test split."),
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Seeds the initial weights and the batch order."),
-    click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+    click.option("--out", type=click.Path(file_okay=False), callback=_out_option, default=None,
                  help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
                       "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]"),
     click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -178,8 +192,9 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
-    best.npz when the test accuracy improved). Ctrl-C saves checkpoint.npz after
-    the current step and exits with status 130; --resume continues exactly there.
+    best.npz when the test accuracy improved). Ctrl-C (SIGTERM) saves checkpoint.npz after
+    the current step and exits with status 130 (143); --resume continues exactly there.
+    A run owns its --out folder while it lives: a second run into it is refused.
 
     \b
     Examples:
@@ -201,7 +216,7 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
         if data_parallel:
             click.echo(f"distributed: {comm.describe()}; batch {plan.batch_size} per rank, "
                        f"{plan.batch_size * comm.size} per step")
-        _check_out_dir(plan.out, resuming=resume is not None)
+        _check_out_dir(plan.out, resume)
     if not main_rank:
         comm.barrier()  # rank 0 reads the data first, so that a download happens once
     data = _training_data(plan, data_dir, no_download, quiet, image_size, grey, skip_bad_images, resume)
@@ -218,9 +233,10 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
-            click.echo(f"interrupted; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
+            how = "terminated (SIGTERM)" if trainer.stop_signal == signal.SIGTERM else "interrupted"
+            click.echo(f"{how}; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
                        err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        ctx.exit(EXIT_TERMINATED if trainer.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED)
     if main_rank:
         files = f"checkpoint {plan.out / CHECKPOINT_FILE}, metrics {plan.out / METRICS_FILE}"
         if not history:

@@ -21,6 +21,7 @@ from gpucnn.cli.errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - E
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
                                 skip_bad_images_option, use_device)
 from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
+from gpucnn.files import write_atomically
 from gpucnn.metrics import METRICS_FILE, confusion_matrix
 from gpucnn.train import evaluate
 
@@ -208,14 +209,25 @@ def features(checkpoint, layer, dataset, split, data_dir, skip_bad_images, limit
     Example:
       gpucnn features runs/mnist/checkpoint.npz --layer flatten --out feats.npy --labels labels.npy
     """
-    if out.suffix != ".npy":
-        raise ValueError(f"--out must name a .npy file, not {out}.")
+    _check_feature_paths(out, labels_out)
     model, images, labels, _, _ = _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit,
                                         use_device(device), no_download, quiet, [layer])
     activations = layer_features(model, images, layer, batch_size=batch_size, progress=not quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, activations.astype(np.float32, copy=False))
+    write_atomically(out, lambda f: np.save(f, activations.astype(np.float32, copy=False)))
     click.echo(f"wrote {out}: {layer} activations, shape {activations.shape}")
     if labels_out is not None:
-        np.save(labels_out, np.asarray(labels, dtype=np.int64))
+        write_atomically(labels_out, lambda f: np.save(f, np.asarray(labels, dtype=np.int64)))
         click.echo(f"wrote {labels_out}: labels, shape {labels.shape}")
+
+
+def _check_feature_paths(out: Path, labels_out: Path | None) -> None:
+    """Refuse what would write less than asked, before any work: names without .npy (np.save would add it),
+    one file for both arrays; create the folders, so a missing one cannot fail after the features are written."""
+    for option, path in (("--out", out), ("--labels", labels_out)):
+        if path is not None and path.suffix != ".npy":
+            raise ValueError(f"{option} must name a .npy file, not {path}.")
+    if labels_out is not None and labels_out.resolve() == out.resolve():
+        raise ValueError(f"--out and --labels both name {out}; the labels would overwrite the features.")
+    for path in (out, labels_out):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)

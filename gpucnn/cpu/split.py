@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import weakref
 from multiprocessing.connection import Connection
@@ -37,6 +38,12 @@ from gpucnn.cpu import threads
 from gpucnn.ops import softmax_cross_entropy, softmax_cross_entropy_backward
 
 MIN_SPLIT_BATCH = 32  # smaller batches run in this process only: too little work to hand over
+POLL_S = 0.25           # how often a wait for the worker looks whether it is still running
+STOPPED_GRACE_S = 2.0   # a worker stopped (SIGSTOP) this long is given up on: it would hang the step
+
+
+class WorkerError(RuntimeError):
+    """The worker process of a split step died, was killed or stopped: the step cannot finish."""
 
 
 def processes() -> int:
@@ -106,11 +113,53 @@ def _part_backward(model, x, y, batch: int):
     return float(loss) * len(y), int((logits.argmax(axis=1) == y).sum())
 
 
+def serial_step(model, params, x, y):
+    """SplitStep's arithmetic in this process alone: the same two parts, their gradients added in the
+    same order, so a seeded run gives the same bits on one core as on two. Returns (loss sum, correct)."""
+    batch = len(y)
+    if batch < MIN_SPLIT_BATCH:
+        return _part_backward(model, x, y, batch)
+    half = batch // 2
+    loss_sum, correct = _part_backward(model, x[:half], y[:half], batch)
+    first = [None if p.grad is None else p.grad.copy() for p in params]
+    for p in params:
+        if p.grad is not None:
+            p.grad[...] = 0  # in place: a fused optimizer's gradients are views of its flat buffer
+    other_loss, other_correct = _part_backward(model, x[half:], y[half:], batch)
+    for p, grad in zip(params, first):
+        second = np.zeros(p.shape, p.data.dtype) if p.grad is None else p.grad.copy()  # the worker's copy
+        if grad is None:
+            p.grad = None
+        else:
+            p.grad[...] = grad
+        p.accumulate_grad(second)
+    return loss_sum + other_loss, correct + other_correct
+
+
+class SerialStep:
+    """``serial_step`` with SplitStep's interface (a step of any batch size; close() does nothing)."""
+
+    capacity = float("inf")
+
+    def __init__(self, model):
+        self.model = model
+        self.params = list(model.parameters())
+
+    def __call__(self, x, y):
+        return serial_step(self.model, self.params, x, y)
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
 def _worker_main() -> None:
     """The worker process (``python -c`` started by SplitStep): one part of every step, on a replica
     whose parameters are views of the shared block. argv: the file descriptors of the connection and of
     the shared block."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # Ctrl-C and SIGTERM (Slurm signals every process of a job) are the main process's to handle: it saves
+    # and stops, and the worker ends when the connection closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threads.THREADS = 1
     connection, block_fd = Connection(int(sys.argv[1])), int(sys.argv[2])
     try:
@@ -238,27 +287,72 @@ class SplitStep:
         return self._worker
 
     def _wait(self, worker) -> None:
+        """The worker's answer; WorkerError should it die, or stay stopped (SIGSTOP), meanwhile."""
+        connection, process = worker["connection"], worker["process"]
+        stopped_since = None
         try:
-            answer = worker["connection"].recv()
+            while not connection.poll(POLL_S):
+                if process.poll() is not None:
+                    self._worker_stopped()
+                if not _is_suspended(process.pid):
+                    stopped_since = None
+                elif stopped_since is None:
+                    stopped_since = time.monotonic()
+                elif time.monotonic() - stopped_since > STOPPED_GRACE_S:
+                    self._worker_stopped(suspended=True)
+            answer = connection.recv()
         except (EOFError, OSError):
             self._worker_stopped()
         if answer is not None:
             raise answer  # the worker's exception, as it would have been raised here
 
-    def _worker_stopped(self):
-        errors = self._worker["errors"]
+    def _worker_stopped(self, suspended: bool = False):
+        worker = self._worker
+        errors = worker["errors"]
         errors.seek(0)
         lines = errors.read().decode(errors="replace").strip().splitlines()
+        if suspended:
+            how = f" (it was suspended, by SIGSTOP or a debugger, for over {STOPPED_GRACE_S:g} s)"
+            worker["process"].kill()
+        elif lines:
+            how = f" (it said: {lines[-1]})"
+        else:
+            how = _exit_text(worker["process"])
         self.close()
-        said = f" (it said: {lines[-1]})" if lines else ""
-        raise RuntimeError(f"the CPU worker process of the split training step stopped{said}; "
-                           "run with GPUCNN_CPU_PROCESSES=1 to train in one process.") from None
+        raise WorkerError(f"the CPU worker process of the split training step stopped{how}; "
+                          "run with GPUCNN_CPU_PROCESSES=1 to train in one process.") from None
 
     def close(self) -> None:
         """Stop the worker and free the shared memory (a later call starts a new worker)."""
         if self._worker is not None:
             self._finalizer()
             self._worker = None
+
+
+def _is_suspended(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T or t in /proc; False where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")
+
+
+def _exit_text(process) -> str:
+    """How the worker ended, e.g. " (killed by SIGKILL, as the out-of-memory killer does)"."""
+    try:
+        code = process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return ""
+    if code >= 0:
+        return f" (exit status {code})"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = ", as the out-of-memory killer does" if -code == signal.SIGKILL else ""
+    return f" (killed by {name}{oom})"
 
 
 def _worker_env() -> dict:

@@ -21,16 +21,40 @@ except ImportError:  # pragma: no cover
     ThreadpoolController = None
 
 
+SETTING = "GPUCNN_CPU_THREADS"
+
+
+def _setting_error(text: str | None) -> str | None:
+    """Why $GPUCNN_CPU_THREADS is unusable (not a whole number from 1 up), or None when unset or usable."""
+    if not text:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value >= 1:
+        return None
+    return f"{SETTING} must be a whole number of threads from 1 up, not {text!r}; unset it to use every core."
+
+
 def _thread_count() -> int:
-    """GPUCNN_CPU_THREADS, else the number of cores this process may use, at most 8."""
-    text = os.environ.get("GPUCNN_CPU_THREADS")
-    if text:
-        try:
-            return max(1, int(text))
-        except ValueError:
-            raise ValueError(f"GPUCNN_CPU_THREADS must be a positive integer, not {text!r}.") from None
+    """GPUCNN_CPU_THREADS when usable, else the number of cores this process may use, at most 8.
+
+    An unusable setting is not an error here (importing gpucnn, or --help, must work):
+    ``check_setting`` raises it when the fast CPU path is first used.
+    """
+    text = os.environ.get(SETTING)
+    if text and _setting_error(text) is None:
+        return int(text.strip())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, 8))
+
+
+def check_setting() -> None:
+    """ValueError should $GPUCNN_CPU_THREADS be set to something other than a whole number from 1 up."""
+    error = _setting_error(os.environ.get(SETTING))
+    if error is not None:
+        raise ValueError(error)
 
 
 THREADS = _thread_count()

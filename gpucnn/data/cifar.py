@@ -28,6 +28,7 @@ import numpy as np
 from gpucnn.data import datasets
 from gpucnn.data.datasets import DATA_DIR_ENV, FileSpec
 from gpucnn.data.idx import DataError
+from gpucnn.files import umask
 
 NAME = "cifar10"
 BATCHES_DIR = "cifar-10-batches-bin"
@@ -125,6 +126,7 @@ def _unpack(archive: Path, target: Path) -> None:
     """
     wanted = [*SPLIT_FILES["train"], *SPLIT_FILES["test"], META_FILE]
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    staging.chmod(0o777 & ~umask())  # mkdtemp's 0700 would become the data folder's mode
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:

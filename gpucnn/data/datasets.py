@@ -30,6 +30,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from gpucnn import __version__, backend
 from gpucnn.data.idx import DataError, read_idx
+from gpucnn.files import umask
 
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "GPUCNN_DATA_DIR"
@@ -238,6 +239,7 @@ def _download_file(file_spec: FileSpec, directory: Path, mirrors, progress, time
         except OSError as exc:
             raise DataError(f"cannot write to the cache folder {directory} ({exc}); set {CACHE_DIR_ENV} to a "
                             "writable folder.") from None
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would become the cached file's mode
         os.close(fd)
         part = Path(part_name)
         try:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from gpucnn.data import datasets
 from gpucnn.data.idx import DataError
+from gpucnn.files import write_atomically
 from gpucnn.data.images import is_image_file, read_image, require_pillow
 
 CACHE_SUBDIR = "folders"
@@ -61,14 +60,20 @@ def folder_classes(root) -> tuple[str, ...]:
     return classes
 
 
-def _scan(root: Path, split: str, classes) -> list[tuple[str, int, int, int]]:
-    """(relative path, label, size, mtime_ns) of every image file of the split, in class then name order."""
+def _scan(root: Path, split: str, classes, source=None) -> list[tuple[str, int, int, int]]:
+    """(relative path, label, size, mtime_ns) of every image file of the split, in class then name order.
+
+    ``source`` names where the classes came from (default: the folder's train/).
+    """
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"{root} has no {split}/ sub-folder (expected {folder}/<class>/<image>).")
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and p.name not in classes)
     if unknown:
+        if source is not None:
+            raise DataError(f"{folder} holds class folder(s) {', '.join(unknown)} that {source} lacks "
+                            f"(its classes: {', '.join(classes)}).")
         raise DataError(f"{folder} holds class folder(s) {', '.join(unknown)} that {root / 'train'} lacks; "
                         "the classes come from train/.")
     entries = []
@@ -91,31 +96,41 @@ def _cache_path(root: Path, split: str, image_size: int, grey: bool, cache_dir=N
     return datasets.cache_root(cache_dir) / CACHE_SUBDIR / key / f"{split}.npz"
 
 
-def _read_cache(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, list] | None:
-    """(images, labels, skipped) from the cache when it was written for exactly this manifest, else None."""
+def _read_cache(path: Path, manifest: dict, shape) -> tuple[np.ndarray, np.ndarray, list] | None:
+    """(images, labels, skipped) from the cache when it was written for exactly this manifest, else None.
+
+    ``shape`` is (C, S, S) of one image. A damaged cache (cut short, a flipped bit: the
+    npz's CRC catches it, a damaged header) warns and gives None: the images are decoded again.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
             stored = json.loads(str(npz["manifest"]))
             if stored != manifest:
                 return None
-            return npz["images"], npz["labels"].astype(np.int64), list(json.loads(str(npz["skipped"])))
-    except (OSError, ValueError, KeyError, EOFError):
-        return None   # missing, from another version, or damaged: decode again
+            images, labels = npz["images"], npz["labels"].astype(np.int64)
+            skipped = list(json.loads(str(npz["skipped"])))
+    except (FileNotFoundError, NotADirectoryError):
+        return None   # no cache yet
+    except Exception as exc:  # noqa: BLE001 - zipfile, NumPy's header parser and json raise many kinds
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    else:
+        expected = len(manifest["files"]) - len(skipped)
+        if images.dtype == np.uint8 and images.shape == (expected, *shape) and labels.shape == (expected,) and \
+                (expected == 0 or 0 <= labels.min() <= labels.max() < len(manifest["classes"])):
+            return images, labels, skipped
+        reason = f"it holds images {images.dtype} {images.shape} and labels {labels.shape}, not {expected} images"
+    warnings.warn(f"the image cache {path} is damaged ({reason}); decoding the images again.", stacklevel=3)
+    return None
 
 
 def _write_cache(path: Path, manifest: dict, images, labels, skipped) -> None:
-    """Write the cache file under a temporary name and rename it; a failure only warns (the data are fine)."""
+    """Write the cache file atomically and durably (fsynced); a failure only warns (the data are fine)."""
+    def write(f):
+        np.savez(f, manifest=np.array(json.dumps(manifest)), images=images, labels=labels,
+                 skipped=np.array(json.dumps(skipped)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, manifest=np.array(json.dumps(manifest)), images=images, labels=labels,
-                         skipped=np.array(json.dumps(skipped)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, write)
     except OSError as exc:
         warnings.warn(f"could not cache the decoded images in {path.parent} ({exc}); the next run decodes "
                       f"them again (set {datasets.CACHE_DIR_ENV} to a writable folder).", stacklevel=3)
@@ -123,11 +138,13 @@ def _write_cache(path: Path, manifest: dict, images, labels, skipped) -> None:
 
 def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bool = False,
                       skip_bad_images: bool = False, cache_dir=None, use_cache: bool = True,
-                      progress=False) -> FolderSplit:
+                      progress=False, classes=None) -> FolderSplit:
     """Load ``root/<split>/<class>/*`` as uint8 (N, C, image_size, image_size) with C = 3 (RGB) or 1 (grey).
 
     See the module docstring for the layout, the cache and bad images. ``progress``
-    shows a tqdm bar (on stderr) while images are decoded.
+    shows a tqdm bar (on stderr) while images are decoded. ``classes`` (a checkpoint's
+    class names) label the images in place of train/'s sub-folders: train/ may then be
+    missing, but where it exists its classes must be these.
     """
     datasets._check_split(split)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -135,13 +152,19 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bo
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder.")
-    classes = folder_classes(root)
-    entries = _scan(root, split, classes)
+    if classes is None:
+        classes, source = folder_classes(root), None
+    else:
+        classes, source = tuple(classes), "the checkpoint"
+        if (root / "train").is_dir() and folder_classes(root) != classes:
+            raise DataError(f"the image folder's classes {folder_classes(root)} are not the checkpoint's {classes}; "
+                            "evaluate on a folder whose class folders are the checkpoint's classes.")
+    entries = _scan(root, split, classes, source)
     manifest = {"format": CACHE_FORMAT, "classes": list(classes), "image_size": image_size, "grey": bool(grey),
                 "skip_bad_images": bool(skip_bad_images), "files": [list(e) for e in entries]}
     cache = _cache_path(root, split, image_size, grey, cache_dir)
     if use_cache:
-        cached = _read_cache(cache, manifest)
+        cached = _read_cache(cache, manifest, (1 if grey else 3, image_size, image_size))
         if cached is not None:
             return FolderSplit(*cached[:2], classes, cached[2], from_cache=True)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from gpucnn import backend
+from gpucnn.files import require_regular_file, write_atomically
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_NDIM = 4
@@ -48,12 +47,10 @@ def _code_for(dtype: np.dtype) -> int:
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when it starts with the gzip magic."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"IDX file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise DataError(f"IDX path {path} is a directory, not a file.") from None
+    if path.is_dir():
+        raise DataError(f"IDX path {path} is a directory, not a file.")
+    require_regular_file(path, "IDX file", DataError)  # a FIFO or /dev/zero would never end
+    raw = path.read_bytes()
     if not raw.startswith(GZIP_MAGIC):
         return raw
     try:
@@ -135,12 +132,4 @@ def write_idx(path, array, compress: bool | None = None) -> Path:
     if compress:
         payload = gzip.compress(payload, mtime=0)  # mtime=0: identical arrays give identical files
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: f.write(payload), durable=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn.data.idx import DataError
+from gpucnn.files import require_regular_file
 
 INSTALL_HINT = "reading image files needs Pillow: pip install 'gpucnn[images]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
@@ -51,6 +52,42 @@ def resize_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
+def _full_scale(image) -> int:
+    """The largest value of an integer image of more than 8 bits ("I;16*" or "I" mode): its bit depth's."""
+    if image.mode.startswith("I;16"):
+        return 65535
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258, (32,))
+        sample_format = image.tag_v2.get(339, (1,))
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+        return 2 ** (bits - 1) - 1 if sample_format == 2 else 2 ** bits - 1
+    return 65535  # 16-bit PNG; Pillow scales a PGM/PPM's maxval to 16 bits
+
+
+def _eight_bit_grey(image, path):
+    """A 16-bit, 32-bit integer or float grey image as an 8-bit one, scaled by its bit depth.
+
+    Pillow's own conversion to "L" clips such pixels at 255 (a 16-bit picture comes
+    out nearly binary). Floats must lie in [0, 1]; integers are divided by their
+    full scale (65535 for 16 bits). DataError for negative or out-of-range values.
+    """
+    Image = require_pillow()
+    pixels = np.asarray(image).astype(np.float64)
+    if pixels.size and (not np.isfinite(pixels).all() or pixels.min() < 0):
+        raise DataError(f"cannot read image {path}: it holds negative or non-finite pixel values.")
+    if image.mode == "F":
+        if pixels.size and pixels.max() > 1:
+            raise DataError(f"cannot read image {path}: its float pixels exceed 1 (float images must hold "
+                            "values in [0, 1]).")
+        scale = 1.0
+    else:
+        scale = _full_scale(image)
+        if pixels.size and pixels.max() > scale:
+            raise DataError(f"cannot read image {path}: a pixel exceeds its bit depth's maximum {scale}.")
+    return Image.fromarray(np.rint(pixels * (255.0 / scale)).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def read_image(path, size: int | None = None, grey: bool = False) -> np.ndarray:
     """An image file as uint8 (3, H, W) RGB, or (1, H, W) with ``grey``; H = W = size when a size is given.
 
@@ -65,7 +102,10 @@ def read_image(path, size: int | None = None, grey: bool = False) -> np.ndarray:
             warnings.simplefilter("ignore")
             with Image.open(path) as opened:
                 opened.load()   # decodes now, so a truncated or corrupt file fails here
-                image = opened.convert("L" if grey else "RGB")
+                if opened.mode == "F" or opened.mode.startswith("I"):
+                    image = _eight_bit_grey(opened, path).convert("L" if grey else "RGB")
+                else:
+                    image = opened.convert("L" if grey else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {' '.join(str(exc).split()) or type(exc).__name__}.") from None
     if size is not None:
@@ -126,6 +166,10 @@ def read_model_input(path, input_shape) -> np.ndarray:
     path = Path(path)
     C, H, W = input_shape
     suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES and suffix != ".npy":
+        raise ValueError(f"{path}: predict reads PNG/JPEG/BMP/GIF/TIFF/WebP images (Pillow), .pgm images and "
+                         f".npy arrays, not {path.suffix or 'this file'}.")
+    require_regular_file(path, "image file", DataError)  # a FIFO or /dev/zero would never end
     if suffix in IMAGE_SUFFIXES and suffix != ".pgm":  # Pillow, imported only here
         return read_image(path, size=H, grey=C == 1)[None].astype(np.float32) / np.float32(255)
     if suffix == ".pgm":
@@ -134,9 +178,6 @@ def read_model_input(path, input_shape) -> np.ndarray:
             raise ValueError(f"{path} is a {pixels.shape[1]}x{pixels.shape[0]} image; the model takes {W}x{H} "
                              "(convert it to PNG to have it resized).")
         return np.repeat(pixels[None, None], C, axis=1)
-    if suffix != ".npy":
-        raise ValueError(f"{path}: predict reads PNG/JPEG/BMP/GIF/TIFF/WebP images (Pillow), .pgm images and "
-                         f".npy arrays, not {path.suffix or 'this file'}.")
     return _npy_pixels(path, C, H, W)
 
 
@@ -144,8 +185,16 @@ def _npy_pixels(path: Path, C: int, H: int, W: int) -> np.ndarray:
     """A .npy file of a grey or colour image or batch as float32 (N, C, H, W) pixels in [0, 1]."""
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a readable .npy array ({exc}).") from None
+    except MemoryError:
+        raise ValueError(f"{path} is not a readable .npy array (its header declares more memory than there "
+                         "is; damaged?).") from None
+    except Exception as exc:  # noqa: BLE001 - NumPy's header parser raises ValueError, SyntaxError, TokenError, ...
+        raise ValueError(f"{path} is not a readable .npy array ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}).") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive named .npy: np.load opened it as an archive
+        array.close()
+        raise ValueError(f"{path} is an .npz archive, not a .npy array; save one array with np.save, or "
+                         "rename it to .npz if it is a checkpoint.")
     if C == 1 and array.shape == (H, W):
         array = array[None, None]
     elif C == 1 and array.ndim == 3 and array.shape[1:] == (H, W):

@@ -63,12 +63,14 @@ def default_classes(name: str):
 
 
 def load_split(name: str, split: str = "train", data_dir=None, download: bool = True, progress=True,
-               image_size: int | None = None, grey: bool = False, skip_bad_images: bool = False) -> Split:
+               image_size: int | None = None, grey: bool = False, skip_bad_images: bool = False,
+               classes=None) -> Split:
     """Load one split of the data set ``name`` (see the module table).
 
     ``data_dir`` is where to look first (required for ``folder``: the folder
     holding train/ and test/). ``image_size``, ``grey`` and ``skip_bad_images``
-    apply to image folders only (``image_size`` required there).
+    apply to image folders only (``image_size`` required there), and so does ``classes``: the class
+    names to label an image folder by (a checkpoint's), in place of its train/ sub-folders.
     """
     check_dataset(name)
     if name == FOLDER:
@@ -78,7 +80,7 @@ def load_split(name: str, split: str = "train", data_dir=None, download: bool = 
         if image_size is None:
             raise ValueError("an image folder needs an image size to resize its images to.")
         part = folder.load_image_folder(data_dir, split, image_size=image_size, grey=grey,
-                                        skip_bad_images=skip_bad_images, progress=progress)
+                                        skip_bad_images=skip_bad_images, progress=progress, classes=classes)
         return Split(part.images, part.labels, part.classes, part.skipped, part.from_cache)
     if name == cifar.NAME:
         images, labels = cifar.load_cifar10(split, data_dir=data_dir, download=download, progress=progress)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn import backend
+from gpucnn.emulator.build import EmulatorBuildError
 from gpucnn.emulator.kernel import ORDERS, EmulatedKernel, EmulatedModule
 from gpucnn.kernel_sources import kernels_dir as default_kernels_dir
 
@@ -77,13 +78,30 @@ class EmulatorRuntime:
 
 
 class EmulatorDeviceRuntime(EmulatorRuntime):
-    """EmulatorRuntime whose allocations live on the emulator device (EmulatorArray)."""
+    """EmulatorRuntime whose allocations live on the emulator device (EmulatorArray); a kernel that
+    cannot be built (no C++ compiler, bad compiler flags) is a DeviceError of one sentence."""
+
+    def function(self, file: str, name: str):
+        try:
+            return super().function(file, name)
+        except EmulatorBuildError as exc:
+            raise backend.DeviceError(build_error_text(exc)) from None
 
     def empty(self, shape, dtype):
         return super().empty(shape, dtype).view(backend.EmulatorArray)
 
     def zeros(self, shape, dtype):
         return super().zeros(shape, dtype).view(backend.EmulatorArray)
+
+
+def build_error_text(exc) -> str:
+    """One sentence for a failed emulator build: the compiler's first error line and what to check."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:  # no compiler to run: its own sentence says what is needed
+        return f"the emulator device could not build its kernels: {lines[0] if lines else type(exc).__name__}"
+    first = next((line for line in lines[1:] if "error" in line.lower()), lines[1])
+    return (f"the emulator device could not build its kernels: {lines[0].rstrip(':')} ({first}); check $CXX "
+            "and $GPUCNN_EMULATOR_CXXFLAGS (it needs a C++20 compiler and flags it accepts).")
 
 
 _device_runtimes = {}   # thread order -> the emulator device's runtime in that order

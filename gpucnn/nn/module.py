@@ -317,11 +317,15 @@ class Module:
             if name not in state:
                 continue
             value = backend.to_numpy(state[name])
-            if not np.issubdtype(value.dtype, np.number):
-                raise TypeError(f"state_dict entry {name!r} must be a numeric array, not {value.dtype}.")
+            if value.dtype.kind != "f":  # integer, complex or bool weights: a tampered or foreign file
+                raise TypeError(f"state_dict entry {name!r} must be a float array, not {value.dtype}.")
             if tuple(value.shape) != param.shape:
                 raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
                                  f"but the parameter has shape {param.shape}.")
+            if not np.isfinite(value).all():
+                bad = int(np.count_nonzero(~np.isfinite(value)))
+                raise ValueError(f"state_dict entry {name!r} holds NaN or infinite values ({bad} of {value.size}); "
+                                 "such weights give NaN outputs.")
             values[name] = value
         for name, value in values.items():
             param = own[name]
