@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from gpucnn import backend, nn
+from gpucnn.files import write_atomically
 from gpucnn.grad_mode import no_grad
 from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry
 from gpucnn.utils import check_int
@@ -154,9 +155,9 @@ class TopPatches:
         path = Path(path)
         meta = {"format": PATCH_FORMAT, "layer": self.layer, "rf": list(self.rf), "input_hw": list(self.input_hw),
                 "info": self.info}
-        np.savez_compressed(path, meta=np.array(json.dumps(meta)), values=self.values, image=self.image,
-                            oy=self.oy, ox=self.ox, region=self.region, box=self.box, crops=self.crops)
-        return path
+        return write_atomically(path, lambda f: np.savez_compressed(
+            f, meta=np.array(json.dumps(meta)), values=self.values, image=self.image, oy=self.oy, ox=self.ox,
+            region=self.region, box=self.box, crops=self.crops), durable=False)
 
     @classmethod
     def load(cls, path) -> "TopPatches":

@@ -51,7 +51,8 @@ def write_atomically(path, write, *, durable: bool = True) -> Path:
 
     The temporary file is ``.<name>.<random>.tmp`` in the same folder, gets mode
     0666 less the umask, is fsynced (``durable``) and removed again if anything
-    fails (a full disk, an exception in ``write``, Ctrl-C). Returns the path.
+    fails (a full disk, an exception in ``write``, Ctrl-C); an OSError is raised
+    again naming ``path``. Returns the path.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -64,6 +65,10 @@ def write_atomically(path, write, *, durable: bool = True) -> Path:
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp_name, path)
+    except OSError as exc:  # named after the target (a full disk's error names no file; NumPy's not even errno)
+        Path(tmp_name).unlink(missing_ok=True)
+        reason = exc.strerror or f"{exc}; is the disk full?"
+        raise OSError(exc.errno, reason, str(path)) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

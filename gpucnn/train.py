@@ -259,7 +259,8 @@ class Trainer:
             raise TypeError(f"comm must be a gpucnn.distributed.Communicator or None, not {type(comm).__name__}.")
         self.device = backend.resolve_device(device)
         if self.device == "cpu":
-            split.threads.check_setting()  # a bad GPUCNN_CPU_THREADS is refused before any data is copied
+            split.threads.check_setting()  # a bad GPUCNN_CPU_THREADS or GPUCNN_CPU_PROCESSES is refused before
+            split.processes()              # any data is copied
         if comm is not None and comm.device not in (None, self.device):
             raise ValueError(f"comm was made for the {comm.device} but the trainer runs on the {self.device}.")
         self.comm = distributed.Communicator() if comm is None else comm

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gpucnn.features import TopPatches
+from gpucnn.files import write_atomically
 from gpucnn.metrics import METRIC_KEYS, check_records, read_metrics  # noqa: F401 - also viz.METRIC_KEYS, viz.read_metrics
 
 DPI = 100
@@ -69,9 +70,8 @@ def _bare(ax) -> None:
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    # under a temporary name: a full disk must not leave a truncated PNG behind
+    return write_atomically(path, lambda f: fig.savefig(f, dpi=DPI, format="png"), durable=False)
 
 
 def _fitting_fontsize(text: str, width_px: float, largest: float) -> float:

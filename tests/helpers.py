@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -60,6 +61,18 @@ def start_cli(*args):
     """``python cli.py ARGS`` started in the background (a Popen with piped output)."""
     return subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def mount_namespace():
+    """The command prefix that runs a command with mounts of its own, where it may mount a small tmpfs (a
+    real full disk): ``unshare -m`` as root, ``unshare -rm`` (a user namespace) otherwise; None where
+    neither is allowed. The mounts vanish with the command."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "-m"] if os.geteuid() == 0 else [unshare, "-rm"]
+    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
 
 
 def assert_one_line_error(code, stderr, fragment, expected_code=1):

@@ -9,13 +9,16 @@ import types
 import numpy as np
 import pytest
 
+pytest.importorskip("click")  # absent on a bare GPU machine: skip, not a collection error
+pytest.importorskip("PIL")
+
 from gpucnn import distributed, optim
 from gpucnn.checkpoint import load_checkpoint, save_checkpoint
 from gpucnn.cli.errors import MEMORY_HINTS, expected_errors
 from gpucnn.models import build_model
 from gpucnn.train import CHECKPOINT_FILE, Trainer
 from tests.colour_data import CLASSES, write_image_folder
-from tests.helpers import ROOT, assert_one_line_error, clean_env, run_cli_together
+from tests.helpers import ROOT, assert_one_line_error, clean_env, mount_namespace, run_cli_together
 from tests.synthetic_data import write_random_split
 
 
@@ -142,10 +145,12 @@ def test_features_refuses_paths_that_would_lose_or_misname_output(places, tmp_pa
 
 # ---------------------------------------------------------------- item 20: an empty --out
 
-def test_an_empty_out_is_refused_not_the_current_folder(places, tmp_path):
-    result, = cli(places, ("train", "--data-dir", places.digits, "--no-download", "--device", "cpu",
-                           "--epochs", 1, "--out", ""))
-    assert_one_line_error(result.returncode, result.stderr, "Invalid value for '--out': an empty folder name", 2)
+def test_an_empty_out_or_data_dir_is_refused_not_the_current_folder(places, tmp_path):
+    out, data_dir = cli(places, ("train", "--data-dir", places.digits, "--no-download", "--device", "cpu",
+                                 "--epochs", 1, "--out", ""),
+                        ("evaluate", places.mnist, "--data-dir", "", "--no-download", "--device", "cpu"))
+    assert_one_line_error(out.returncode, out.stderr, "Invalid value for '--out': an empty folder name", 2)
+    assert_one_line_error(data_dir.returncode, data_dir.stderr, "Invalid value for '--data-dir': an empty folder", 2)
 
 
 # ---------------------------------------------------------------- item 6: ranks started with other settings
@@ -216,3 +221,28 @@ def test_an_mpi_job_whose_ranks_differ_in_lr_stops_with_one_line(places, tmp_pat
     assert errors and all("the ranks disagree on optimizer settings (rank 0: {'lr': 0.001" in line
                           for line in errors), job.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_features_and_visualize_on_a_full_disk_name_the_file_and_leave_no_part(places, tmp_path):
+    prefix = mount_namespace()
+    if prefix is None:
+        pytest.skip("needs a small tmpfs: unshare and mount in a mount namespace (root, or user namespaces)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    common = f"--data-dir {places.digits} --no-download --device cpu --quiet"
+    script = (f"mount -t tmpfs -o size=8k tmpfs {disk} || exit 77; cd {ROOT}; "
+              f"{sys.executable} cli.py features {places.mnist} --layer flatten {common} --out {disk}/f.npy; "
+              f"echo rc=$?; {sys.executable} cli.py visualize {places.mnist} {common} --out {disk}/viz; "
+              f"echo rc=$?; ls -A {disk} {disk}/viz")
+    result = subprocess.run([*prefix, "bash", "-c", script], env=places.env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode == 77:
+        pytest.skip(f"could not mount a tmpfs: {result.stderr.strip()}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.stdout.count("rc=1") == 2, (result.stdout, result.stderr)
+    # before the fix: "12800 requested and 2016 written" and "[Errno 28] No space left on device", no file
+    assert errors[0].startswith(f"Error: {disk}/f.npy: ") and "is the disk full?" in errors[0], errors
+    assert errors[1].startswith(f"Error: {disk}/viz/") and "No space left on device" in errors[1], errors
+    listed = result.stdout.split("rc=1")[-1].split()
+    assert "f.npy" not in listed and not [name for name in listed if name.endswith(".tmp")], listed  # no partial
+    assert not [name for name in listed if name.endswith(".png")], listed  # 8 KiB holds none of the figures

@@ -3,7 +3,6 @@ runs cannot share one (a lock that a SIGKILLed run does not leave stuck), a full
 leaves a folder that says truly what it holds, and SIGTERM saves and exits 143 like Ctrl-C."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 from gpucnn.checkpoint import load_checkpoint
 from gpucnn.runfolder import LOCK_FILE, RUN_FILES
 from gpucnn.train import BEST_FILE, CHECKPOINT_FILE, METRICS_FILE
-from tests.helpers import ROOT, assert_one_line_error, clean_env, run_cli, run_cli_together, wait_until
+from tests.helpers import (ROOT, assert_one_line_error, clean_env, mount_namespace, run_cli, run_cli_together,
+                           wait_until)
 from tests.synthetic_data import write_random_split
 
 
@@ -162,18 +162,8 @@ cmp -s "$PREPARED/metrics.jsonl" "$DISK/full/metrics.jsonl"; echo $? > "$LOG/tri
 """
 
 
-def _in_a_mount_namespace():
-    """The command prefix that runs a shell with its own mounts (root: unshare -m; others: a user namespace)."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return None
-    prefix = [unshare, "-m"] if os.geteuid() == 0 else [unshare, "-rm"]
-    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
-    return prefix if probe.returncode == 0 else None
-
-
 def test_a_full_disk_names_the_file_and_leaves_a_folder_that_says_truly_what_it_holds(data, tmp_path):
-    prefix = _in_a_mount_namespace()
+    prefix = mount_namespace()
     if prefix is None:
         pytest.skip("needs a small tmpfs: unshare and mount in a mount namespace (root, or user namespaces)")
     prepared = tmp_path / "prepared"  # a run at epoch 1 whose metrics run on to epoch 3 (killed later, say)

@@ -57,10 +57,18 @@ def dataset_option(default=None, default_text: str = "the checkpoint's"):
              f"[default: {default if default is not None else default_text}]")
 
 
+def folder_path(ctx, param, value):
+    """Click callback: a folder option as a Path; an empty string (which would mean the current folder) is
+    refused, so an unset shell variable (--out "$RUN") does not silently read or write here."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("an empty folder name; name a folder (. for the current one).")
+    return None if value is None else Path(value)
+
+
 def data_dir_option(func):
     """``--data-dir DIR``."""
     return click.option(
-        "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        "--data-dir", type=click.Path(file_okay=False), callback=folder_path, default=None,
         help=f"{DATA_DIR_MEANING}: a folder holding the files (or <folder>/<dataset>/); for --dataset folder the "
              "image folder itself. Else $GPUCNN_DATA_DIR, the cache, /usr/share/datasets, then a download.")(func)
 

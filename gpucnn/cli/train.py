@@ -14,8 +14,8 @@ from gpucnn import backend, distributed, runfolder
 from gpucnn.checkpoint import CheckpointError, load_checkpoint
 from gpucnn.cli import data as cli_data
 from gpucnn.cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, rank_error_text
-from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, grey_option,
-                                image_size_option, model_option, skip_bad_images_option, use_device)
+from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, folder_path,
+                                grey_option, image_size_option, model_option, skip_bad_images_option, use_device)
 from gpucnn.metrics import METRICS_FILE
 from gpucnn.models import build_model
 from gpucnn.train import CHECKPOINT_FILE, Trainer
@@ -81,16 +81,9 @@ def _check_out_dir(out: Path, resume: Path | None) -> None:
         return
     if resume is None:
         raise ValueError(f"{held}, or choose another --out.")
-    if out.resolve() != resume.resolve().parent:
+    if out.resolve() != resume.parent.resolve():  # the folders, not where a linked checkpoint points
         raise ValueError(f"--out {out} holds another run ({', '.join(runfolder.run_files(out))}); a resumed run "
                          f"continues in its own folder {resume.parent} (drop --out) or in an empty one.")
-
-
-def _out_option(ctx, param, value):
-    """--out as a Path; an empty string (which would mean the current folder) is refused."""
-    if value is not None and not str(value).strip():
-        raise click.BadParameter("an empty folder name; name a folder for the run's files (--out . for this one).")
-    return None if value is None else Path(value)
 
 
 def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
@@ -165,7 +158,7 @@ _TRAIN_OPTIONS = [
                       "validation split with --val-split, else of the test split."),
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Seeds the initial weights and the batch order."),
-    click.option("--out", type=click.Path(file_okay=False), callback=_out_option, default=None,
+    click.option("--out", type=click.Path(file_okay=False), callback=folder_path, default=None,
                  help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
                       "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]"),
     click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
