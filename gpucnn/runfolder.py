@@ -15,6 +15,7 @@ say on a full disk, before its first checkpoint).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 try:
@@ -52,6 +53,9 @@ def claim(folder) -> Path:
                 owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise FolderInUseError(f"{folder} is in use by another training run (process {owner}); wait for "
                                        "it to end, or choose another --out.") from None
+            except OSError as exc:  # a file system without locks (some network and FUSE ones): run unguarded
+                warnings.warn(f"cannot lock {folder / LOCK_FILE} ({exc.strerror}); nothing stops another run "
+                              "from writing into this folder meanwhile.", stacklevel=2)
         try:  # who owns it, for the message a second run gets (a full disk may refuse these bytes)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

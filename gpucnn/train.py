@@ -157,8 +157,8 @@ class _StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # the second signal: stop now, unsaved (SIGTERM with its usual status, 143)
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.requested = True
         self.signal = signal.Signals(signum)
         if signum == signal.SIGINT:

@@ -203,3 +203,14 @@ def test_a_full_disk_names_the_file_and_leaves_a_folder_that_says_truly_what_it_
                           f"could not write {disk}/full/metrics.jsonl (No space left on device)")
     assert read("trim.cmp").strip() == "0"
     assert not [name for name in read("trim.ls").split() if name.endswith(".tmp")], read("trim.ls")
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    from gpucnn import runfolder  # noqa: PLC0415
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(runfolder.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.gpucnn-run\.lock \(No locks available\)"):
+        runfolder.claim(tmp_path / "run")
+    runfolder.release(tmp_path / "run")
