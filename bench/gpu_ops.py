@@ -131,8 +131,8 @@ class Bench:
         forward = self.rt.take()
         cuda_conv.conv2d_backward(grad_y, x, weight, padding=padding, runtime=self.rt)
         backward = self.rt.take()
-        data = [launch for launch in backward if launch.name == "conv2d_backward_data"]
-        weights = [launch for launch in backward if launch.name != "conv2d_backward_data"]
+        data = [launch for launch in backward if launch.name == "conv2d_gemm_backward_data"]
+        weights = [launch for launch in backward if launch.name != "conv2d_gemm_backward_data"]
 
         tx, tw, tb, tgy = (self.t(a) for a in (x, weight, bias, grad_y))
         geometry = dict(padding=padding, runtime=self.plain)
@@ -211,8 +211,7 @@ class Bench:
         forward = self.rt.take()
         cuda_linear.matmul(grad_y, weight, runtime=self.rt)
         data = self.rt.take()
-        cuda_linear.matmul(grad_y, x, trans_a=True, runtime=self.rt)
-        cuda_linear.column_sums(grad_y, runtime=self.rt)
+        cuda_linear.matmul(grad_y, x, trans_a=True, row_sums=True, runtime=self.rt)  # weight and bias gradients
         weights = self.rt.take()
 
         tx, tw, tb, tgy = (self.t(a) for a in (x, weight, bias, grad_y))

@@ -15,12 +15,15 @@ time on an H200 from the model below. No GPU is involved, so no figure here is a
 The time model (per launch; a stated model, not a measurement):
   t = LAUNCH_US + max(t_compute, t_memory)
   t_memory  = compulsory bytes (every array argument read or written once) / (0.8 * 4.8 TB/s)
-  t_compute = FMAs / 32 * cost / (132 SMs * 4 warp-instructions per clock * 1.9 GHz) / (wave * latency)
+  t_compute = waves * (FMAs per block / 32 * cost) / (issue rate per block * 1.9 GHz)
+    FMAs     = the multiply-adds the blocks execute: for the GEMM kernels whole tiles (rows and
+               columns past the problem's edge included), so an almost empty tile costs in full;
     cost     = max(instructions per FMA of the inner loop, 4 * shared-memory clocks per FMA); an SM
                issues 4 warp-instructions and serves 128 bytes of shared memory per clock, so a
                32-bit shared load per warp costs one clock and a 128-bit one four;
-    wave     = blocks / (waves * 132 * blocks per SM): the idle tail of the last wave;
-    latency  = min(1, resident warps per SM / 16): too few warps cannot hide latency.
+    waves    = ceil(blocks / (132 SMs * blocks per SM)); resident = min(blocks per SM, ceil(blocks / 132));
+    issue rate per block = min(4, 0.5 * resident * warps per block) / resident warp-instructions per
+               clock: a warp issues at most every other clock on average, so 8 warps fill an SM.
   FMAs are counted only for the GEMM-like kernels (convolutions, matrix products); the others are
   modelled as memory traffic. The cuDNN anchor beside each convolution layer is its FLOPs at 57% of
   fp32 peak (cuDNN's fp32 ResNet-50 on a V100, NVIDIA DeepLearningExamples), the figure the design
@@ -237,6 +240,13 @@ FMAS = {
     "conv2d_backward_data": lambda a: a[0].size * _per_filter(a[1]),
     "conv2d_backward_weight_partial": lambda a: a[0].size * a[2].shape[1] // a[0].shape[1],
     "linear_matmul_tiled": lambda a: int(a[4]) * int(a[5]) * int(a[6]),
+    # the GEMM core (kernels/gemm.cu): rows x cols x depth as launched (the data gradient's zero taps
+    # at strides > 1 and the weight gradient's column of ones included)
+    "conv2d_gemm_forward": lambda a: a[3].size * _per_filter(a[1]),
+    "conv2d_gemm_backward_data": lambda a: a[2].size * (a[1].size // a[1].shape[1]),
+    "conv2d_gemm_backward_weight": lambda a: a[0].size * (int(a[5]) * int(a[9]) * int(a[10]) + int(a[20])),
+    "gemm_matmul": lambda a: int(a[5]) * (int(a[6]) + int(a[13])) * int(a[7]),
+    "conv2d_small_backward_weight": lambda a: a[0].size * (int(a[5]) * int(a[9]) * int(a[10]) + int(a[20])),
 }
 
 
@@ -244,6 +254,26 @@ def launch_fmas(launch: DryLaunch) -> int:
     """Multiply-adds of the GEMM-like kernels (0 for the others): from the shapes of their arguments."""
     count = FMAS.get(launch.name)
     return int(count(launch.args)) if count else 0
+
+
+# The GEMM kernels' (rows, cols, depth), to count whole tiles: kernel name -> function of the args.
+GEMM_SHAPES = {
+    "conv2d_gemm_forward": lambda a: (int(a[8]), a[3].size // int(a[8]), _per_filter(a[1])),
+    "conv2d_gemm_backward_data": lambda a: (int(a[5]), a[2].size // int(a[5]), a[1].size // a[1].shape[1]),
+    "conv2d_gemm_backward_weight": lambda a: (int(a[8]), int(a[5]) * int(a[9]) * int(a[10]) + int(a[20]),
+                                              a[0].size // int(a[8])),
+    "gemm_matmul": lambda a: (int(a[5]), int(a[6]) + int(a[13]), int(a[7])),
+}
+
+
+def executed_fmas(launch: DryLaunch, fmas: int) -> int:
+    """The multiply-adds the launch's blocks execute: whole tiles for the GEMM kernels, else ``fmas``."""
+    shape = GEMM_SHAPES.get(launch.name)
+    if shape is None:
+        return fmas
+    _, _, depth = shape(launch.args)
+    tile = launch.block[0] * 8
+    return math.prod(launch.grid) * tile * tile * math.ceil(depth / launch.grid[2])
 
 
 def launch_bytes(launch: DryLaunch) -> int:
@@ -283,11 +313,11 @@ def estimate(launch: DryLaunch, static: KernelStatic) -> LaunchEstimate:
     t_memory = nbytes / (MEMORY_EFFICIENCY * HBM_BYTES_S)
     t_compute = 0.0
     if fmas and static.loop.ffma and per_sm:
-        resident = min(blocks, SMS * per_sm)
         waves = math.ceil(blocks / (SMS * per_sm))
-        wave = blocks / (waves * SMS * per_sm)
-        latency = min(1.0, min(warps, math.ceil(resident / SMS) * math.ceil(threads / 32)) / 16)
-        t_compute = fmas / 32 * static.loop.cost / (SMS * 4 * CLOCK_HZ) / (wave * latency)
+        resident = min(per_sm, math.ceil(blocks / SMS))
+        rate = min(4.0, 0.5 * resident * math.ceil(threads / 32)) / resident
+        executed = executed_fmas(launch, fmas)
+        t_compute = waves * (executed / blocks / 32 * static.loop.cost) / (rate * CLOCK_HZ)
     est = LAUNCH_US + 1e6 * max(t_compute, t_memory)
     return LaunchEstimate(launch.name, launch.grid, launch.block, shared, per_sm, warps / MAX_WARPS_PER_SM,
                           2 * fmas, nbytes, est)

@@ -1,4 +1,4 @@
-// 2-D convolution, forward and backward.
+// 2-D convolution, forward, for few output channels.
 //
 // Layout: every array is C-contiguous float32 in NCHW order.
 //   x (n, c, h, w)   weight (oc, c, kh, kw)   bias (oc)   y (n, oc, oh, ow)
@@ -15,29 +15,12 @@
 //                           its halo and the group's filters into dynamic shared memory; each
 //                           input value read from shared memory is reused from a register across
 //                           all OCB channels. Bias is fused, ReLU too when relu != 0.
-//   conv2d_forward_direct   y. One thread per output element, no shared memory; the fallback when
-//                           the tile and filters would not fit in shared memory.
-//   conv2d_backward_data    grad_x, as a gather: one thread per input element sums, in a fixed
-//                           order, over the output positions whose windows read it.
-//   conv2d_backward_weight_partial / conv2d_backward_bias_partial
-//                           partial (slices, count): the N*OH*OW output positions are cut into
-//                           slices of slice_len; block row blockIdx.y sums one slice, one thread
-//                           per weight (or bias) element.
-//   conv2d_reduce_partials  out (count): sums the slices of partial in slice order. The two passes
-//                           replace float atomics, so the gradients are bitwise reproducible.
+//
+// This is the small-problem kernel: the launcher (gpucnn/cuda/conv.py) takes it for few output
+// channels (LeNet-5's convolutions), where a 64-row GEMM tile would be mostly empty. Every other
+// convolution pass, forward and both gradients, is an implicit GEMM in kernels/gemm.cu.
 
 #define OCB 8  // output channels per thread in conv2d_forward_tiled; gpucnn/cuda/conv.py agrees
-
-// The coordinates (image b, channel ch, row y, column x) of element idx of a C-contiguous
-// (n, channels, height, width) array.
-__device__ __forceinline__ void unravel_nchw(int idx, int channels, int height, int width,
-                                             int* b, int* ch, int* y, int* x)
-{
-    *x = idx % width;
-    *y = (idx / width) % height;
-    *ch = (idx / (width * height)) % channels;
-    *b = idx / (width * height * channels);
-}
 
 extern "C" __global__ void conv2d_forward_tiled(
     const float* x, const float* weight, const float* bias, float* y,
@@ -111,114 +94,114 @@ extern "C" __global__ void conv2d_forward_tiled(
     }
 }
 
-extern "C" __global__ void conv2d_forward_direct(
-    const float* x, const float* weight, const float* bias, float* y,
+// The weight (and bias) gradient when its output, OC x (C*KH*KW [+1]), is small: at most SMALL_TILES
+// thread tiles of 8 x 8. The implicit GEMM would run it in one mostly empty 64 x 64 tile per depth
+// slice; here the block's 256 threads split each slice's positions instead.
+//   Block z sums output positions [z*depth_slice, min((z+1)*depth_slice, N*OH*OW)). Thread tid
+//   owns thread tile t = tid % tiles (rows (t / col_tiles)*8 + 0..7, columns (t % col_tiles)*8 + 0..7)
+//   and position group g = tid / tiles of groups = SMALL_THREADS / tiles; group g sums the g-th of
+//   `groups` consecutive chunks of the slice, positions in increasing order, from running (b, oy, ox)
+//   counters. Column C*KH*KW, when has_bias, is a column of ones: the bias gradient.
+//   The groups' tiles are then added in group order 0, 1, ... through shared memory (half the block
+//   at a time) and written: to grad_weight / grad_bias with one slice, else to slice z of
+//   grad_weight's place, partial (gridDim.z, OC, cols), which gemm_reduce_slices adds in slice order.
+#define SMALL_TILES 64     // gpucnn/cuda/conv.py agrees
+#define SMALL_THREADS 256
+
+extern "C" __global__ void conv2d_small_backward_weight(
+    const float* grad_y, const float* x, float* grad_weight, float* grad_bias,
     int n, int c, int h, int w, int oc, int kh, int kw,
-    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow, int relu)
+    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow, int depth_slice, int has_bias)
 {
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * oc * oh * ow) return;
-    int b, o, oy, ox;
-    unravel_nchw(idx, oc, oh, ow, &b, &o, &oy, &ox);
-
-    float acc = 0.0f;
-    for (int ci = 0; ci < c; ++ci) {
-        const float* x_plane = x + (b * c + ci) * h * w;
-        const float* w_plane = weight + (o * c + ci) * kh * kw;
-        for (int ky = 0; ky < kh; ++ky) {
-            const int iy = oy * sh - ph + ky * dh;
-            if (iy < 0 || iy >= h) continue;
-            for (int kx = 0; kx < kw; ++kx) {
-                const int ix = ox * sw - pw + kx * dw;
-                if (ix < 0 || ix >= w) continue;
-                acc += x_plane[iy * w + ix] * w_plane[ky * kw + kx];
-            }
-        }
-    }
-    float r = acc + bias[o];
-    if (relu && r < 0.0f) r = 0.0f;
-    y[idx] = r;
-}
-
-extern "C" __global__ void conv2d_backward_data(
-    const float* grad_y, const float* weight, float* grad_x,
-    int n, int c, int h, int w, int oc, int kh, int kw,
-    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow)
-{
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * c * h * w) return;
-    int b, ci, iy, ix;
-    unravel_nchw(idx, c, h, w, &b, &ci, &iy, &ix);
-
-    // Input row iy is read by output row oy through kernel row ky when oy*sh - ph + ky*dh == iy.
-    float acc = 0.0f;
-    for (int ky = 0; ky < kh; ++ky) {
-        const int ty = iy + ph - ky * dh;
-        if (ty < 0 || ty % sh != 0 || ty / sh >= oh) continue;
-        const int oy = ty / sh;
-        for (int kx = 0; kx < kw; ++kx) {
-            const int tx = ix + pw - kx * dw;
-            if (tx < 0 || tx % sw != 0 || tx / sw >= ow) continue;
-            const int ox = tx / sw;
-            for (int o = 0; o < oc; ++o) {
-                acc += grad_y[((b * oc + o) * oh + oy) * ow + ox]
-                     * weight[((o * c + ci) * kh + ky) * kw + kx];
-            }
-        }
-    }
-    grad_x[idx] = acc;
-}
-
-extern "C" __global__ void conv2d_backward_weight_partial(
-    const float* grad_y, const float* x, float* partial,
-    int n, int c, int h, int w, int oc, int kh, int kw,
-    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow, int slice_len)
-{
-    const int count = oc * c * kh * kw;
-    const int widx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (widx >= count) return;
-    const int kx = widx % kw;
-    const int ky = (widx / kw) % kh;
-    const int ci = (widx / (kw * kh)) % c;
-    const int o = widx / (kw * kh * c);
-
-    const int positions = n * oh * ow;
-    const int p_begin = blockIdx.y * slice_len;
-    const int p_end = min(p_begin + slice_len, positions);
-    float acc = 0.0f;
-    for (int p = p_begin; p < p_end; ++p) {
-        const int ox = p % ow;
-        const int oy = (p / ow) % oh;
-        const int b = p / (ow * oh);
-        const int iy = oy * sh - ph + ky * dh;
-        const int ix = ox * sw - pw + kx * dw;
-        if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
-        acc += grad_y[((b * oc + o) * oh + oy) * ow + ox] * x[((b * c + ci) * h + iy) * w + ix];
-    }
-    partial[blockIdx.y * count + widx] = acc;
-}
-
-extern "C" __global__ void conv2d_backward_bias_partial(
-    const float* grad_y, float* partial, int n, int oc, int oh, int ow, int slice_len)
-{
-    const int o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= oc) return;
+    __shared__ float parts[SMALL_THREADS / 2][64];
+    __shared__ float totals[SMALL_TILES * 64];
+    const int tid = (int)threadIdx.x;
+    const int filter = c * kh * kw;
+    const int cols = filter + (has_bias ? 1 : 0);
+    const int col_tiles = (cols + 7) / 8;
+    const int tiles = ((oc + 7) / 8) * col_tiles;
+    const int groups = SMALL_THREADS / tiles;
+    const int t = tid % tiles, g = tid / tiles;
+    const int row0 = (t / col_tiles) * 8, col0 = (t % col_tiles) * 8;
     const int plane = oh * ow;
-    const int p_begin = blockIdx.y * slice_len;
-    const int p_end = min(p_begin + slice_len, n * plane);
-    float acc = 0.0f;
-    for (int p = p_begin; p < p_end; ++p) {
-        acc += grad_y[((p / plane) * oc + o) * plane + p % plane];
-    }
-    partial[blockIdx.y * oc + o] = acc;
-}
 
-extern "C" __global__ void conv2d_reduce_partials(
-    const float* partial, float* out, int count, int slices)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= count) return;
-    float acc = 0.0f;
-    for (int s = 0; s < slices; ++s) acc += partial[s * count + i];
-    out[i] = acc;
+    // The thread's 8 columns: input-plane offset and window offsets of each tap, or the ones column.
+    int x_off[8], y_off[8], x_shift[8], kind[8];   // kind: 0 none, 1 tap, 2 ones
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int col = col0 + j;
+        const int ci = col / (kh * kw), r = col - ci * (kh * kw);
+        const int ky = r / kw, kx = r - ky * kw;
+        kind[j] = col < filter ? 1 : (col < cols ? 2 : 0);
+        x_off[j] = ci * h * w;
+        y_off[j] = ky * dh - ph;
+        x_shift[j] = kx * dw - pw;
+    }
+    float acc[8][8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+    }
+
+    const int d_begin = (int)blockIdx.z * depth_slice;
+    const int d_end = min(d_begin + depth_slice, n * plane);
+    const int chunk = (d_end - d_begin + groups - 1) / groups;
+    const int p_begin = g < groups ? d_begin + g * chunk : d_end;
+    const int p_end = min(p_begin + chunk, d_end);
+    int b = p_begin / plane, q = p_begin - b * plane;
+    int oy = q / ow, ox = q - oy * ow;
+    for (int p = p_begin; p < p_end; ++p) {
+        const float* gy = grad_y + (b * oc + row0) * plane + oy * ow + ox;
+        const float* xb = x + b * c * h * w;
+        float a[8], v[8];
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) a[i] = row0 + i < oc ? gy[i * plane] : 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int iy = oy * sh + y_off[j], ix = ox * sw + x_shift[j];
+            float val = kind[j] == 2 ? 1.0f : 0.0f;
+            if (kind[j] == 1 && iy >= 0 && iy < h && ix >= 0 && ix < w) val = xb[x_off[j] + iy * w + ix];
+            v[j] = val;
+        }
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * v[j];
+        }
+        if (++ox == ow) { ox = 0; if (++oy == oh) { oy = 0; ++b; } }
+    }
+
+    // Add the groups' tiles in group order: the threads of half 0 hold the lower groups.
+    for (int half = 0; half < 2; ++half) {
+        const int first = half * (SMALL_THREADS / 2);
+        if (tid >= first && tid < first + SMALL_THREADS / 2) {
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) parts[tid - first][i * 8 + j] = acc[i][j];
+            }
+        }
+        __syncthreads();
+        for (int e = tid; e < tiles * 64; e += SMALL_THREADS) {
+            const int et = e / 64, ij = e - et * 64;
+            float s = half == 0 ? 0.0f : totals[e];
+            for (int gg = 0; gg < groups; ++gg) {
+                const int owner = gg * tiles + et;
+                if (owner >= first && owner < first + SMALL_THREADS / 2) s += parts[owner - first][ij];
+            }
+            totals[e] = s;
+        }
+        __syncthreads();
+    }
+
+    const int split = gridDim.z > 1;
+    for (int e = tid; e < tiles * 64; e += SMALL_THREADS) {
+        const int et = e / 64, ij = e - et * 64;
+        const int row = (et / col_tiles) * 8 + ij / 8, col = (et % col_tiles) * 8 + ij % 8;
+        if (row >= oc || col >= cols) continue;
+        if (split) grad_weight[((size_t)blockIdx.z * oc + row) * cols + col] = totals[e];
+        else if (col < filter) grad_weight[row * filter + col] = totals[e];
+        else grad_bias[row] = totals[e];
+    }
 }

@@ -54,5 +54,5 @@ def test_the_report_reads_every_kernel_and_labels_its_figures_estimates(capsys, 
     out = capsys.readouterr().out
     assert "ESTIMATE" in out and "lenet5 batch 8" in out
     data = (tmp_path / "r.json").read_text()
-    for kernel in ("conv2d_forward_tiled", "linear_matmul_tiled", "adam_update"):
+    for kernel in ("conv2d_forward_tiled", "gemm_matmul", "conv2d_gemm_backward_weight", "adam_update"):
         assert f"| {kernel} |" in out and kernel in data

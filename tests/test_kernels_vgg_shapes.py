@@ -1,23 +1,25 @@
 """Our CUDA kernels at vgg-small's shapes (3x3, pad 1, 64 to 256 channels) under the emulator.
 
-The emulator is slow, so the channel counts are vgg-small's and the images are
-small; the launcher's block choice is checked at the real shapes (batch 128) too.
+The emulator is slow, so the channel counts are vgg-small's and the batch and images are
+small; the launcher's GEMM plan is checked at the real shapes (batch 64 to 256) too.
 """
 import numpy as np
 import pytest
 
 from gpucnn.cuda import conv as cuda_conv
+from gpucnn.cuda import gemm
 from gpucnn.emulator import EmulatorRuntime
+from tests.conftest import EMULATOR_ORDERS
 from tests.kernel_cases import ConvCase, PoolCase, case_id, check_conv, check_max_pool
 
 # (N, C, H, W, OC): every stage's pair of convolutions, at reduced size
 VGG_CONV_CASES = [
-    ConvCase("conv1_1_3to64_relu", 2, 3, 6, 6, 64, (3, 3), padding=(1, 1), relu=True),
-    ConvCase("conv1_2_64to64", 2, 64, 5, 5, 64, (3, 3), padding=(1, 1)),
-    ConvCase("conv2_1_64to128", 1, 64, 4, 4, 128, (3, 3), padding=(1, 1)),
-    ConvCase("conv2_2_128to128_relu", 1, 128, 4, 4, 128, (3, 3), padding=(1, 1), relu=True),
-    ConvCase("conv3_1_128to256", 1, 128, 3, 3, 256, (3, 3), padding=(1, 1)),
-    ConvCase("conv3_2_256to256", 1, 256, 3, 3, 256, (3, 3), padding=(1, 1)),
+    ConvCase("conv1_1_3to64_relu", 4, 3, 16, 16, 64, (3, 3), padding=(1, 1), relu=True),
+    ConvCase("conv1_2_64to64", 2, 64, 12, 12, 64, (3, 3), padding=(1, 1)),
+    ConvCase("conv2_1_64to128", 2, 64, 8, 8, 128, (3, 3), padding=(1, 1)),
+    ConvCase("conv2_2_128to128_relu", 2, 128, 8, 8, 128, (3, 3), padding=(1, 1), relu=True),
+    ConvCase("conv3_1_128to256", 2, 128, 4, 4, 256, (3, 3), padding=(1, 1)),
+    ConvCase("conv3_2_256to256", 2, 256, 4, 4, 256, (3, 3), padding=(1, 1)),
 ]
 VGG_POOL_CASES = [PoolCase(f"pool_{c}", 1, c, 4, 4, (2, 2)) for c in (64, 128, 256)]
 # vgg-small's convolutions at their real size, batch 128: (name, N, C, H, OC)
@@ -42,17 +44,19 @@ class LaunchLog:
         return self.inner.zeros(shape, dtype)
 
 
-@pytest.fixture(scope="module", params=["forward", "random"])
+@pytest.fixture(scope="module", params=EMULATOR_ORDERS)
 def emulator(request):
     return EmulatorRuntime(order=request.param, seed=5)
 
 
 @pytest.mark.emulator
 @pytest.mark.parametrize("case", VGG_CONV_CASES, ids=case_id)
-def test_conv2d_at_vgg_channel_counts_matches_the_reference_on_the_tiled_path(case, emulator):
+def test_conv2d_at_vgg_channel_counts_matches_the_reference_on_the_gemm_path(case, emulator):
     log = LaunchLog(emulator)
     check_conv(case, runtime=log)
-    assert "conv2d_forward_tiled" in log.names and "conv2d_forward_direct" not in log.names, log.names
+    assert log.names[:2] == ["conv2d_gemm_forward", "conv2d_gemm_backward_data"]
+    # conv1_1's 64 x 28 weight gradient is small (32 thread tiles); the others take the GEMM
+    assert log.names[2] == ("conv2d_small_backward_weight" if case.c == 3 else "conv2d_gemm_backward_weight")
 
 
 @pytest.mark.emulator
@@ -61,19 +65,20 @@ def test_max_pool_at_vgg_channel_counts_matches_the_reference(case, emulator):
     check_max_pool(case, runtime=emulator)
 
 
+@pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("name, n, c, size, oc", VGG_FULL_SHAPES, ids=[s[0] for s in VGG_FULL_SHAPES])
-def test_the_tiled_forward_fits_at_the_full_vgg_shapes(name, n, c, size, oc):
-    block = cuda_conv._forward_block(size, size, 3, 3, 1, 1, 1, 1)
-    assert block is not None, f"{name}: the tiled forward would fall back to the direct kernel"
-    bx, by, shared = block
-    assert shared <= cuda_conv.SHARED_LIMIT_BYTES and bx * by <= 1024
-    assert bx * by >= 64          # a full tile: the threads of a block cover at least two warps
-    jobs = n * -(-oc // cuda_conv.OC_PER_THREAD)
-    assert -(-size // by) <= cuda_conv.MAX_GRID_YZ and jobs <= 2**31 - 1
+def test_the_gemm_plans_fill_the_gpu_at_the_full_vgg_shapes(name, n, c, size, oc, batch):
+    for rows, cols, depth, split in ((oc, batch * size * size, c * 9, False),      # forward
+                                     (c, batch * size * size, oc * 9, False),      # data gradient
+                                     (oc, c * 9 + 1, batch * size * size, True)):  # weight (+ bias) gradient
+        plan = gemm.plan(rows, cols, depth, split=split)
+        blocks = plan.grid[0] * plan.grid[1] * plan.grid[2]
+        assert plan.shared_bytes <= cuda_conv.SHARED_LIMIT_BYTES and plan.slices <= gemm.MAX_SLICES
+        assert blocks >= gemm.SMS or rows * cols < gemm.SMS * 64 * 64, (name, rows, cols, depth, plan)
 
 
 @pytest.mark.emulator
-def test_the_launcher_chooses_the_tiled_kernel_at_a_full_vgg_spatial_size():
+def test_a_full_vgg_spatial_size_runs_on_the_gemm():
     """conv1_2's 32x32 images with vgg-small's 64 channels (one image, so the emulator stays quick)."""
     log = LaunchLog(EmulatorRuntime(order="reverse", seed=2))
     rng = np.random.default_rng(0)
@@ -81,7 +86,7 @@ def test_the_launcher_chooses_the_tiled_kernel_at_a_full_vgg_spatial_size():
     weight = rng.standard_normal((64, 64, 3, 3)).astype(np.float32) * 0.05
     bias = rng.standard_normal(64).astype(np.float32)
     y = cuda_conv.conv2d_forward(x, weight, bias, padding=1, runtime=log)
-    assert log.names == ["conv2d_forward_tiled"]
+    assert log.names == ["conv2d_gemm_forward"]
     from gpucnn.ops import conv as ops_conv
     reference = ops_conv.conv2d_forward(x, weight, bias, padding=1)
     assert np.abs(y - reference).max() <= 1e-5 * max(1.0, float(np.abs(reference).max()))

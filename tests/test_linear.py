@@ -15,6 +15,7 @@ import pytest
 
 from gpucnn import backend as gpucnn_backend
 from gpucnn.cpu import linear as fast_linear
+from gpucnn.cuda import gemm
 from gpucnn.cuda import linear as cuda_linear
 from gpucnn.ops import linear as ops_linear
 from gpucnn.ops import linear_backward, linear_forward, relu_forward
@@ -153,34 +154,41 @@ def test_matmul_transposes_bias_relu(case, emulator):
     check_matmul(case, runtime=emulator)
 
 
-def test_split_k_covers_k_exactly():
-    for m, n, k in [(1, 1, 1), (5, 3, 1000), (10, 84, 4096), (4096, 120, 400), (64, 64, 16), (3, 7, 17)]:
-        slices, k_slice = cuda_linear.split_k(m, n, k)
-        assert 1 <= slices <= cuda_linear.MAX_SLICES
-        assert k_slice % cuda_linear.TILE_K == 0
-        assert (slices - 1) * k_slice < k <= slices * k_slice, (m, n, k, slices, k_slice)
-    assert cuda_linear.split_k(5, 3, 1000)[0] > 1 and cuda_linear.split_k(4096, 4096, 64)[0] == 1
+def test_gemm_plan_covers_the_depth_exactly_in_at_most_32_slices():
+    for rows, cols, depth in [(1, 1, 1), (5, 3, 1000), (10, 84, 4096), (4096, 120, 400), (64, 64, 16), (3, 7, 17),
+                              (6, 26, 3_211_264), (256, 2305, 16384), (2048, 4096, 64)]:
+        plan = gemm.plan(rows, cols, depth)
+        assert 1 <= plan.slices <= gemm.MAX_SLICES
+        assert plan.tile in (64, 128) and plan.block == (plan.tile // 8, plan.tile // 8, 1)
+        assert plan.depth_slice % (plan.tile // 8) == 0
+        assert (plan.slices - 1) * plan.depth_slice < depth <= plan.slices * plan.depth_slice, (rows, cols, depth)
+        assert plan.grid == (-(-cols // plan.tile), -(-rows // plan.tile), plan.slices)
+        assert plan.shared_bytes == 4 * 4 * (plan.tile // 8) * plan.tile <= 48 * 1024
+    assert gemm.plan(5, 3, 1000).slices > 1 and gemm.plan(4096, 4096, 64).slices == 1
+    assert gemm.plan(2048, 4096, 64).tile == 128 and gemm.plan(120, 4096, 400).tile == 64
+    assert gemm.plan(5, 3, 100_000, split=False).slices == 1
 
 
 @pytest.mark.emulator
-def test_column_sums_fixed_order_and_odd_columns(emulator):
-    g = np.random.default_rng(1).standard_normal((77, 45)).astype(np.float32)
-    sums = cuda_linear.column_sums(g, runtime=emulator)
-    assert_close("column sums", sums, g.astype(np.float64).sum(axis=0).astype(np.float32), 1e-5)
+@pytest.mark.parametrize("rows, depth", [(77, 45), (3, 1000)], ids=["one_slice", "split"])
+def test_row_sums_ride_along_as_a_column_of_ones(emulator, rows, depth):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((depth, rows)).astype(np.float32), rng.standard_normal((depth, 9)).astype(np.float32)
+    c, sums = cuda_linear.matmul(a, b, trans_a=True, row_sums=True, runtime=emulator)
+    assert_close("c", c, (a.T.astype(np.float64) @ b).astype(np.float32), 1e-5)
+    assert_close("row sums", sums, a.astype(np.float64).sum(axis=0).astype(np.float32), 1e-5)
 
 
-# ------------------------------------------------------------------ mutation tests: a broken copy of linear.cu must be caught
+# ------------------------------------------------------------------ mutation tests: a broken copy of gemm.cu must be caught
 
-# k = 50 takes four TILE_K steps, so the barrier before the next load matters too.
+# in = 50 takes seven depth steps of 8, so the barrier after each step matters too.
 MUTATION_LINEAR = LinearCase("mutation", 40, 50, 70)
 
 
 @pytest.mark.emulator
-@pytest.mark.parametrize("kernel, index", [("linear_matmul_tiled", 0), ("linear_matmul_tiled", 1),
-                                           ("linear_column_sums", 0)],
-                         ids=["matmul_before_compute", "matmul_before_next_load", "column_sums"])
-def test_mutation_missing_barrier_is_caught(tmp_path, kernel, index):
-    assert caught_under_some_order(broken_kernel_copy(tmp_path, "linear.cu", remove_barrier(kernel, index)),
+@pytest.mark.parametrize("index", [0, 1], ids=["before_the_first_step", "after_each_step"])
+def test_mutation_missing_barrier_is_caught(tmp_path, index):
+    assert caught_under_some_order(broken_kernel_copy(tmp_path, "gemm.cu", remove_barrier("gemm_tile", index)),
                                    lambda rt: check_linear(MUTATION_LINEAR, runtime=rt))
 
 
@@ -190,10 +198,7 @@ def test_unmutated_copy_is_not_flagged(tmp_path):
 
 
 def test_python_constants_match_the_kernel_defines():
-    assert (kernel_define("linear.cu", "TILE_M"), kernel_define("linear.cu", "TILE_N"),
-            kernel_define("linear.cu", "TILE_K")) == (cuda_linear.TILE_M, cuda_linear.TILE_N, cuda_linear.TILE_K)
-    assert cuda_linear.TILE_BLOCK[0] * 4 == cuda_linear.TILE_N and cuda_linear.TILE_BLOCK[1] * 4 == cuda_linear.TILE_M
-    assert kernel_define("linear.cu", "COLSUM_ROWS") == cuda_linear.COLSUM_ROWS
+    assert kernel_define("gemm.cu", "THREAD_TILE") == gemm.THREAD_TILE
 
 
 # ------------------------------------------------------------------ on a real GPU: sizes that need many blocks
@@ -216,7 +221,7 @@ def test_split_k_product_is_bitwise_reproducible_on_many_blocks():
     cp = gpucnn_backend.cupy_module()
     a = cp.random.RandomState(1).standard_normal((120, 8192), dtype=cp.float32)
     b = cp.random.RandomState(2).standard_normal((8192, 84), dtype=cp.float32)
-    assert cuda_linear.split_k(120, 84, 8192)[0] > 1
+    assert gemm.plan(120, 84, 8192).slices > 1
     first, second = cuda_linear.matmul(a, b), cuda_linear.matmul(a, b)
     assert first.get().tobytes() == second.get().tobytes()
     assert_close("c", first.get(), (a.get().astype(np.float64) @ b.get()).astype(np.float32), 1e-5)
@@ -248,7 +253,7 @@ def test_linear_on_many_gpu_blocks(case):
     (lambda rt: cuda_linear.linear_backward(f32(2, 5), f32(2, 3), f32(4, 3), runtime=rt), ValueError, "grad_y"),
     (lambda rt: cuda_linear.matmul(f32(2, 3), f32(2, 3), runtime=rt), ValueError, "must match"),
     (lambda rt: cuda_linear.matmul(f32(2, 3), f32(3, 4), bias=f32(3), runtime=rt), ValueError, "bias"),
-    (lambda rt: cuda_linear.column_sums(f32(3), runtime=rt), ValueError, "2 dim"),
+    (lambda rt: cuda_linear.matmul(f32(3), f32(3, 4), runtime=rt), ValueError, "2 dim"),
     (lambda rt: cuda_linear.linear_forward(f32(2, 3), f32(4, 5), None, runtime=rt),
      ValueError, r"weight expects 5 input features \(shape \(4, 5\)\) but x has 3"),
 ])

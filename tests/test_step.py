@@ -24,10 +24,9 @@ RELATIVE_TOL = 1e-5  # ||emulator - cpu|| / ||cpu|| per parameter after STEPS st
 
 # Every kernel a modern LeNet-5 step with Adam launches: nothing else (no cuBLAS, no CuPy kernel).
 LENET5_STEP_KERNELS = {
-    "fill", "conv2d_forward_tiled", "relu_forward", "max_pool2d_forward", "linear_matmul_tiled",
-    "linear_reduce_slices", "softmax_xent_forward", "softmax_xent_accumulate", "softmax_xent_backward",
-    "linear_column_sums", "relu_backward", "max_pool2d_backward", "conv2d_backward_data",
-    "conv2d_backward_weight_partial", "conv2d_reduce_partials", "conv2d_backward_bias_partial", "add_into",
+    "fill", "conv2d_forward_tiled", "relu_forward", "max_pool2d_forward", "gemm_matmul",
+    "gemm_reduce_slices", "softmax_xent_forward", "softmax_xent_accumulate", "softmax_xent_backward",
+    "relu_backward", "max_pool2d_backward", "conv2d_gemm_backward_data", "conv2d_small_backward_weight", "add_into",
     "optim_advance_step", "adam_update",
 }
 
@@ -118,7 +117,7 @@ def test_a_step_launches_only_gpucnns_kernels_and_no_input_gradient_for_conv1():
     assert events == []  # no NumPy op (a CuPy kernel on a GPU), allocation or host read in a step
     names = step.runtime.kernel_names
     assert set(names) == LENET5_STEP_KERNELS
-    assert names.count("conv2d_backward_data") == 1  # conv2's; conv1's input needs no gradient
+    assert names.count("conv2d_gemm_backward_data") == 1  # conv2's; conv1's input needs no gradient
     assert names.count("conv2d_forward_tiled") == 2
 
 

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpucnn.cuda import gemm
 from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array
 from gpucnn.ops.conv import conv2d_geometry
 
 KERNEL_FILE = "conv2d.cu"
 OC_PER_THREAD = 8               # OCB in kernels/conv2d.cu
 SHARED_LIMIT_BYTES = 48 * 1024  # the default dynamic shared memory a block may ask for
-THREADS_PER_BLOCK = 256         # 1-D launches
+THREADS_PER_BLOCK = 256         # the tiled kernel's largest block
 MAX_GRID_YZ = 65535
-MIN_SLICE_LEN = 64              # output positions summed by one block row for weight/bias grads
-MAX_SLICES = 1024               # bounds the partial-sum scratch buffer
+# Below this many output channels the forward pass takes conv2d_forward_tiled: a GEMM tile of 64
+# output channels would be mostly empty rows (LeNet-5's 6 and 16), and those layers are launch-bound.
+SMALL_OC = 32
+# The weight gradient of an output of at most SMALL_TILES 8 x 8 thread tiles takes
+# conv2d_small_backward_weight (SMALL_TILES, SMALL_THREADS as #defined in conv2d.cu).
+SMALL_TILES = 64
+SMALL_THREADS = 256
+SMALL_MIN_POSITIONS = 256   # positions per thread per slice, at least
 
 
 def _geometry(x, weight, bias, stride, padding, dilation):
@@ -69,6 +76,7 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False,
 
     x (N, C, H, W), weight (OC, C, KH, KW), bias (OC,) or None -> y (N, OC, OH, OW), all float32;
     OH = (H + 2*PH - DH*(KH-1) - 1) // SH + 1, likewise OW. relu=True applies max(0, .) after the bias.
+    Few output channels (< SMALL_OC) take the direct tiled kernel, everything else the implicit GEMM.
     """
     rt = active_runtime(runtime)
     x = kernel_array(rt, x, "x", ndim=4)
@@ -76,22 +84,24 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False,
     if bias is not None:
         bias = kernel_array(rt, bias, "bias", ndim=1)
     g = _geometry(x, weight, bias, stride, padding, dilation)
-    if bias is None:
-        bias = rt.zeros((g.OC,), np.float32)
-
     y = rt.empty((g.N, g.OC, g.OH, g.OW), np.float32)
-    args = (x, weight, bias, y, *_int32_args(g), np.int32(1 if relu else 0))
-    tiled = _forward_block(g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW)
+    tiled = _forward_block(g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW) if g.OC < SMALL_OC else None
     if tiled is not None:
+        if bias is None:
+            bias = rt.zeros((g.OC,), np.float32)
         bx, by, shared = tiled
         jobs = g.N * ceil_div(g.OC, OC_PER_THREAD)
         grid = (ceil_div(g.OW, bx), ceil_div(g.OH, by), min(jobs, MAX_GRID_YZ))
         # writes y: one block per output tile x (image, channel group), tile and filters in shared memory
-        rt.function(KERNEL_FILE, "conv2d_forward_tiled")(grid, (bx, by, 1), args, shared_mem=shared)
-    else:
-        # writes y: one thread per output element (the tile would not fit in shared memory)
-        rt.function(KERNEL_FILE, "conv2d_forward_direct")(
-            (ceil_div(y.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1), args)
+        rt.function(KERNEL_FILE, "conv2d_forward_tiled")(
+            grid, (bx, by, 1), (x, weight, bias, y, *_int32_args(g), np.int32(1 if relu else 0)), shared_mem=shared)
+        return y
+    plan = gemm.plan(g.OC, g.N * g.OH * g.OW, g.C * g.KH * g.KW, split=False)
+    # writes y: one block per tile of (output channels) x (output positions), bias and ReLU in the epilogue
+    rt.function(gemm.KERNEL_FILE, "conv2d_gemm_forward")(
+        plan.grid, plan.block, (x, weight, weight if bias is None else bias, y, *_int32_args(g),
+                                np.int32(0 if bias is None else 1), np.int32(1 if relu else 0)),
+        shared_mem=plan.shared_bytes)
     return y
 
 
@@ -101,7 +111,8 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
 
     grad_y (N, OC, OH, OW), x (N, C, H, W), weight (OC, C, KH, KW) ->
     (grad_x (N, C, H, W) or None when with_grad_x is False (no launch), grad_weight (OC, C, KH, KW),
-    grad_bias (OC,) or None when with_bias is False).
+    grad_bias (OC,) or None when with_bias is False). Both are implicit GEMMs on the core of
+    kernels/gemm.cu; the bias gradient is one more column of the weight gradient's product.
     Every sum runs in a fixed order, so two calls give bitwise identical results.
     """
     rt = active_runtime(runtime)
@@ -112,43 +123,58 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     if tuple(grad_y.shape) != (g.N, g.OC, g.OH, g.OW):
         raise ValueError(f"grad_y must have shape {(g.N, g.OC, g.OH, g.OW)} for these inputs, "
                          f"not {tuple(grad_y.shape)}.")
-    geometry = _int32_args(g)
-    positions = g.N * g.OH * g.OW
-    slices = min(ceil_div(positions, MIN_SLICE_LEN), MAX_SLICES)
-    slice_len = ceil_div(positions, slices)
-    slices = ceil_div(positions, slice_len)
-    w_count = g.OC * g.C * g.KH * g.KW
-    check_int32_count("the weight-gradient scratch buffer", slices * w_count)
-
     grad_x = None
     if with_grad_x:
         grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
-        # writes grad_x: one thread per input element, gathering over the outputs that read it
-        rt.function(KERNEL_FILE, "conv2d_backward_data")(
-            (ceil_div(grad_x.size, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-            (grad_y, weight, grad_x, *geometry))
-
-    partial = rt.empty((slices, w_count), np.float32)
-    # writes partial: row s holds each weight element's sum over output positions of slice s
-    rt.function(KERNEL_FILE, "conv2d_backward_weight_partial")(
-        (ceil_div(w_count, THREADS_PER_BLOCK), slices, 1), (THREADS_PER_BLOCK, 1, 1),
-        (grad_y, x, partial, *geometry, np.int32(slice_len)))
+        plan = gemm.plan(g.C, g.N * g.H * g.W, g.OC * g.KH * g.KW, split=False)
+        # writes grad_x: one block per tile of (input channels) x (input positions)
+        rt.function(gemm.KERNEL_FILE, "conv2d_gemm_backward_data")(
+            plan.grid, plan.block, (grad_y, weight, grad_x, *_int32_args(g)), shared_mem=plan.shared_bytes)
     grad_weight = rt.empty((g.OC, g.C, g.KH, g.KW), np.float32)
-    # writes grad_weight: the slices of partial summed in slice order
-    rt.function(KERNEL_FILE, "conv2d_reduce_partials")(
-        (ceil_div(w_count, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-        (partial, grad_weight, np.int32(w_count), np.int32(slices)))
-
-    grad_bias = None
-    if with_bias:
-        bias_partial = rt.empty((slices, g.OC), np.float32)
-        # writes bias_partial: row s holds each channel's grad_y sum over the positions of slice s
-        rt.function(KERNEL_FILE, "conv2d_backward_bias_partial")(
-            (ceil_div(g.OC, THREADS_PER_BLOCK), slices, 1), (THREADS_PER_BLOCK, 1, 1),
-            (grad_y, bias_partial, *map(np.int32, (g.N, g.OC, g.OH, g.OW, slice_len))))
-        grad_bias = rt.empty((g.OC,), np.float32)
-        # writes grad_bias: the slices of bias_partial summed in slice order
-        rt.function(KERNEL_FILE, "conv2d_reduce_partials")(
-            (ceil_div(g.OC, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1),
-            (bias_partial, grad_bias, np.int32(g.OC), np.int32(slices)))
+    grad_bias = rt.empty((g.OC,), np.float32) if with_bias else None
+    _weight_gradient(rt, g, grad_y, x, grad_weight, grad_bias)
     return grad_x, grad_weight, grad_bias
+
+
+def small_weight_plan(oc: int, cols: int, positions: int):
+    """(slices, depth_slice) for conv2d_small_backward_weight, or None when the output is not small.
+
+    Small: at most SMALL_TILES thread tiles of 8 x 8. Each of the block's position groups gets at
+    least SMALL_MIN_POSITIONS positions per slice; at most MAX_SLICES slices.
+    """
+    tiles = ceil_div(oc, 8) * ceil_div(cols, 8)
+    if tiles > SMALL_TILES:
+        return None
+    groups = SMALL_THREADS // tiles
+    slices = max(1, min(gemm.MAX_SLICES, positions // (groups * SMALL_MIN_POSITIONS)))
+    depth_slice = ceil_div(positions, slices)
+    return ceil_div(positions, depth_slice), depth_slice
+
+
+def _weight_gradient(rt, g, grad_y, x, grad_weight, grad_bias):
+    """grad_weight (and grad_bias, when not None) in one pass, split over positions when the plan says.
+
+    A small output (LeNet-5's) takes conv2d_small_backward_weight, every other the implicit GEMM.
+    """
+    filter_size = g.C * g.KH * g.KW
+    cols = filter_size + (1 if grad_bias is not None else 0)
+    positions = g.N * g.OH * g.OW
+    has_bias = np.int32(1 if grad_bias is not None else 0)
+    bias_out = grad_bias if grad_bias is not None else grad_weight  # never written without the bias column
+    small = small_weight_plan(g.OC, cols, positions)
+    if small is not None:
+        plan = gemm.GemmPlan(0, small[0], small[1], (1, 1, small[0]), (SMALL_THREADS, 1, 1), 0)
+        kernel = rt.function(KERNEL_FILE, "conv2d_small_backward_weight")
+    else:
+        plan = gemm.plan(g.OC, cols, positions)
+        kernel = rt.function(gemm.KERNEL_FILE, "conv2d_gemm_backward_weight")
+    if plan.slices == 1:
+        # writes grad_weight and grad_bias: one block per tile of (output channels) x (filter taps + ones)
+        kernel(plan.grid, plan.block, (grad_y, x, grad_weight, bias_out, *_int32_args(g), np.int32(plan.depth_slice),
+                                       has_bias), shared_mem=plan.shared_bytes)
+        return
+    partial = rt.empty((plan.slices, g.OC, cols), np.float32)
+    # writes partial: slice z sums the output positions of depth slice z
+    kernel(plan.grid, plan.block, (grad_y, x, partial, bias_out, *_int32_args(g), np.int32(plan.depth_slice),
+                                   has_bias), shared_mem=plan.shared_bytes)
+    gemm.reduce_slices(rt, partial, grad_weight, grad_bias, g.OC, cols, filter_size)
