@@ -304,8 +304,9 @@ __device__ __forceinline__ void zero_tile(float acc[THREAD_TILE][THREAD_TILE])
     }
 }
 
-// c = op(a) @ op(b) [+ bias (cols)] [then ReLU], or slice z of split-k partial sums; see linear.cu for
-// the operand layouts (trans_a, trans_b). ones_column != 0 appends a column of ones to op(b): its
+// c = op(a) @ op(b) [+ bias (cols)] [then ReLU], or slice z of split-k partial sums. op(a) is a stored
+// (rows, depth), or a^T with a stored (depth, rows) when trans_a; op(b) is b stored (depth, cols), or b^T
+// with b stored (cols, depth) when trans_b (gpucnn/cuda/linear.py: the linear layer's three products). ones_column != 0 appends a column of ones to op(b): its
 // product (the row sums of op(a)) goes to extra (rows), or to column `cols` of the partial slice.
 extern "C" __global__ void gemm_matmul(
     const float* a, const float* b, const float* bias, float* c, float* extra,

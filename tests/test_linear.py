@@ -1,6 +1,6 @@
 """Fully connected layers: linear_forward / linear_backward on every backend against float64 products
 (tests/loops.py) and finite differences; matmul's transposes, split-K and the column sums under the
-emulator; mutation tests of linear.cu; the launchers' refusals.
+emulator; mutation tests of the GEMM core (gemm.cu); the launchers' refusals.
 
 The float32 kernel cases (tests/kernel_cases.py) run on every backend of the ``backend`` fixture (the
 fused ReLU through the launcher on the kernel backends, relu_forward after the op on the CPU); on the GPU
