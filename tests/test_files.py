@@ -331,3 +331,18 @@ def test_a_download_lands_with_the_umask_mode(tiny_cache, server, tmp_path):
     assert [p.name for p in downloaded] == sorted([MNIST_FILES["test-images"], MNIST_FILES["test-labels"]])
     for path in downloaded:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # before the fix: mkstemp's 0600
+
+
+def test_a_broken_link_or_fifo_among_a_folders_images_is_a_bad_image_not_silently_left_out(tmp_path, monkeypatch):
+    monkeypatch.setenv(datasets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    photos = _photos(tmp_path)
+    (photos / "train" / "dark" / "9-broken.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(photos / "train" / "light" / "8-pipe.png")
+    with pytest.raises(DataError, match=r"cannot read image .*9-broken.png: it is a broken link or not a regular "
+                                        r"file \(2 such\)\. .*--skip-bad-images"):
+        load_image_folder(photos, "train", image_size=8)  # before: 6 images, no word about the other 2
+    for _ in range(2):  # decoded, then from the cache: the same count of skipped files
+        train = load_image_folder(photos, "train", image_size=8, skip_bad_images=True)
+        assert len(train.labels) == 6
+        assert sorted(train.skipped) == ["train/dark/9-broken.png", "train/light/8-pipe.png"]
+    assert train.from_cache

@@ -60,8 +60,9 @@ def folder_classes(root) -> tuple[str, ...]:
     return classes
 
 
-def _scan(root: Path, split: str, classes, source=None) -> list[tuple[str, int, int, int]]:
-    """(relative path, label, size, mtime_ns) of every image file of the split, in class then name order.
+def _scan(root: Path, split: str, classes, source=None) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    """(relative path, label, size, mtime_ns) of every image file of the split, in class then name order,
+    and the relative paths of image names that are no regular file (a broken link, a FIFO): bad images.
 
     ``source`` names where the classes came from (default: the folder's train/).
     """
@@ -76,11 +77,12 @@ def _scan(root: Path, split: str, classes, source=None) -> list[tuple[str, int, 
                             f"(its classes: {', '.join(classes)}).")
         raise DataError(f"{folder} holds class folder(s) {', '.join(unknown)} that {root / 'train'} lacks; "
                         "the classes come from train/.")
-    entries = []
+    entries, unreadable = [], []
     for label, name in enumerate(classes):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and is_image_file(p)) \
-            if class_dir.is_dir() else []
+        named = sorted(p for p in class_dir.iterdir() if is_image_file(p)) if class_dir.is_dir() else []
+        files = [p for p in named if p.is_file()]
+        unreadable += [str(p.relative_to(root)) for p in named if not p.is_file() and not p.is_dir()]
         if not files and split == "train":
             raise DataError(f"class folder {class_dir} holds no image files; add images or remove the folder.")
         for path in files:
@@ -88,7 +90,7 @@ def _scan(root: Path, split: str, classes, source=None) -> list[tuple[str, int, 
             entries.append((str(path.relative_to(root)), label, stat.st_size, stat.st_mtime_ns))
     if not entries:
         raise DataError(f"{folder} holds no image files.")
-    return entries
+    return entries, unreadable
 
 
 def _cache_path(root: Path, split: str, image_size: int, grey: bool, cache_dir=None) -> Path:
@@ -114,7 +116,7 @@ def _read_cache(path: Path, manifest: dict, shape) -> tuple[np.ndarray, np.ndarr
     except Exception as exc:  # noqa: BLE001 - zipfile, NumPy's header parser and json raise many kinds
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
     else:
-        expected = len(manifest["files"]) - len(skipped)
+        expected = len(manifest["files"]) - (len(skipped) - len(manifest["unreadable"]))  # decoding failures
         if images.dtype == np.uint8 and images.shape == (expected, *shape) and labels.shape == (expected,) and \
                 (expected == 0 or 0 <= labels.min() <= labels.max() < len(manifest["classes"])):
             return images, labels, skipped
@@ -159,9 +161,14 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bo
         if (root / "train").is_dir() and folder_classes(root) != classes:
             raise DataError(f"the image folder's classes {folder_classes(root)} are not the checkpoint's {classes}; "
                             "evaluate on a folder whose class folders are the checkpoint's classes.")
-    entries = _scan(root, split, classes, source)
+    entries, unreadable = _scan(root, split, classes, source)
+    if unreadable and not skip_bad_images:  # before: left out without a word
+        raise DataError(f"cannot read image {root / unreadable[0]}: it is a broken link or not a regular file"
+                        f"{f' ({len(unreadable)} such)' if len(unreadable) > 1 else ''}. Fix or remove it, or pass "
+                        "--skip-bad-images to leave such files out.")
     manifest = {"format": CACHE_FORMAT, "classes": list(classes), "image_size": image_size, "grey": bool(grey),
-                "skip_bad_images": bool(skip_bad_images), "files": [list(e) for e in entries]}
+                "skip_bad_images": bool(skip_bad_images), "files": [list(e) for e in entries],
+                "unreadable": unreadable}
     cache = _cache_path(root, split, image_size, grey, cache_dir)
     if use_cache:
         cached = _read_cache(cache, manifest, (1 if grey else 3, image_size, image_size))
@@ -172,7 +179,7 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bo
     channels = 1 if grey else 3
     images = np.empty((len(entries), channels, image_size, image_size), np.uint8)
     labels = np.empty(len(entries), np.int64)
-    kept, skipped = 0, []
+    kept, skipped = 0, list(unreadable)
     for relative, label, _, _ in tqdm(entries, desc=f"decoding {split} images", unit="image",
                                       disable=not progress, leave=False):
         try:
