@@ -55,19 +55,28 @@ def worker_of(process) -> int:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
 
 
+def _kill(pid) -> None:
+    try:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @needs_proc
 @pytest.mark.parametrize("sig, fragment", [
     (signal.SIGKILL, "stopped (killed by SIGKILL, as the out-of-memory killer does)"),
     (signal.SIGSTOP, "stopped (it was suspended, by SIGSTOP or a debugger, for over 2 s)"),
 ], ids=["sigkill", "sigstop"])
 def test_a_split_step_worker_killed_or_stopped_ends_the_run_with_one_line(data_dir, tmp_path, sig, fragment):
-    process = start_split_run(data_dir, tmp_path / "run")
+    process, worker = start_split_run(data_dir, tmp_path / "run"), None
     try:
         worker = worker_of(process)
         time.sleep(0.3)
         os.kill(worker, sig)
         stdout, stderr = process.communicate(timeout=60)  # before the fix, SIGSTOP hung here for ever
     finally:
+        _kill(worker)  # a worker left stopped would hold the run's stdout open, and communicate() with it
         if process.poll() is None:
             process.kill()
             process.communicate()
@@ -81,7 +90,7 @@ def test_a_split_step_worker_killed_or_stopped_ends_the_run_with_one_line(data_d
 
 @needs_proc
 def test_ctrl_c_ends_a_run_whose_worker_is_stopped(data_dir, tmp_path):
-    process = start_split_run(data_dir, tmp_path / "run")
+    process, worker = start_split_run(data_dir, tmp_path / "run"), None
     try:
         worker = worker_of(process)
         time.sleep(0.3)
@@ -90,13 +99,10 @@ def test_ctrl_c_ends_a_run_whose_worker_is_stopped(data_dir, tmp_path):
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)
     finally:
+        _kill(worker)
         if process.poll() is None:
             process.kill()
             process.communicate()
-        try:
-            os.kill(worker, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
     assert "worker process of the split training step stopped" in stderr
 
