@@ -237,7 +237,11 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
                        f"{trainer.watch.bad_epochs} more (--patience {plan.patience}); {files}")
             return
         last = history[-1]
-        best = f"best {'validation ' if data.val is not None else ''}{trainer.best_accuracy:.2%}"
+        split = "validation " if data.val is not None else ""
+        best = f"best {split}{trainer.best_accuracy:.2%}"
+        if trainer.watch.monitor == "loss":
+            best = (f"best {split}loss {trainer.watch.best:.4f} in epoch {trainer.watch.best_epoch}, "
+                    f"accuracy {trainer.best_accuracy:.2%}")
         early = "stopped early: " if trainer.stopped_early else ""
         click.echo(f"done: {early}epoch {last['epoch']} test accuracy {last['test_acc']:.2%} ({best}); {files}")
 
