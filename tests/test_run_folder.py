@@ -214,3 +214,21 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"cannot lock .*\.gpucnn-run\.lock \(No locks available\)"):
         runfolder.claim(tmp_path / "run")
     runfolder.release(tmp_path / "run")
+
+
+def test_resuming_an_older_checkpoint_in_the_runs_folder_would_drop_later_epochs_and_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*train(data, out, "--epochs", 1))
+    early = out / "epoch1.npz"
+    early.write_bytes((out / CHECKPOINT_FILE).read_bytes())
+    run_cli("train", "--resume", out / CHECKPOINT_FILE, "--epochs", 2, "--device", "cpu", "--data-dir", data,
+            "--no-download", "--quiet")
+    before = snapshot(out)
+    result = run_cli("train", "--resume", early, "--epochs", 3, "--device", "cpu", "--data-dir", data,
+                     "--no-download", "--quiet", check=False)
+    assert_one_line_error(result.returncode, result.stderr, f"resuming {early} (epoch 1) in {out} would overwrite "
+                                                            "its checkpoint.npz (epoch 2)")
+    assert snapshot(out) == before  # before: epoch 2's checkpoint and metrics line were replaced
+    branched = run_cli("train", "--resume", early, "--epochs", 2, "--out", tmp_path / "branch", "--device", "cpu",
+                       "--data-dir", data, "--no-download", "--quiet")
+    assert "done: epoch 2" in branched.stdout

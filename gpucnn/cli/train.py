@@ -84,6 +84,22 @@ def _check_out_dir(out: Path, resume: Path | None) -> None:
     if out.resolve() != resume.parent.resolve():  # the folders, not where a linked checkpoint points
         raise ValueError(f"--out {out} holds another run ({', '.join(runfolder.run_files(out))}); a resumed run "
                          f"continues in its own folder {resume.parent} (drop --out) or in an empty one.")
+    _refuse_rewinding(out, resume)
+
+
+def _refuse_rewinding(out: Path, resume: Path) -> None:
+    """An older checkpoint of a run (best.npz, a copy) resumed in its folder would overwrite the later
+    checkpoint.npz and drop the later epochs' metrics: refused; branching into an empty --out is fine."""
+    latest = out / CHECKPOINT_FILE
+    if not latest.exists() or latest.resolve() == resume.resolve():
+        return
+    now, then = load_checkpoint(latest), load_checkpoint(resume)
+    position = (now.get("epoch"), now.get("step"))
+    if all(isinstance(v, int) for v in (*position, then.get("epoch"), then.get("step"))) and \
+            position > (then["epoch"], then["step"]):
+        raise ValueError(f"resuming {resume} (epoch {then['epoch']}) in {out} would overwrite its {CHECKPOINT_FILE} "
+                         f"(epoch {now['epoch']}) and drop the metrics of the epochs after {then['epoch']}; resume "
+                         f"{latest}, or branch the run into an empty --out.")
 
 
 def _settings_from_checkpoint(ctx, resume, given: dict) -> dict:
