@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from gpucnn import __version__, backend
-from gpucnn.files import require_regular_file, write_atomically
+from gpucnn.files import (STALE_TEMP_S, remove_stale_temporaries, require_regular_file,  # noqa: F401 - STALE_TEMP_S
+                          write_atomically)
 from gpucnn.models import build_model
 
 FORMAT = "gpucnn-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "__gpucnn__"
-# A temporary file of a save that has not been renamed for this long belongs to a killed process.
-STALE_TEMP_S = 600.0
 # Single-key dicts with these names mark encoded values inside the JSON structure.
 _MARKERS = ("__array__", "__scalar__", "__tuple__", "__items__")
 
@@ -109,21 +107,9 @@ def save_checkpoint(path, **parts) -> Path:
             "parts": structure}
     arrays[META_KEY] = np.array(json.dumps(meta))
 
-    directory = path.parent if str(path.parent) else Path(".")
     write_atomically(path, lambda f: np.savez(f, **arrays))
-    _remove_stale_temporaries(directory, path.name)
+    remove_stale_temporaries(path)
     return path
-
-
-def _remove_stale_temporaries(directory: Path, name: str) -> None:
-    """Delete ``.<name>.*.tmp`` files left by saves that were killed (never read, only clutter)."""
-    cutoff = time.time() - STALE_TEMP_S
-    for tmp in directory.glob(f".{name}.*.tmp"):
-        try:
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-        except OSError:
-            pass  # removed by someone else meanwhile
 
 
 def load_checkpoint(path) -> dict:

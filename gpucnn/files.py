@@ -15,7 +15,11 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
+
+# A temporary file of a write that has not been renamed for this long belongs to a killed process.
+STALE_TEMP_S = 600.0
 
 
 def umask() -> int:
@@ -94,3 +98,17 @@ def require_regular_file(path, what: str, error=ValueError) -> Path:
             "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
         raise error(f"{what} {path} is {kind}, not a regular file; gpucnn reads only regular files.")
     return path
+
+
+def remove_stale_temporaries(path) -> None:
+    """Delete the ``.<name>.*.tmp`` files of ``path`` that writes killed midway left (never read, only
+    clutter) once they are STALE_TEMP_S old: a younger one may belong to a write in progress."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    cutoff = time.time() - STALE_TEMP_S
+    for tmp in directory.glob(f".{path.name}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass  # removed by someone else meanwhile

@@ -346,3 +346,18 @@ def test_a_broken_link_or_fifo_among_a_folders_images_is_a_bad_image_not_silentl
         assert len(train.labels) == 6
         assert sorted(train.skipped) == ["train/dark/9-broken.png", "train/light/8-pipe.png"]
     assert train.from_cache
+
+
+def test_a_folder_cache_write_killed_midway_is_cleaned_up_later(tmp_path, monkeypatch):
+    monkeypatch.setenv(datasets.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    photos = _photos(tmp_path)
+    load_image_folder(photos, "train", image_size=8)
+    cache = next((tmp_path / "cache").rglob("train.npz"))
+    dead, live = cache.with_name(".train.npz.k1ll3d.tmp"), cache.with_name(".train.npz.busy.tmp")
+    dead.write_bytes(b"half a cache")  # what a run SIGKILLed while writing the cache leaves
+    live.write_bytes(b"a write in progress")
+    stale = os.path.getmtime(dead) - 2 * files.STALE_TEMP_S
+    os.utime(dead, (stale, stale))
+    (photos / "train" / "dark" / "0.png").touch()  # changed: the next load decodes and writes the cache again
+    load_image_folder(photos, "train", image_size=8)
+    assert not dead.exists() and live.exists()  # before: every killed write's temporary stayed for ever

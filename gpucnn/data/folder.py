@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from gpucnn.data import datasets
 from gpucnn.data.idx import DataError
-from gpucnn.files import write_atomically
+from gpucnn.files import remove_stale_temporaries, write_atomically
 from gpucnn.data.images import is_image_file, read_image, require_pillow
 
 CACHE_SUBDIR = "folders"
@@ -133,6 +133,7 @@ def _write_cache(path: Path, manifest: dict, images, labels, skipped) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, write)
+        remove_stale_temporaries(path)  # a run killed while writing the cache left one behind
     except OSError as exc:
         warnings.warn(f"could not cache the decoded images in {path.parent} ({exc}); the next run decodes "
                       f"them again (set {datasets.CACHE_DIR_ENV} to a writable folder).", stacklevel=3)
