@@ -64,15 +64,18 @@ def _kill(pid) -> None:
 
 
 @needs_proc
-@pytest.mark.parametrize("sig, fragment", [
-    (signal.SIGKILL, "stopped (killed by SIGKILL, as the out-of-memory killer does)"),
-    (signal.SIGSTOP, "stopped (it was suspended, by SIGSTOP or a debugger, for over 2 s)"),
-], ids=["sigkill", "sigstop"])
-def test_a_split_step_worker_killed_or_stopped_ends_the_run_with_one_line(data_dir, tmp_path, sig, fragment):
+@pytest.mark.parametrize("sig, delay, fragment", [
+    (signal.SIGKILL, 0.3, "stopped (killed by SIGKILL, as the out-of-memory killer does)"),
+    (signal.SIGSTOP, 0.3, "stopped (it was suspended, by SIGSTOP or a debugger, for over 2 s)"),
+    (signal.SIGSTOP, 0.0, "stopped (it was suspended, by SIGSTOP or a debugger, for over 2 s)"),
+], ids=["sigkill", "sigstop", "sigstop-while-starting"])
+def test_a_split_step_worker_killed_or_stopped_ends_the_run_with_one_line(data_dir, tmp_path, sig, delay, fragment):
+    """SIGSTOP while starting: before the worker has read the model (once sent through the socket, whose
+    buffer it overflowed, so the main process blocked in send, deaf to Ctrl-C)."""
     process, worker = start_split_run(data_dir, tmp_path / "run"), None
     try:
         worker = worker_of(process)
-        time.sleep(0.3)
+        time.sleep(delay)
         os.kill(worker, sig)
         stdout, stderr = process.communicate(timeout=60)  # before the fix, SIGSTOP hung here for ever
     finally:

@@ -154,16 +154,18 @@ class SerialStep:
 
 def _worker_main() -> None:
     """The worker process (``python -c`` started by SplitStep): one part of every step, on a replica
-    whose parameters are views of the shared block. argv: the file descriptors of the connection and of
-    the shared block."""
+    whose parameters are views of the shared block. argv: the file descriptors of the connection, of
+    the shared block and of the pickled model."""
     # Ctrl-C and SIGTERM (Slurm signals every process of a job) are the main process's to handle: it saves
     # and stops, and the worker ends when the connection closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threads.THREADS = 1
-    connection, block_fd = Connection(int(sys.argv[1])), int(sys.argv[2])
+    connection, block_fd, model_fd = Connection(int(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
     try:
-        layout, model_bytes = connection.recv()
+        with os.fdopen(model_fd, "rb") as f:
+            model_bytes = f.read()
+        layout = connection.recv()
         block = mmap.mmap(block_fd, layout.size)
         os.close(block_fd)
         _serve(connection, pickle.loads(model_bytes), layout.views(block))
@@ -264,24 +266,32 @@ class SplitStep:
                 m._cache = cache
         block_fd = _shared_file(layout.size)
         block = mmap.mmap(block_fd, layout.size)
+        # The model travels in a file of its own, not through the socket: a send larger than the socket's
+        # buffer would block for ever should the worker be stopped (SIGSTOP) before it reads.
+        model_fd = _shared_file(len(model_bytes))
+        written = 0
+        while written < len(model_bytes):
+            written += os.pwrite(model_fd, memoryview(model_bytes)[written:], written)
         here, there = socket.socketpair()
         errors = tempfile.TemporaryFile()  # the worker's stderr, quoted should it stop
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", "from gpucnn.cpu.split import _worker_main; _worker_main()",
-                 str(there.fileno()), str(block_fd)],
-                pass_fds=(there.fileno(), block_fd), env=_worker_env(), stdin=subprocess.DEVNULL, stderr=errors,
-                start_new_session=True)  # a terminal's Ctrl-C is for the main process, which saves and stops
+                 str(there.fileno()), str(block_fd), str(model_fd)],
+                pass_fds=(there.fileno(), block_fd, model_fd), env=_worker_env(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # a worker that hangs must not hold the caller's stdout open
+                stderr=errors, start_new_session=True)  # a terminal's Ctrl-C is for the main process
         finally:
             there.close()
             os.close(block_fd)  # the mapping and the worker keep the memory
+            os.close(model_fd)
         params, grads, images, labels, totals = layout.views(block)
         self._worker = {"process": process, "connection": Connection(here.detach()), "block": block,
                         "errors": errors, "layout": layout, "params": params, "grads": grads, "images": images,
                         "labels": labels, "totals": totals}
         self._finalizer = weakref.finalize(self, _stop, self._worker)
         try:
-            self._worker["connection"].send((layout, model_bytes))
+            self._worker["connection"].send(layout)
         except OSError:
             self._worker_stopped()
         return self._worker
