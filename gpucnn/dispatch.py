@@ -77,6 +77,19 @@ def launcher(family: str, name: str):
     return _cache[key]
 
 
+def on_kernel_device(*arrays) -> bool:
+    """True when the arrays live on a kernel device (gpu, emulator), where the launchers fuse more."""
+    return backend.common_device(*arrays) in backend.KERNEL_DEVICES
+
+
+def write_into(out, result):
+    """``result`` copied into ``out`` when out is given (a CPU path's answer to an ``out=`` argument)."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
 def run(family: str, name: str, check, *args, **kwargs):
     """Run op ``name`` of ``family`` on the device of its array arguments.
 

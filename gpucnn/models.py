@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from gpucnn import nn
+from gpucnn import backend, nn
 from gpucnn.nn.init import make_rng
 from gpucnn.utils import check_int
 
@@ -39,19 +39,54 @@ class _ImageClassifier(nn.Sequential):
     input_shape: tuple
 
     def forward(self, x):
-        """x (N, C, H, W) with (C, H, W) == input_shape -> logits (N, num_classes)."""
+        """x (N, C, H, W) with (C, H, W) == input_shape -> logits (N, num_classes).
+
+        On a kernel device each ReLU between a conv/linear/max-pool layer and a following conv or
+        linear layer (a Flatten between them allowed) runs inside them: its forward in the first
+        one's kernel, its backward in the second one's data gradient (two launches fewer per ReLU).
+        """
         self._check_image_batch(x)
         self._last_order = self._run_order()
+        fused = self._fused_relus(self._last_order) if backend.device_of(x) in backend.KERNEL_DEVICES else {}
+        self._last_fused = fused
+        producers = {producer for producer, _ in fused.values()}
         for name in self._last_order:
-            x = self._modules[name](x)
+            if name in fused:
+                continue
+            module = self._modules[name]
+            x = module.forward(x, relu=True) if name in producers else module(x)
         return x
 
     def backward(self, grad_output, input_grad=True):
         """Back-propagate in the reverse of the order the last forward (or features) ran; see Sequential."""
         order = getattr(self, "_last_order", None) or self._run_order()
+        fused = getattr(self, "_last_fused", None) or {}
+        consumers = {consumer for _, consumer in fused.values()}
         for i in range(len(order) - 1, -1, -1):
-            grad_output = self._modules[order[i]].backward(grad_output, input_grad=input_grad or i > 0)
+            if order[i] in fused:
+                continue
+            module, need = self._modules[order[i]], input_grad or i > 0
+            if order[i] in consumers:
+                grad_output = module.backward(grad_output, input_grad=need, input_relu=True)
+            else:
+                grad_output = module.backward(grad_output, input_grad=need)
         return grad_output
+
+    def _fused_relus(self, order) -> dict:
+        """{relu name: (producer, consumer)} for the ReLUs the kernels can take over (see forward)."""
+        fused = {}
+        for i in range(1, len(order) - 1):
+            if type(self._modules[order[i]]) is not nn.ReLU:
+                continue
+            producer = order[i - 1]
+            if type(self._modules[producer]) not in (nn.Conv2d, nn.Linear, nn.MaxPool2d):
+                continue
+            j = i + 1
+            while j < len(order) and type(self._modules[order[j]]) is nn.Flatten:
+                j += 1
+            if j < len(order) and type(self._modules[order[j]]) in (nn.Conv2d, nn.Linear):
+                fused[order[i]] = (producer, order[j])
+        return fused
 
     def features(self, x, layer: str):
         """The activation of the named layer (e.g. "conv1", "pool2", "fc1") for input x (N, C, H, W)."""
@@ -61,6 +96,7 @@ class _ImageClassifier(nn.Sequential):
         self._check_image_batch(x)
         last = list(self._modules).index(layer)
         self._last_order = list(self._modules)[: last + 1]  # the declared order, which the names describe
+        self._last_fused = {}
         return self[: last + 1](x)
 
     def _run_order(self) -> list:

@@ -86,7 +86,7 @@ class TrainStep:
 
     def _body(self) -> None:
         model, optimizer = self.model, self.optimizer
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)  # backward writes the gradients into the flat buffer
         logits = model(self._x)
         rt = self.runtime
         probs = cuda_loss.softmax_cross_entropy_totals(logits, self._y, self.sums, runtime=rt)

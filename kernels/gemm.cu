@@ -264,9 +264,11 @@ __device__ __forceinline__ int tile_offset(int i)  // the i-th (of 8) row or col
 // Writes the thread's sums: element (row, col) of c goes to out[(col / plane) * rows * plane +
 // row * plane + col % plane] (plane = out_cols: a row-major matrix; plane = OH*OW: NCHW), except column
 // out_cols, the column of ones, which goes to extra[row]. bias_mode 1 adds bias[row], 2 bias[col]; then ReLU.
+// A mask (laid out like out, or null) zeroes the outputs whose mask element is not > 0: a ReLU's
+// backward fused into the gradient of its output (mask = that output, NaN counting as not > 0).
 __device__ __forceinline__ void store_tile(const float acc[THREAD_TILE][THREAD_TILE], int row0, int col0,
                                            int rows, int cols, float* out, int plane, int out_cols, float* extra,
-                                           const float* bias, int bias_mode, int relu)
+                                           const float* bias, int bias_mode, int relu, const float* mask)
 {
     const int r_first = row0 + (int)threadIdx.y * 4;
     const int c_first = col0 + (int)threadIdx.x * 4;
@@ -288,7 +290,9 @@ __device__ __forceinline__ void store_tile(const float acc[THREAD_TILE][THREAD_T
             if (bias_mode == 1) v += bias[row];
             else if (bias_mode == 2) v += bias[col];
             if (relu && v < 0.0f) v = 0.0f;
-            out[(image * rows + row) * plane + within] = v;
+            const int at = (image * rows + row) * plane + within;
+            if (mask != 0 && !(mask[at] > 0.0f)) v = 0.0f;
+            out[at] = v;
         }
     }
 }
@@ -311,7 +315,7 @@ __device__ __forceinline__ void zero_tile(float acc[THREAD_TILE][THREAD_TILE])
 extern "C" __global__ void gemm_matmul(
     const float* a, const float* b, const float* bias, float* c, float* extra,
     int rows, int cols, int depth, int trans_a, int trans_b, int depth_slice, int has_bias, int relu,
-    int ones_column)
+    int ones_column, const float* mask, int has_mask)
 {
     const Geometry g = make_geometry(0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0);
     const int tile = (int)blockDim.x * THREAD_TILE;
@@ -329,9 +333,10 @@ extern "C" __global__ void gemm_matmul(
     gemm_tile(la, lb, g, d_begin, d_end, acc, gemm_smem);
     if (gridDim.z > 1) {
         store_tile(acc, row0, col0, rows, b_cols, c + (size_t)blockIdx.z * rows * b_cols, b_cols, b_cols, extra,
-                   bias, 0, 0);
+                   bias, 0, 0, 0);
     } else {
-        store_tile(acc, row0, col0, rows, b_cols, c, cols, cols, extra, bias, has_bias ? 2 : 0, relu);
+        store_tile(acc, row0, col0, rows, b_cols, c, cols, cols, extra, bias, has_bias ? 2 : 0, relu,
+                   has_mask ? mask : 0);
     }
 }
 
@@ -351,14 +356,15 @@ extern "C" __global__ void conv2d_gemm_forward(
     float acc[THREAD_TILE][THREAD_TILE];
     zero_tile(acc);
     gemm_tile(la, lb, g, 0, depth, acc, gemm_smem);
-    store_tile(acc, row0, col0, oc, cols, y, oh * ow, cols, y, bias, has_bias ? 1 : 0, relu);
+    store_tile(acc, row0, col0, oc, cols, y, oh * ow, cols, y, bias, has_bias ? 1 : 0, relu, 0);
 }
 
 // grad_x as an implicit GEMM: rows C, columns N*H*W, depth OC*KH*KW (taps no output reads add 0).
+// input_relu != 0: x is a ReLU's output, and grad_x is zeroed where x is not > 0 (that ReLU's backward).
 extern "C" __global__ void conv2d_gemm_backward_data(
     const float* grad_y, const float* weight, float* grad_x,
     int n, int c, int h, int w, int oc, int kh, int kw,
-    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow)
+    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow, const float* x, int input_relu)
 {
     const Geometry g = make_geometry(n, c, h, w, oc, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow);
     const int tile = (int)blockDim.x * THREAD_TILE;
@@ -370,7 +376,7 @@ extern "C" __global__ void conv2d_gemm_backward_data(
     float acc[THREAD_TILE][THREAD_TILE];
     zero_tile(acc);
     gemm_tile(la, lb, g, 0, depth, acc, gemm_smem);
-    store_tile(acc, row0, col0, c, cols, grad_x, h * w, cols, grad_x, grad_x, 0, 0);
+    store_tile(acc, row0, col0, c, cols, grad_x, h * w, cols, grad_x, grad_x, 0, 0, input_relu ? x : 0);
 }
 
 // grad_weight (OC, C*KH*KW) and, with has_bias, grad_bias (OC) as one implicit GEMM: rows OC, columns
@@ -397,9 +403,9 @@ extern "C" __global__ void conv2d_gemm_backward_weight(
     gemm_tile(la, lb, g, d_begin, d_end, acc, gemm_smem);
     if (gridDim.z > 1) {
         store_tile(acc, row0, col0, oc, cols, grad_weight + (size_t)blockIdx.z * oc * cols, cols, cols, grad_bias,
-                   grad_bias, 0, 0);
+                   grad_bias, 0, 0, 0);
     } else {
-        store_tile(acc, row0, col0, oc, cols, grad_weight, filter, filter, grad_bias, grad_bias, 0, 0);
+        store_tile(acc, row0, col0, oc, cols, grad_weight, filter, filter, grad_bias, grad_bias, 0, 0, 0);
     }
 }
 

@@ -10,6 +10,7 @@
 //   max_pool2d_forward   y and argmax. argmax is the window-local index ky*kw + kx of the first
 //                        maximum; a NaN wins and, once found, is kept. Padding never wins, as -inf
 //                        would not (a window whose input values are all -inf picks its first one).
+//                        relu != 0 applies a ReLU after the maximum (max(0, .), NaN kept).
 //   max_pool2d_backward  grad_x, as a gather: each input element loops over the output windows that
 //                        contain it and adds grad_y where argmax points at it. Correct for
 //                        overlapping windows and padding; no atomics.
@@ -89,12 +90,14 @@ __device__ __forceinline__ float gather_windows(
 
 extern "C" __global__ void max_pool2d_forward(
     const float* x, float* y, int* argmax,
-    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow)
+    int n, int c, int h, int w, int kh, int kw, int sh, int sw, int ph, int pw, int oh, int ow, int relu)
 {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * c * oh * ow) return;
     int best_k;
-    y[idx] = reduce_window(x, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, &best_k);
+    const float v = reduce_window(x, idx, h, w, kh, kw, sh, sw, ph, pw, oh, ow, &best_k);
+    // A fused ReLU keeps NaN, like relu_forward (elementwise.cu).
+    y[idx] = (relu && !(v > 0.0f || isnan(v))) ? 0.0f : v;
     argmax[idx] = best_k;
 }
 

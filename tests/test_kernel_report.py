@@ -56,3 +56,11 @@ def test_the_report_reads_every_kernel_and_labels_its_figures_estimates(capsys, 
     data = (tmp_path / "r.json").read_text()
     for kernel in ("conv2d_forward_tiled", "gemm_matmul", "conv2d_gemm_backward_weight", "adam_update"):
         assert f"| {kernel} |" in out and kernel in data
+
+
+@pytest.mark.parametrize("model, batch, most", [("lenet5", 64, 30), ("lenet5", 256, 30), ("lenet5", 4096, 30),
+                                                ("vgg-small", 64, 45), ("vgg-small", 256, 45)])
+def test_the_steps_launch_counts_meet_issue_18s_goals_at_the_benchmark_batches(model, batch, most):
+    names = [launch.name for launch in report.step_launches(model, batch)]
+    assert len(names) <= most, names
+    assert not {"fill", "add_into", "relu_forward", "relu_backward"} & set(names)

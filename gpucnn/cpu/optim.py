@@ -31,7 +31,8 @@ HOST = HostRuntime()
 class HostFlatParameters(cuda_optim.FlatParameters):
     """FlatParameters in NumPy buffers: the gradient is zeroed by NumPy, not by a launch."""
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the flat gradient; set_to_none is accepted and ignored (zeroing costs no launch here)."""
         self.grad.fill(0)
         for p, view in zip(self.params, self.grad_views):
             p.grad = view

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn.cuda import gemm
-from gpucnn.cuda.runtime import ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array
+from gpucnn.cuda.runtime import (ceil_div, check_int32_count, check_int32_extent, active_runtime, kernel_array,
+                                  output_array)
 from gpucnn.ops.conv import conv2d_geometry
 
 KERNEL_FILE = "conv2d.cu"
@@ -23,7 +24,7 @@ SMALL_OC = 32
 # conv2d_small_backward_weight (SMALL_TILES, SMALL_THREADS as #defined in conv2d.cu).
 SMALL_TILES = 64
 SMALL_THREADS = 256
-SMALL_MIN_POSITIONS = 256   # positions per thread per slice, at least
+SMALL_MIN_POSITIONS = 16    # positions per thread per slice, at least
 
 
 def _geometry(x, weight, bias, stride, padding, dilation):
@@ -105,14 +106,17 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False,
     return y
 
 
-def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True, *,
-                    runtime=None):
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True,
+                    input_relu=False, grad_weight_out=None, grad_bias_out=None, *, runtime=None):
     """Gradients of conv2d_forward (without ReLU) with respect to x, weight and bias.
 
     grad_y (N, OC, OH, OW), x (N, C, H, W), weight (OC, C, KH, KW) ->
     (grad_x (N, C, H, W) or None when with_grad_x is False (no launch), grad_weight (OC, C, KH, KW),
     grad_bias (OC,) or None when with_bias is False). Both are implicit GEMMs on the core of
     kernels/gemm.cu; the bias gradient is one more column of the weight gradient's product.
+    input_relu: x is a ReLU's output; grad_x is zeroed where x is not > 0 (that ReLU's backward, in
+    the data gradient's epilogue). grad_weight_out / grad_bias_out: where to write those gradients
+    (C-contiguous float32 arrays of their shapes: a flat gradient buffer's views) instead of new arrays.
     Every sum runs in a fixed order, so two calls give bitwise identical results.
     """
     rt = active_runtime(runtime)
@@ -123,15 +127,16 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     if tuple(grad_y.shape) != (g.N, g.OC, g.OH, g.OW):
         raise ValueError(f"grad_y must have shape {(g.N, g.OC, g.OH, g.OW)} for these inputs, "
                          f"not {tuple(grad_y.shape)}.")
+    grad_weight = output_array(rt, grad_weight_out, (g.OC, g.C, g.KH, g.KW), "grad_weight_out")
+    grad_bias = output_array(rt, grad_bias_out, (g.OC,), "grad_bias_out") if with_bias else None
     grad_x = None
     if with_grad_x:
         grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
         plan = gemm.plan(g.C, g.N * g.H * g.W, g.OC * g.KH * g.KW, split=False)
         # writes grad_x: one block per tile of (input channels) x (input positions)
         rt.function(gemm.KERNEL_FILE, "conv2d_gemm_backward_data")(
-            plan.grid, plan.block, (grad_y, weight, grad_x, *_int32_args(g)), shared_mem=plan.shared_bytes)
-    grad_weight = rt.empty((g.OC, g.C, g.KH, g.KW), np.float32)
-    grad_bias = rt.empty((g.OC,), np.float32) if with_bias else None
+            plan.grid, plan.block, (grad_y, weight, grad_x, *_int32_args(g), x, np.int32(1 if input_relu else 0)),
+            shared_mem=plan.shared_bytes)
     _weight_gradient(rt, g, grad_y, x, grad_weight, grad_bias)
     return grad_x, grad_weight, grad_bias
 

@@ -141,11 +141,18 @@ class FlatParameters:
         p = self.params[i]
         return flat[self.offsets[i]:self.offsets[i] + p.size].reshape(p.shape)
 
-    def zero_grad(self) -> None:
-        """Zero the flat gradient (one launch) and make every ``Parameter.grad`` a view of it."""
-        fill(self.grad, 0.0, runtime=self.runtime)
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the flat gradient (one launch) and make every ``Parameter.grad`` a view of it.
+
+        set_to_none=True (as PyTorch's): no launch; every ``Parameter.grad`` becomes None and its
+        view waits in ``Parameter.grad_buffer``, so the next backward writes the gradients there
+        instead of adding them to zeros. A parameter that gets none is zeroed by gather().
+        """
+        if not set_to_none:
+            fill(self.grad, 0.0, runtime=self.runtime)
         for p, view in zip(self.params, self.grad_views):
-            p.grad = view
+            p.grad = None if set_to_none else view
+            p.grad_buffer = view if set_to_none else None
 
     def gather(self) -> None:
         """Make sure the flat buffers hold every parameter's values and gradient.
@@ -160,6 +167,9 @@ class FlatParameters:
                                      f"to {tuple(p.data.shape)}; build a new optimizer.")
                 self.data_views[i][...] = kernel_array(self.runtime, p.data, f"parameter {i}'s data")
                 p.data = self.data_views[i]
+            if p.grad is None and p.grad_buffer is self.grad_views[i]:  # zero_grad(set_to_none=True), no backward
+                fill(self.grad_views[i], 0.0, runtime=self.runtime)
+                p.grad = self.grad_views[i]
             if p.grad is None:
                 raise ValueError(f"parameter {i} {p.shape} has no gradient; a fused optimizer updates every "
                                  "parameter at once, so each needs one (call zero_grad() before backward).")
@@ -234,9 +244,13 @@ class FusedOptimizer:
             self._lr_device[...] = self.rule.lr
             self._lr_uploaded = self.rule.lr
 
-    def zero_grad(self) -> None:
-        """Zero the flat gradient buffer (one launch); every ``Parameter.grad`` becomes its view (never None)."""
-        self.flat.zero_grad()
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the flat gradient buffer (one launch); every ``Parameter.grad`` becomes its view (never None).
+
+        set_to_none=True: no launch; the next backward writes the gradients into the flat buffer
+        (FlatParameters.zero_grad).
+        """
+        self.flat.zero_grad(set_to_none)
 
     def step(self) -> None:
         """Advance the device step count and update every parameter with one fused launch."""

@@ -48,11 +48,12 @@ def _launch_1d(rt, name, count, args):
     rt.function(KERNEL_FILE, name)((ceil_div(count, THREADS_PER_BLOCK), 1, 1), (THREADS_PER_BLOCK, 1, 1), args)
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, relu=False, *, runtime=None):
     """Max pooling: x (N, C, H, W) float32 -> (y (N, C, OH, OW) float32, argmax (N, C, OH, OW) int32).
 
     OH = (H + 2*PH - KH) // SH + 1; stride None means kernel_size; padding <= kernel_size // 2 and
     counts as -inf. argmax is the window-local index KY*KW + KX of the first maximum (NaN wins).
+    relu=True: y = max(0, .) in the same kernel (NaN kept).
     """
     rt = active_runtime(runtime)
     x = kernel_array(rt, x, "x", ndim=4)
@@ -60,13 +61,13 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, *, runtime=None):
     y = rt.empty((g.N, g.C, g.OH, g.OW), np.float32)
     argmax = rt.empty((g.N, g.C, g.OH, g.OW), np.int32)
     # writes y and argmax: one thread per output element
-    _launch_1d(rt, "max_pool2d_forward", y.size, (x, y, argmax, *_int32_args(g)))
+    _launch_1d(rt, "max_pool2d_forward", y.size, (x, y, argmax, *_int32_args(g), np.int32(1 if relu else 0)))
     return y, argmax
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, *, runtime=None):
+def max_pool2d(x, kernel_size, stride=None, padding=0, relu=False, *, runtime=None):
     """Max pooling without argmax: max_pool2d_forward's y (the same kernel; its argmax is dropped)."""
-    return max_pool2d_forward(x, kernel_size, stride, padding, runtime=runtime)[0]
+    return max_pool2d_forward(x, kernel_size, stride, padding, relu, runtime=runtime)[0]
 
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0, *, runtime=None):

@@ -159,6 +159,20 @@ def kernel_inout_array(runtime, array, name: str, dtype=np.float32, ndim: int | 
     return array
 
 
+def output_array(runtime, out, shape, name: str):
+    """A new output array of ``shape`` (float32), or ``out`` itself, checked to be one a kernel can write.
+
+    ``out`` must be a C-contiguous float32 array of exactly ``shape`` on the runtime's device
+    (a view of a flat gradient buffer, say), else ValueError/TypeError: writing a copy would lose the result.
+    """
+    if out is None:
+        return runtime.empty(tuple(shape), np.float32)
+    kernel_inout_array(runtime, out, name)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, not {tuple(out.shape)}.")
+    return out
+
+
 def kernel_matrix(runtime, array, name: str):
     """A non-empty 2-D float32 kernel argument (see kernel_array) small enough for int32 indexing."""
     array = kernel_array(runtime, array, name, ndim=2)

@@ -45,25 +45,29 @@ class Conv2d(Module):
         return tuple(conv_output_size(size, k, s, p, d) for size, k, s, p, d in
                      zip((H, W), self.kernel_size, self.stride, self.padding, self.dilation))
 
-    def forward(self, x):
-        """x (N, C, H, W) -> y (N, OC, OH, OW)."""
+    def forward(self, x, relu=False):
+        """x (N, C, H, W) -> y (N, OC, OH, OW); relu=True: a following ReLU fused (max(0, y))."""
         self._check_input(x, ndim=4, channels=self.in_channels)
         OH, OW = self.output_hw(x.shape[2], x.shape[3])
         if OH < 1 or OW < 1:
             raise ValueError(f"{self!r} got input of shape {tuple(x.shape)}, too small for its kernel "
                              f"(output would be {OH}x{OW}).")
         bias = None if self.bias is None else self.bias.data
-        y = ops.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation)
+        y = ops.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation, relu)
         self._save(x=x, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output, input_grad=True):
+    def backward(self, grad_output, input_grad=True, input_relu=False):
         """grad_output (N, OC, OH, OW) -> grad_input (N, C, H, W), or None when not ``input_grad`` (then
-        not computed: the first layer of a model); adds into weight.grad and bias.grad."""
+        not computed: the first layer of a model); adds into weight.grad and bias.grad (writes them
+        into the buffers a fused optimizer's zero_grad(set_to_none=True) left). input_relu: the input
+        was a ReLU's output, whose backward is fused here (grad_input is zero where the input is not > 0)."""
         self._check_grad_output(grad_output)
         grad_x, grad_weight, grad_bias = ops.conv2d_backward(
             grad_output, self._saved("x"), self.weight.data, self.stride, self.padding, self.dilation,
-            with_bias=self.bias is not None, with_grad_x=input_grad)
+            with_bias=self.bias is not None, with_grad_x=input_grad, input_relu=input_relu,
+            grad_weight_out=self.weight.grad_target(),
+            grad_bias_out=None if self.bias is None else self.bias.grad_target())
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_bias)

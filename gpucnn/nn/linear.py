@@ -26,20 +26,23 @@ class Linear(Module):
                                                init, make_rng(rng)))
         self.bias = Parameter(np.zeros(self.out_features, dtype=np.float32)) if bias else None
 
-    def forward(self, x):
-        """x (N, IN) -> y (N, OUT)."""
+    def forward(self, x, relu=False):
+        """x (N, IN) -> y (N, OUT); relu=True: a following ReLU fused (max(0, y))."""
         self._check_input(x, ndim=2, channels=self.in_features, channels_name="features")
         bias = None if self.bias is None else self.bias.data
-        y = ops.linear_forward(x, self.weight.data, bias)
+        y = ops.linear_forward(x, self.weight.data, bias, relu=relu)
         self._save(x=x, output_shape=tuple(y.shape))
         return y
 
-    def backward(self, grad_output, input_grad=True):
+    def backward(self, grad_output, input_grad=True, input_relu=False):
         """grad_output (N, OUT) -> grad_input (N, IN), or None when not ``input_grad`` (then not computed);
-        adds into weight.grad and bias.grad."""
+        adds into weight.grad and bias.grad (or writes them where a fused optimizer wants them).
+        input_relu: the input was a ReLU's output, whose backward is fused here."""
         self._check_grad_output(grad_output)
-        grad_x, grad_weight, grad_bias = ops.linear_backward(grad_output, self._saved("x"), self.weight.data,
-                                                             self.bias is not None, input_grad)
+        grad_x, grad_weight, grad_bias = ops.linear_backward(
+            grad_output, self._saved("x"), self.weight.data, self.bias is not None, input_grad, input_relu=input_relu,
+            grad_weight_out=self.weight.grad_target(),
+            grad_bias_out=None if self.bias is None else self.bias.grad_target())
         self.weight.accumulate_grad(grad_weight)
         if self.bias is not None:
             self.bias.accumulate_grad(grad_bias)

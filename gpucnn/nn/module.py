@@ -44,6 +44,14 @@ class Parameter:
             raise TypeError(f"Parameter data must be float32 or float64, not {data.dtype}.")
         self.data = data
         self.grad = None
+        # Where a fused optimizer's zero_grad(set_to_none=True) wants the next gradient (its flat
+        # buffer's view); a layer's backward writes straight into it (see grad_target).
+        self.grad_buffer = None
+
+    def grad_target(self):
+        """The array the next backward may write this gradient into directly (then passed to
+        accumulate_grad as is), or None: there is a gradient to add to, or no buffer waits for one."""
+        return self.grad_buffer if self.grad is None else None
 
     @property
     def shape(self) -> tuple:
@@ -65,7 +73,12 @@ class Parameter:
         """Add ``grad`` (same shape as ``data``) into ``self.grad``."""
         if tuple(grad.shape) != self.shape:
             raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match parameter shape {self.shape}.")
-        if self.grad is None:
+        if self.grad is None and self.grad_buffer is not None:
+            if grad is not self.grad_buffer:  # a layer that computed it elsewhere: added into the zeroed buffer
+                ops.fill(self.grad_buffer, 0.0)
+                ops.add_into(self.grad_buffer, grad)
+            self.grad = self.grad_buffer
+        elif self.grad is None:
             # A kernel device's gradient is a fresh launcher output: it is kept, not copied.
             keep = backend.device_of(grad) in backend.KERNEL_DEVICES and grad.dtype == self.data.dtype
             self.grad = grad if keep else grad.astype(self.data.dtype, copy=True)

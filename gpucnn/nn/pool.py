@@ -49,14 +49,15 @@ class MaxPool2d(_Pool2d):
     Backward sends each output gradient to the first maximum of its window.
     """
 
-    def forward(self, x):
-        """x (N, C, H, W) -> y (N, C, OH, OW); under gpucnn.no_grad() without the argmax backward needs."""
+    def forward(self, x, relu=False):
+        """x (N, C, H, W) -> y (N, C, OH, OW); under gpucnn.no_grad() without the argmax backward needs.
+        relu=True: a following ReLU fused (max(0, y); the argmax is unchanged)."""
         self._check_pool_input(x)
         if not is_grad_enabled():
-            y = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            y = ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, relu=relu)
             self._save(output_shape=tuple(y.shape))
             return y
-        y, argmax = ops.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding)
+        y, argmax = ops.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding, relu=relu)
         self._save(argmax=argmax, x_shape=tuple(x.shape), output_shape=tuple(y.shape))
         return y
 

@@ -83,7 +83,8 @@ def conv2d_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False)
     return dispatch.run("conv", "conv2d_forward", _check_forward, x, weight, bias, stride, padding, dilation, relu)
 
 
-def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True):
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True,
+                    input_relu=False, grad_weight_out=None, grad_bias_out=None):
     """Gradients of conv2d_forward (without its ReLU) for the upstream gradient grad_y.
 
     grad_y (N, OC, OH, OW), x (N, C, H, W), weight (OC, C, KH, KW)
@@ -91,16 +92,28 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     with_bias is False. A fused ReLU's gradient must be applied to grad_y by the caller.
     with_grad_x=False returns None for grad_x and skips its cost (about half of the
     backward), for a first layer whose input needs no gradient.
+    input_relu=True: x is a ReLU's output and grad_x comes back through that ReLU too (zero where x
+    is not > 0). grad_weight_out / grad_bias_out: arrays to write the gradients into (returned in
+    their place); on a kernel device the kernels write them there directly.
     """
-    return dispatch.run("conv", "conv2d_backward", check_backward, grad_y, x, weight, stride, padding, dilation,
-                        with_bias, with_grad_x)
+    outs = dict(grad_weight_out=grad_weight_out, grad_bias_out=grad_bias_out)
+    if dispatch.on_kernel_device(grad_y, x, weight):
+        return dispatch.run("conv", "conv2d_backward", check_backward, grad_y, x, weight, stride, padding, dilation,
+                            with_bias, with_grad_x, input_relu=input_relu, **outs)
+    grad_x, grad_weight, grad_bias = dispatch.run("conv", "conv2d_backward", check_backward, grad_y, x, weight,
+                                                  stride, padding, dilation, with_bias, with_grad_x)
+    if input_relu and grad_x is not None:
+        from gpucnn.ops.activation import relu_backward  # noqa: PLC0415 - ops modules import each other lazily
+        grad_x = relu_backward(grad_x, x)
+    return grad_x, dispatch.write_into(grad_weight_out, grad_weight), dispatch.write_into(grad_bias_out, grad_bias)
 
 
 def _check_forward(x, weight, bias, stride=1, padding=0, dilation=1, relu=False) -> None:
     conv2d_geometry(x, weight, bias, stride, padding, dilation)
 
 
-def check_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True):
+def check_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bias=True, with_grad_x=True,
+                   input_relu=False, grad_weight_out=None, grad_bias_out=None):
     """Validate conv2d_backward's arguments (as the public op does) and return the sizes."""
     g = conv2d_geometry(x, weight, None, stride, padding, dilation)
     check_float_array(grad_y, "grad_y", ndim=4)

@@ -60,23 +60,35 @@ def _check_grad_y(grad_y, g: PoolGeometry) -> None:
         raise ValueError(f"grad_y must have the pooled shape {(g.N, g.C, g.OH, g.OW)}, not {tuple(grad_y.shape)}.")
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, relu=False):
     """Max pooling: x (N, C, H, W) -> y (N, C, OH, OW), argmax (N, C, OH, OW) int32.
 
     OH = (H + 2*PH - KH) // SH + 1 (OW likewise); stride None means kernel_size;
     padding (at most kernel//2) counts as -inf. argmax holds ky*KW + kx of the first
-    maximum in each window; a NaN counts as the maximum (the first NaN).
+    maximum in each window; a NaN counts as the maximum (the first NaN). relu=True applies
+    max(0, .) to y (in the pooling kernel on a kernel device; argmax unchanged).
     """
-    return dispatch.run("pool", "max_pool2d_forward", _check_forward, x, kernel_size, stride, padding)
+    if relu and dispatch.on_kernel_device(x):
+        return dispatch.run("pool", "max_pool2d_forward", _check_forward, x, kernel_size, stride, padding, relu=True)
+    y, argmax = dispatch.run("pool", "max_pool2d_forward", _check_forward, x, kernel_size, stride, padding)
+    return (_relu(y) if relu else y), argmax
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0):
+def max_pool2d(x, kernel_size, stride=None, padding=0, relu=False):
     """Max pooling without argmax: x (N, C, H, W) -> y (N, C, OH, OW), max_pool2d_forward's y.
 
     For forward passes that keep nothing for backward (``gpucnn.no_grad()``): finding each
-    window's maximum is all the work there is.
+    window's maximum is all the work there is. relu as in max_pool2d_forward.
     """
-    return dispatch.run("pool", "max_pool2d", _check_forward, x, kernel_size, stride, padding)
+    if relu and dispatch.on_kernel_device(x):
+        return dispatch.run("pool", "max_pool2d", _check_forward, x, kernel_size, stride, padding, relu=True)
+    y = dispatch.run("pool", "max_pool2d", _check_forward, x, kernel_size, stride, padding)
+    return _relu(y) if relu else y
+
+
+def _relu(y):
+    from gpucnn.ops.activation import relu_forward  # noqa: PLC0415 - ops modules import each other lazily
+    return relu_forward(y)
 
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
@@ -126,7 +138,7 @@ def _check_global_backward(grad_y, x_shape) -> None:
                          f"not {tuple(grad_y.shape)}.")
 
 
-def _check_forward(x, kernel_size, stride=None, padding=0) -> None:
+def _check_forward(x, kernel_size, stride=None, padding=0, relu=False) -> None:
     check_float_array(x, "x", ndim=4)
     pool2d_geometry(x.shape, kernel_size, stride, padding)
 
