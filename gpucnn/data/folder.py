@@ -60,6 +60,18 @@ def folder_classes(root) -> tuple[str, ...]:
     return classes
 
 
+def _classes_of(root: Path, given) -> tuple[tuple[str, ...], str | None]:
+    """(the classes, where they came from: None for train/'s sub-folders) of an image folder; ``given``
+    (a checkpoint's class names) stand in for them, and must equal them where train/ exists."""
+    if given is None:
+        return folder_classes(root), None
+    given = tuple(given)
+    if (root / "train").is_dir() and folder_classes(root) != given:
+        raise DataError(f"the image folder's classes {folder_classes(root)} are not the checkpoint's {given}; "
+                        "evaluate on a folder whose class folders are the checkpoint's classes.")
+    return given, "the checkpoint"
+
+
 def _scan(root: Path, split: str, classes, source=None) -> tuple[list[tuple[str, int, int, int]], list[str]]:
     """(relative path, label, size, mtime_ns) of every image file of the split, in class then name order,
     and the relative paths of image names that are no regular file (a broken link, a FIFO): bad images.
@@ -155,13 +167,7 @@ def load_image_folder(root, split: str = "train", image_size: int = 32, grey: bo
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder.")
-    if classes is None:
-        classes, source = folder_classes(root), None
-    else:
-        classes, source = tuple(classes), "the checkpoint"
-        if (root / "train").is_dir() and folder_classes(root) != classes:
-            raise DataError(f"the image folder's classes {folder_classes(root)} are not the checkpoint's {classes}; "
-                            "evaluate on a folder whose class folders are the checkpoint's classes.")
+    classes, source = _classes_of(root, classes)
     entries, unreadable = _scan(root, split, classes, source)
     if unreadable and not skip_bad_images:  # before: left out without a word
         raise DataError(f"cannot read image {root / unreadable[0]}: it is a broken link or not a regular file"
