@@ -361,3 +361,30 @@ def test_a_folder_cache_write_killed_midway_is_cleaned_up_later(tmp_path, monkey
     (photos / "train" / "dark" / "0.png").touch()  # changed: the next load decodes and writes the cache again
     load_image_folder(photos, "train", image_size=8)
     assert not dead.exists() and live.exists()  # before: every killed write's temporary stayed for ever
+
+
+def test_a_download_onto_a_full_disk_says_so_not_that_every_mirror_failed(tiny_cache, server, tmp_path):
+    """A real 8 KiB tmpfs as the cache; the test images (200 of them) do not fit."""
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from tests.helpers import MNIST_FILES, ROOT, clean_env, mount_namespace  # noqa: PLC0415
+    from tests.test_download import DOWNLOAD_SCRIPT  # noqa: PLC0415
+    prefix = mount_namespace()
+    if prefix is None:
+        pytest.skip("needs a small tmpfs: unshare and mount in a mount namespace (root, or user namespaces)")
+    for key, name in MNIST_FILES.items():
+        server.routes[f"/good/{name}"] = tiny_cache.files[key]
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    spec = json.dumps({k: [f.filename, f.md5] for k, f in tiny_cache.spec.files.items()})
+    result = subprocess.run([*prefix, sys.executable, "-c",
+                             f"import subprocess, sys; subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8k', "
+                             f"'tmpfs', {str(disk)!r}], check=True); "
+                             f"exec(compile({DOWNLOAD_SCRIPT!r}, 'download', 'exec'))",
+                             server.url + "/good/", str(disk / "cache"), spec], cwd=ROOT,
+                            env=clean_env(disk / "cache"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "CacheWriteError: cannot write the download to" in last and "(No space left on device)" in last, last
+    assert "every mirror failed" not in result.stderr  # before: that, and advice to check the network

@@ -203,10 +203,11 @@ def _fetch(url: str, part: Path, file_spec: FileSpec, progress, timeout: float) 
         with tqdm(total=expected_size, unit="B", unit_scale=True, unit_divisor=1024, desc=file_spec.filename,
                   disable=not progress, file=bar_file, leave=False) as bar:
             while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                out.write(chunk)
+                _write_part(out, chunk, part)
                 digest.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+            _write_part(out, b"", part)  # flushed here: a full disk shows now, not at close
     # http.client returns a short body without complaint when the server hangs up early.
     if expected_size is not None and received != expected_size:
         raise DataError(f"the connection closed after {received} of {expected_size} bytes")
@@ -214,6 +215,22 @@ def _fetch(url: str, part: Path, file_spec: FileSpec, progress, timeout: float) 
     if got != file_spec.md5.lower():
         raise DataError(f"checksum mismatch for {file_spec.filename}: expected MD5 {file_spec.md5}, got {got} "
                         "(the mirror served a different or damaged file)")
+
+
+class CacheWriteError(DataError):
+    """The download could not be written to the cache (a full disk): no other mirror can help."""
+
+
+def _write_part(out, chunk: bytes, part: Path) -> None:
+    """Write (and, for an empty chunk, flush) downloaded bytes; a local failure is a CacheWriteError."""
+    try:
+        if chunk:
+            out.write(chunk)
+        else:
+            out.flush()
+    except OSError as exc:
+        raise CacheWriteError(f"cannot write the download to {part} ({exc.strerror or exc}); free some space "
+                              f"there, or set {CACHE_DIR_ENV} to a folder with room.") from None
 
 
 def _remove_stale_parts(directory: Path, timeout: float) -> None:
@@ -246,6 +263,8 @@ def _download_file(file_spec: FileSpec, directory: Path, mirrors, progress, time
             _fetch(url, part, file_spec, progress, timeout)
             os.replace(part, target)
             return target
+        except CacheWriteError:
+            raise  # the disk, not the mirror: another mirror would fail the same way
         except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError and DataError included
             failures.append(f"{url}: {exc}")
         finally:
