@@ -145,7 +145,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what Slurm, `docke
 
 class _StopRequest:
     """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets ``requested`` (and ``signal``, the
-    one that came); a second one raises KeyboardInterrupt at once.
+    one that came); a second one stops at once: KeyboardInterrupt for Ctrl-C, SystemExit(143) for SIGTERM.
 
     Signal handlers can only be installed from the main thread; elsewhere the
     signals keep their default behaviour (nothing saved).
