@@ -1,8 +1,11 @@
-"""LeNet-5 training steps on the GPU: gpucnn (captured and eager) against PyTorch and JAX, in images/s.
+"""LeNet-5 (or vgg-small) training steps on the GPU: gpucnn (captured and eager) against PyTorch and JAX, in images/s.
 
-    python bench/gpu_train.py [--batch-sizes 64,256] [--rounds 7] [--round-steps 50] [--warmup-steps 20]
-                              [--pool 16] [--only VARIANTS] [--determinism-steps 20] [--no-torch]
-                              [--no-compile-times] [--json FILE]
+    python bench/gpu_train.py [--model lenet5|vgg-small] [--batch-sizes 64,256] [--rounds 7]
+                              [--round-steps 50] [--warmup-steps 20] [--pool 16] [--only VARIANTS]
+                              [--determinism-steps 20] [--no-torch] [--no-compile-times] [--json FILE]
+
+--model vgg-small trains gpucnn's vgg-small on 3x32x32 images against the same network in PyTorch
+(bench/bench_models.py; JAX has only LeNet-5). The rest of this text describes LeNet-5, the default.
 
 The network everywhere: conv 1->6 5x5 pad 2, ReLU, max-pool 2, conv 6->16 5x5, ReLU, max-pool 2,
 400-120-84-10, softmax cross-entropy, Adam at lr 1e-3, float32, TF32 off. The data is resident: per
@@ -49,6 +52,8 @@ LR = 1e-3
 KERNEL_NAME = re.compile(r'extern "C" __global__ void (\w+)\(')
 VARIANTS = ("gpucnn-graph", "gpucnn-eager", "pytorch-eager", "torch-compile", "jax-jit")
 BASELINE = "pytorch-eager"
+INPUT_SHAPES = {"lenet5": (1, 28, 28), "vgg-small": (3, 32, 32)}
+MODEL = "lenet5"   # the model every variant trains; main() sets it from --model
 # issue 10's goals at batch 64: the captured step against PyTorch eager and torch.compile
 GOALS = (("gpucnn-graph", "pytorch-eager", 3.0), ("gpucnn-graph", "torch-compile", 1.0))
 
@@ -183,9 +188,8 @@ def gpucnn_trainer(variant: str, seed: int, device: str = "gpu", runtime=None):
     from gpucnn import ops, optim
     from gpucnn.cuda import loss as cuda_loss
     from gpucnn.cuda.optim import FusedAdam
-    from gpucnn.models import LeNet5
 
-    model = LeNet5(num_classes=NUM_CLASSES, seed=seed).to(device)
+    model = _gpucnn_model(seed).to(device)
     if variant == "gpucnn":
         opt = optim.Adam(model.parameters(), lr=LR)
 
@@ -209,13 +213,20 @@ def gpucnn_trainer(variant: str, seed: int, device: str = "gpu", runtime=None):
     return model, step
 
 
+def _gpucnn_model(seed: int):
+    """gpucnn's MODEL: LeNet5 as before, or the registry's vgg-small."""
+    from gpucnn.models import LeNet5, build_model
+    if MODEL == "lenet5":
+        return LeNet5(num_classes=NUM_CLASSES, seed=seed)
+    return build_model(MODEL, seed=seed)
+
+
 def gpucnn_train_step(batch_size: int, seed: int, graph: bool, device: str = "gpu"):
     """(model, TrainStep) of gpucnn.step: step(x, y) trains, step.totals() reads the device sums."""
     TrainStep = _train_step_class()
     from gpucnn.cuda.optim import FusedAdam
-    from gpucnn.models import LeNet5
 
-    model = LeNet5(num_classes=NUM_CLASSES, seed=seed).to(device)
+    model = _gpucnn_model(seed).to(device)
     return model, TrainStep(model, FusedAdam(model.parameters(), lr=LR), batch_size, graph=graph)
 
 
@@ -275,10 +286,14 @@ def torch_trainer(torch, seed: int, device: str = "cuda", compile_mode: str | No
     """(model, step) for the same LeNet-5 in PyTorch; ``compile_mode``: the model under torch.compile."""
     torch.manual_seed(seed)
     nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, NUM_CLASSES)).to(device)
+    if MODEL == "lenet5":
+        model = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, NUM_CLASSES)).to(device)
+    else:
+        import bench_models  # noqa: PLC0415 - the CPU benchmarks' PyTorch forms
+        model = bench_models.torch_model(torch, MODEL).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     forward = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
 
@@ -436,6 +451,7 @@ def compile_times() -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=tuple(INPUT_SHAPES), default="lenet5")
     parser.add_argument("--batch-sizes", default="64,256")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--round-steps", type=int, default=50)
@@ -462,7 +478,7 @@ def parse_args(argv=None):
 def build_variants(cp, torch, names, batch_size: int, args) -> tuple[list, dict]:
     """The variants that can run, warmed up, and {name: reason} for those that cannot."""
     random = cp.random.RandomState(batch_size)
-    images = [random.standard_normal((batch_size, 1, 28, 28), dtype=cp.float32) for _ in range(args.pool)]
+    images = [random.standard_normal((batch_size, *INPUT_SHAPES[MODEL]), dtype=cp.float32) for _ in range(args.pool)]
     labels = [random.randint(0, NUM_CLASSES, batch_size).astype(cp.int32) for _ in range(args.pool)]
     built, skipped = [], {}
     for name in names:
@@ -470,6 +486,8 @@ def build_variants(cp, torch, names, batch_size: int, args) -> tuple[list, dict]
             if name.startswith("gpucnn"):
                 variant = gpucnn_variant(cp, name, images, labels, batch_size, args.warmup_steps)
             elif name == "jax-jit":
+                if MODEL != "lenet5":
+                    raise Unavailable(f"the JAX step exists for LeNet-5 only, not {MODEL}")
                 variant = jax_variant(cp, batch_size, args.pool, args.warmup_steps)
             else:
                 if torch is None:
@@ -491,7 +509,9 @@ def build_variants(cp, torch, names, batch_size: int, args) -> tuple[list, dict]
 
 
 def main(argv=None) -> int:
+    global MODEL
     args = parse_args(argv)
+    MODEL = args.model
     if args.compile_probe:
         print(json.dumps(compile_probe()))
         return 0
@@ -540,7 +560,7 @@ def main(argv=None) -> int:
         except Unavailable:
             pass
         random = cp.random.RandomState(7)
-        images = [random.standard_normal((64, 1, 28, 28), dtype=cp.float32) for _ in range(4)]
+        images = [random.standard_normal((64, *INPUT_SHAPES[MODEL]), dtype=cp.float32) for _ in range(4)]
         labels = [random.randint(0, NUM_CLASSES, 64).astype(cp.int32) for _ in range(4)]
         for name, make_step in checks.items():
             same = gpucnn_weights_are_reproducible(cp, make_step, images, labels, args.determinism_steps)

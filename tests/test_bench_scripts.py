@@ -196,6 +196,22 @@ def test_training_variants_run_and_agree_on_the_cpu():
     assert np.isfinite(first) and last < first
 
 
+@pytest.mark.emulator
+def test_the_end_to_end_benchmark_trains_vgg_small_too(monkeypatch):
+    gpu_train = _load("gpu_train")
+    assert gpu_train.parse_args(["--model", "vgg-small"]).model == "vgg-small"
+    monkeypatch.setattr(gpu_train, "MODEL", "vgg-small")
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((2, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 2).astype(np.int32)
+    model, step = gpu_train.gpucnn_trainer("gpucnn-fused", seed=0, device="cpu",
+                                           runtime=EmulatorRuntime(order="forward", seed=1))
+    assert type(model).__name__ == "VGGSmall" and np.isfinite(float(step(x, y)))
+    torch = pytest.importorskip("torch")
+    torch_model, torch_step = gpu_train.torch_trainer(torch, seed=0, device="cpu")
+    assert sum(p.numel() for p in torch_model.parameters()) == sum(p.size for p in model.parameters())
+    assert np.isfinite(float(torch_step(torch.from_numpy(x), torch.from_numpy(y).long())))
+
+
 def test_the_captured_variant_says_in_one_line_when_gpucnn_step_is_missing(monkeypatch):
     gpu_train = _load("gpu_train")
     monkeypatch.setitem(sys.modules, "gpucnn.step", None)   # import gpucnn.step raises ImportError
