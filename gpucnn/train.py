@@ -140,12 +140,15 @@ class EpochSums:
         return np.array([float(self.loss), int(self.correct), self.seen], dtype=np.float64)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what Slurm, `docker stop` and `timeout` send
+# Ctrl-C; what Slurm, `docker stop` and `timeout` send; a closed terminal or a dropped ssh session (SIGHUP,
+# left ignored under nohup).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 class _StopRequest:
     """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets ``requested`` (and ``signal``, the
-    one that came); a second one stops at once: KeyboardInterrupt for Ctrl-C, SystemExit(143) for SIGTERM.
+    one that came); a second one stops at once: KeyboardInterrupt for Ctrl-C, SystemExit(128 + signal) for
+    SIGTERM (143) and SIGHUP (129).
 
     Signal handlers can only be installed from the main thread; elsewhere the
     signals keep their default behaviour (nothing saved).
@@ -161,14 +164,19 @@ class _StopRequest:
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.requested = True
         self.signal = signal.Signals(signum)
-        if signum == signal.SIGINT:
-            tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-        else:
-            tqdm.write(f"{self.signal.name}: stopping after this step and saving a checkpoint")
+        try:  # after SIGHUP the terminal may be gone: the checkpoint matters, this line does not
+            if signum == signal.SIGINT:
+                tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            else:
+                tqdm.write(f"{self.signal.name}: stopping after this step and saving a checkpoint")
+        except OSError:
+            pass
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
+                if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # nohup: the user asked the run to outlive the terminal
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

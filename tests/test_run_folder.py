@@ -232,3 +232,32 @@ def test_resuming_an_older_checkpoint_in_the_runs_folder_would_drop_later_epochs
     branched = run_cli("train", "--resume", early, "--epochs", 2, "--out", tmp_path / "branch", "--device", "cpu",
                        "--data-dir", data, "--no-download", "--quiet")
     assert "done: epoch 2" in branched.stdout
+
+
+def test_sighup_saves_and_exits_129_unless_the_run_was_started_under_nohup(data, tmp_path):
+    """A closed terminal or a dropped ssh session sends SIGHUP: the run saves as for Ctrl-C. Under nohup
+    (SIGHUP ignored from the start) it keeps running."""
+    def start_run(out, ignore_hangup):
+        def setup():
+            if ignore_hangup:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        return start(*train(data, out, "--epochs", 1000), preexec_fn=setup)
+
+    hung, nohup = start_run(tmp_path / "hung", False), start_run(tmp_path / "nohup", True)
+    try:
+        for out, process in ((tmp_path / "hung", hung), (tmp_path / "nohup", nohup)):
+            assert wait_until(lambda: (out / CHECKPOINT_FILE).exists() or process.poll() is not None, timeout=120)
+            process.send_signal(signal.SIGHUP)
+        stdout, stderr = finish(hung)
+        assert hung.returncode == 129, stderr  # before: killed by SIGHUP (-1), nothing saved
+        assert f"hung up (SIGHUP); continue with: gpucnn train --resume {tmp_path / 'hung' / CHECKPOINT_FILE}" in stderr
+        assert load_checkpoint(tmp_path / "hung" / CHECKPOINT_FILE)["epoch"] < 1000
+        time.sleep(1.0)
+        assert nohup.poll() is None  # still training
+        nohup.send_signal(signal.SIGTERM)
+        assert finish(nohup) and nohup.returncode == 143
+    finally:
+        for process in (hung, nohup):
+            if process.poll() is None:
+                process.kill()
+                process.communicate()

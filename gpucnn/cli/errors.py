@@ -22,7 +22,7 @@ from gpucnn.train import TrainingError
 from gpucnn.viz import MissingDependencyError
 
 EXIT_INTERRUPTED = 130   # Ctrl-C: a run saved and stopped, or an aborted command
-EXIT_TERMINATED = 143    # SIGTERM (Slurm, `docker stop`, `timeout`): a run saved and stopped
+EXIT_TERMINATED = 143    # SIGTERM (Slurm, `docker stop`, `timeout`): a run saved and stopped (SIGHUP: 129)
 EXIT_BROKEN_PIPE = 141   # what a shell reports for a tool ended by SIGPIPE (`gpucnn summary | head`)
 
 EXPECTED_ERRORS = (backend.DeviceError, DataError, CheckpointError, TrainingError, distributed.DistributedError,

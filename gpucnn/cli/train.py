@@ -1,6 +1,7 @@
 """``gpucnn train``: the run's plan (options or a resumed checkpoint's settings), data, model and Trainer."""
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import tempfile
@@ -13,7 +14,7 @@ import click
 from gpucnn import backend, distributed, runfolder
 from gpucnn.checkpoint import CheckpointError, load_checkpoint
 from gpucnn.cli import data as cli_data
-from gpucnn.cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, rank_error_text
+from gpucnn.cli.errors import EXIT_INTERRUPTED, rank_error_text
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, folder_path,
                                 grey_option, image_size_option, model_option, skip_bad_images_option, use_device)
 from gpucnn.metrics import METRICS_FILE
@@ -201,8 +202,8 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
-    best.npz when the test accuracy improved). Ctrl-C (SIGTERM) saves checkpoint.npz after
-    the current step and exits with status 130 (143); --resume continues exactly there.
+    best.npz when the test accuracy improved). Ctrl-C (SIGTERM, SIGHUP) saves checkpoint.npz after
+    the current step and exits with status 130 (143, 129); --resume continues exactly there.
     A run owns its --out folder while it lives: a second run into it is refused.
 
     \b
@@ -242,10 +243,13 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     if trainer.interrupted:
         if main_rank:
             command = f"mpirun -n {comm.size} gpucnn train --distributed" if data_parallel else "gpucnn train"
-            how = "terminated (SIGTERM)" if trainer.stop_signal == signal.SIGTERM else "interrupted"
-            click.echo(f"{how}; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
-                       err=True)
-        ctx.exit(EXIT_TERMINATED if trainer.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED)
+            stopped_by = trainer.stop_signal
+            how = {signal.SIGTERM: "terminated (SIGTERM)", getattr(signal, "SIGHUP", None): "hung up (SIGHUP)"}.get(
+                stopped_by, "interrupted")
+            with contextlib.suppress(OSError):  # after SIGHUP stderr may be a terminal that is gone
+                click.echo(f"{how}; continue with: {command} --resume {trainer.checkpoint_path} --epochs {epochs}",
+                           err=True)
+        ctx.exit(EXIT_INTERRUPTED if trainer.stop_signal in (None, signal.SIGINT) else 128 + trainer.stop_signal)
     if main_rank:
         files = f"checkpoint {plan.out / CHECKPOINT_FILE}, metrics {plan.out / METRICS_FILE}"
         if not history:
