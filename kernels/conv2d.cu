@@ -108,6 +108,52 @@ extern "C" __global__ void conv2d_forward_tiled(
 #define SMALL_TILES 64     // gpucnn/cuda/conv.py agrees
 #define SMALL_THREADS 256
 
+// totals[t*64 + i*8 + j] = the sum over groups g = 0, 1, ... (in that order) of acc[i][j] of thread
+// g*tiles + t. The block's threads write their tiles to parts half a block at a time (the lower half,
+// holding the lower groups, first). Called by every thread of the block (it has barriers).
+__device__ __forceinline__ void add_group_tiles(const float acc[8][8], float parts[SMALL_THREADS / 2][64],
+                                                float* totals, int tiles, int groups)
+{
+    const int tid = (int)threadIdx.x;
+    for (int half = 0; half < 2; ++half) {
+        const int first = half * (SMALL_THREADS / 2);
+        if (tid >= first && tid < first + SMALL_THREADS / 2) {
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) parts[tid - first][i * 8 + j] = acc[i][j];
+            }
+        }
+        __syncthreads();
+        for (int e = tid; e < tiles * 64; e += SMALL_THREADS) {
+            const int et = e / 64, ij = e - et * 64;
+            float s = half == 0 ? 0.0f : totals[e];
+            for (int gg = 0; gg < groups; ++gg) {
+                const int owner = gg * tiles + et;
+                if (owner >= first && owner < first + SMALL_THREADS / 2) s += parts[owner - first][ij];
+            }
+            totals[e] = s;
+        }
+        __syncthreads();
+    }
+}
+
+// Writes totals (tiles of 8 x 8, row tile-major): to grad_weight (oc, filter) and grad_bias (column
+// `filter`) with one slice, else to slice blockIdx.z of the partial sums (gridDim.z, oc, cols).
+__device__ __forceinline__ void store_small_tiles(const float* totals, float* grad_weight, float* grad_bias,
+                                                  int tiles, int col_tiles, int oc, int filter, int cols)
+{
+    const int split = gridDim.z > 1;
+    for (int e = (int)threadIdx.x; e < tiles * 64; e += SMALL_THREADS) {
+        const int et = e / 64, ij = e - et * 64;
+        const int row = (et / col_tiles) * 8 + ij / 8, col = (et % col_tiles) * 8 + ij % 8;
+        if (row >= oc || col >= cols) continue;
+        if (split) grad_weight[((size_t)blockIdx.z * oc + row) * cols + col] = totals[e];
+        else if (col < filter) grad_weight[row * filter + col] = totals[e];
+        else grad_bias[row] = totals[e];
+    }
+}
+
 extern "C" __global__ void conv2d_small_backward_weight(
     const float* grad_y, const float* x, float* grad_weight, float* grad_bias,
     int n, int c, int h, int w, int oc, int kh, int kw,
@@ -172,36 +218,6 @@ extern "C" __global__ void conv2d_small_backward_weight(
         if (++ox == ow) { ox = 0; if (++oy == oh) { oy = 0; ++b; } }
     }
 
-    // Add the groups' tiles in group order: the threads of half 0 hold the lower groups.
-    for (int half = 0; half < 2; ++half) {
-        const int first = half * (SMALL_THREADS / 2);
-        if (tid >= first && tid < first + SMALL_THREADS / 2) {
-            #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                #pragma unroll
-                for (int j = 0; j < 8; ++j) parts[tid - first][i * 8 + j] = acc[i][j];
-            }
-        }
-        __syncthreads();
-        for (int e = tid; e < tiles * 64; e += SMALL_THREADS) {
-            const int et = e / 64, ij = e - et * 64;
-            float s = half == 0 ? 0.0f : totals[e];
-            for (int gg = 0; gg < groups; ++gg) {
-                const int owner = gg * tiles + et;
-                if (owner >= first && owner < first + SMALL_THREADS / 2) s += parts[owner - first][ij];
-            }
-            totals[e] = s;
-        }
-        __syncthreads();
-    }
-
-    const int split = gridDim.z > 1;
-    for (int e = tid; e < tiles * 64; e += SMALL_THREADS) {
-        const int et = e / 64, ij = e - et * 64;
-        const int row = (et / col_tiles) * 8 + ij / 8, col = (et % col_tiles) * 8 + ij % 8;
-        if (row >= oc || col >= cols) continue;
-        if (split) grad_weight[((size_t)blockIdx.z * oc + row) * cols + col] = totals[e];
-        else if (col < filter) grad_weight[row * filter + col] = totals[e];
-        else grad_bias[row] = totals[e];
-    }
+    add_group_tiles(acc, parts, totals, tiles, groups);
+    store_small_tiles(totals, grad_weight, grad_bias, tiles, col_tiles, oc, filter, cols);
 }

@@ -112,83 +112,106 @@ __device__ __forceinline__ Loader make_loader(const float* src, int kind, int m,
     return L;
 }
 
-// v[i] = element (m, k_first + i) of the operand, 0 past k_end, past the operand's edge or in padding.
-// The depth index is split into its coordinates once here; the LOADS elements step a counter.
+// The loaders below: v[i] = element (m, k_first + i) of the operand, 0 past k_end, past the operand's
+// edge or in padding. Each splits the depth index into its coordinates once; the LOADS elements then
+// step a counter.
+
+__device__ __forceinline__ void load_dense(const Loader& L, int k_first, int k_end, float v[LOADS])
+{
+    #pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        const int k = k_first + i;
+        float x = 0.0f;
+        if (k < k_end && L.ok) {
+            if (L.ones) x = 1.0f;
+            else x = L.kind == LOAD_DENSE_K ? L.src[L.base + k] : L.src[k * L.ld + L.base];
+        }
+        v[i] = x;
+    }
+}
+
+// LOAD_IM2COL and LOAD_GRAD_Y_TAPS: k = (channel, ky, kx), the channel of x or of grad_y.
+__device__ __forceinline__ void load_taps(const Loader& L, const Geometry& g, int k_first, int k_end, float v[LOADS])
+{
+    const int taps = g.kh * g.kw;
+    int ch = k_first / taps;
+    int r = k_first - ch * taps;
+    int ky = r / g.kw;
+    int kx = r - ky * g.kw;
+    const int unit_stride = g.sh == 1 && g.sw == 1;
+    #pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        float x = 0.0f;
+        if (k_first + i < k_end && L.ok) {
+            if (L.kind == LOAD_IM2COL) {
+                const int iy = L.p0 + ky * g.dh, ix = L.p1 + kx * g.dw;
+                if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) x = L.src[L.base + (ch * g.h + iy) * g.w + ix];
+            } else {
+                // Output (oy, ox) reads input (iy, ix) through tap (ky, kx) when oy*sh = iy + ph - ky*dh.
+                int ty = L.p0 - ky * g.dh, tx = L.p1 - kx * g.dw;
+                bool hit = ty >= 0 && tx >= 0;
+                if (hit && !unit_stride) {
+                    hit = ty % g.sh == 0 && tx % g.sw == 0;
+                    ty /= g.sh;
+                    tx /= g.sw;
+                }
+                if (hit && ty < g.oh && tx < g.ow) x = L.src[L.base + (ch * g.oh + ty) * g.ow + tx];
+            }
+        }
+        v[i] = x;
+        if (++kx == g.kw) { kx = 0; if (++ky == g.kh) { ky = 0; ++ch; } }
+    }
+}
+
+// LOAD_WEIGHT_T: k = (o, tap), element (ci, k) = weight[o, ci, tap].
+__device__ __forceinline__ void load_weight_t(const Loader& L, const Geometry& g, int k_first, int k_end,
+                                              float v[LOADS])
+{
+    const int taps = g.kh * g.kw;
+    const int filter = g.c * taps;
+    int o = k_first / taps;
+    int r = k_first - o * taps;
+    #pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        v[i] = (k_first + i < k_end && L.ok) ? L.src[o * filter + L.base + r] : 0.0f;
+        if (++r == taps) { r = 0; ++o; }
+    }
+}
+
+// LOAD_GRAD_Y_ROWS and LOAD_IM2COL_T: k = output position (b, oy, ox).
+__device__ __forceinline__ void load_positions(const Loader& L, const Geometry& g, int k_first, int k_end,
+                                               float v[LOADS])
+{
+    const int plane = g.oh * g.ow;
+    int b = k_first / plane;
+    int q = k_first - b * plane;
+    int oy = q / g.ow;
+    int ox = q - oy * g.ow;
+    #pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        float x = 0.0f;
+        if (k_first + i < k_end && L.ok) {
+            if (L.kind == LOAD_GRAD_Y_ROWS) {
+                x = L.src[b * g.oc * plane + L.base + oy * g.ow + ox];
+            } else if (L.ones) {
+                x = 1.0f;
+            } else {
+                const int iy = oy * g.sh + L.p0, ix = ox * g.sw + L.p1;
+                if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) x = L.src[(b * g.c * g.h + iy) * g.w + ix + L.base];
+            }
+        }
+        v[i] = x;
+        if (++ox == g.ow) { ox = 0; if (++oy == g.oh) { oy = 0; ++b; } }
+    }
+}
+
+// The LOADS consecutive depths from k_first of the thread's row or column, by the loader's kind.
 __device__ __forceinline__ void load_depths(const Loader& L, const Geometry& g, int k_first, int k_end, float v[LOADS])
 {
-    if (L.kind == LOAD_DENSE_K || L.kind == LOAD_DENSE_M) {
-        #pragma unroll
-        for (int i = 0; i < LOADS; ++i) {
-            const int k = k_first + i;
-            float x = 0.0f;
-            if (k < k_end && L.ok) {
-                if (L.ones) x = 1.0f;
-                else x = L.kind == LOAD_DENSE_K ? L.src[L.base + k] : L.src[k * L.ld + L.base];
-            }
-            v[i] = x;
-        }
-    } else if (L.kind == LOAD_IM2COL || L.kind == LOAD_GRAD_Y_TAPS) {   // k = (channel, ky, kx)
-        const int taps = g.kh * g.kw;
-        int ch = k_first / taps;
-        int r = k_first - ch * taps;
-        int ky = r / g.kw;
-        int kx = r - ky * g.kw;
-        const int unit_stride = g.sh == 1 && g.sw == 1;
-        #pragma unroll
-        for (int i = 0; i < LOADS; ++i) {
-            float x = 0.0f;
-            if (k_first + i < k_end && L.ok) {
-                if (L.kind == LOAD_IM2COL) {
-                    const int iy = L.p0 + ky * g.dh, ix = L.p1 + kx * g.dw;
-                    if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) x = L.src[L.base + (ch * g.h + iy) * g.w + ix];
-                } else {
-                    // Output (oy, ox) reads input (iy, ix) through tap (ky, kx) when oy*sh = iy + ph - ky*dh.
-                    int ty = L.p0 - ky * g.dh, tx = L.p1 - kx * g.dw;
-                    bool hit = ty >= 0 && tx >= 0;
-                    if (hit && !unit_stride) {
-                        hit = ty % g.sh == 0 && tx % g.sw == 0;
-                        ty /= g.sh;
-                        tx /= g.sw;
-                    }
-                    if (hit && ty < g.oh && tx < g.ow) x = L.src[L.base + (ch * g.oh + ty) * g.ow + tx];
-                }
-            }
-            v[i] = x;
-            if (++kx == g.kw) { kx = 0; if (++ky == g.kh) { ky = 0; ++ch; } }
-        }
-    } else if (L.kind == LOAD_WEIGHT_T) {                               // k = (o, tap)
-        const int taps = g.kh * g.kw;
-        const int filter = g.c * taps;
-        int o = k_first / taps;
-        int r = k_first - o * taps;
-        #pragma unroll
-        for (int i = 0; i < LOADS; ++i) {
-            v[i] = (k_first + i < k_end && L.ok) ? L.src[o * filter + L.base + r] : 0.0f;
-            if (++r == taps) { r = 0; ++o; }
-        }
-    } else {                                                            // k = (b, oy, ox)
-        const int plane = g.oh * g.ow;
-        int b = k_first / plane;
-        int q = k_first - b * plane;
-        int oy = q / g.ow;
-        int ox = q - oy * g.ow;
-        #pragma unroll
-        for (int i = 0; i < LOADS; ++i) {
-            float x = 0.0f;
-            if (k_first + i < k_end && L.ok) {
-                if (L.kind == LOAD_GRAD_Y_ROWS) {
-                    x = L.src[b * g.oc * plane + L.base + oy * g.ow + ox];
-                } else if (L.ones) {
-                    x = 1.0f;
-                } else {
-                    const int iy = oy * g.sh + L.p0, ix = ox * g.sw + L.p1;
-                    if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) x = L.src[(b * g.c * g.h + iy) * g.w + ix + L.base];
-                }
-            }
-            v[i] = x;
-            if (++ox == g.ow) { ox = 0; if (++oy == g.oh) { oy = 0; ++b; } }
-        }
-    }
+    if (L.kind == LOAD_DENSE_K || L.kind == LOAD_DENSE_M) load_dense(L, k_first, k_end, v);
+    else if (L.kind == LOAD_IM2COL || L.kind == LOAD_GRAD_Y_TAPS) load_taps(L, g, k_first, k_end, v);
+    else if (L.kind == LOAD_WEIGHT_T) load_weight_t(L, g, k_first, k_end, v);
+    else load_positions(L, g, k_first, k_end, v);
 }
 
 // acc += the block's tile product over depth [d_begin, d_end). smem holds 2 stages of

@@ -189,3 +189,11 @@ def test_the_gemm_kernels_use_no_atomics_templates_headers_or_asm():
     from gpucnn.kernel_sources import kernels_dir
     text = re.sub(r"//[^\n]*", "", (kernels_dir() / gemm.KERNEL_FILE).read_text())  # code, not comments
     assert not re.search(r"\batomic[A-Z]\w*|\btemplate\b|#\s*include|\basm\b", text)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["before_the_sums", "before_the_next_half"])
+def test_a_missing_barrier_in_the_small_weight_gradient_is_caught(tmp_path, index, monkeypatch):
+    # 6 x 26 outputs: 4 thread tiles, 64 position groups, so both halves of the block hold groups
+    case = ConvCase("small_mutation", 2, 1, 9, 9, 6, (5, 5), padding=(2, 2))
+    assert caught_under_some_order(broken_kernel_copy(tmp_path, "conv2d.cu", remove_barrier("add_group_tiles", index)),
+                                   lambda rt: check_conv(case, runtime=rt))
