@@ -24,6 +24,14 @@ def test_the_inner_loop_is_the_backward_branch_span_holding_ffma():
     assert loop.shared_clocks == 5 and loop.cost == 10.0  # 4 * 5 shared clocks / 2 FFMA beats 2.5 issue slots
 
 
+def test_the_loop_around_the_inner_loop_is_counted_statically():
+    outer = [(0x00, "MOV R1, R2"), *SASS[1:5], (0x50, "@P0 BRA 0x10"), (0x60, "LDG R3, [R4]"),
+             (0x70, "@P1 BRA 0x0")]
+    loop = report.inner_loop(outer)
+    assert (loop.instructions, loop.ffma, loop.outer, loop.outer_ffma) == (5, 2, 8, 2)
+    assert report.inner_loop(SASS).outer == 0
+
+
 def test_a_kernel_without_an_ffma_loop_has_no_inner_loop():
     loop = report.inner_loop([(0x0, "FADD R1, R2, R3"), (0x10, "@P0 BRA 0x0")])
     assert loop.ffma == 0 and loop.instructions == 0
