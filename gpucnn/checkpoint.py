@@ -218,7 +218,7 @@ def check_resumable(ckpt: dict, path, model, optimizer, scheduler, generators: d
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "trainer") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing)}.")
-    check_state_fits(ckpt["model"], {name: p.data for name, p in model.named_parameters()})
+    check_state_fits(ckpt["model"], model.state_dict())
     # Same shapes do not make the same model (lenet5 and lenet5-classic share every shape).
     stored_name = ((ckpt.get("config") or {}).get("model") or {}).get("name")
     own_name = (getattr(model, "config", None) or {}).get("name")

@@ -1,4 +1,5 @@
-"""LeNet-5, a small VGG, and the model registry used by checkpoints and the CLI.
+"""LeNet-5, a small VGG (with or without BatchNorm), ResNet-20, and the model registry used by
+checkpoints and the CLI.
 
 Every model keeps ``config``, a dict holding its registry name and the keyword
 arguments it was built with, so ``build_model(**model.config)`` rebuilds it.
@@ -17,6 +18,14 @@ LENET5_DEFAULT_INPUT = (1, 28, 28)
 LENET5_FULL_SIZE = 32        # the 1998 network's input; smaller inputs are zero-padded up to it by conv1
 VGG_STAGES = (1, 2, 4)       # channel multipliers of the three stages (64, 128, 256 at width 64)
 VGG_DOWNSAMPLE = 2 ** len(VGG_STAGES)
+RESNET20_WIDTHS = (16, 32, 64)  # channels of the three stages of He et al.'s CIFAR ResNets
+RESNET20_BLOCKS = 3             # basic blocks per stage: 6 * 3 + 2 = 20 weighted layers
+
+
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}.")
+    return float(dropout)
 
 
 def _check_common(num_classes, seed):
@@ -183,8 +192,10 @@ class VGGSmall(_ImageClassifier):
     2,196,810 parameters for 10 classes.
     """
 
-    def __init__(self, num_classes=10, seed=None, in_channels=3, input_size=32, width=64, hidden=256):
+    def __init__(self, num_classes=10, seed=None, in_channels=3, input_size=32, width=64, hidden=256,
+                 batch_norm=False, dropout=0.0):
         _check_common(num_classes, seed)
+        dropout = _check_dropout(dropout)
         in_channels = check_int(in_channels, "in_channels", 1)
         input_size = check_int(input_size, "input_size", 1)
         width = check_int(width, "width", 1)
@@ -198,7 +209,9 @@ class VGGSmall(_ImageClassifier):
         for stage, multiplier in enumerate(VGG_STAGES, 1):
             for index in (1, 2):
                 layers[f"conv{stage}_{index}"] = nn.Conv2d(channels, width * multiplier, 3, padding=1,
-                                                           init="kaiming", rng=rng)
+                                                           bias=not batch_norm, init="kaiming", rng=rng)
+                if batch_norm:
+                    layers[f"bn{stage}_{index}"] = nn.BatchNorm2d(width * multiplier)
                 layers[f"act{stage}_{index}"] = nn.ReLU()
                 channels = width * multiplier
             layers[f"pool{stage}"] = nn.MaxPool2d(2)
@@ -206,28 +219,82 @@ class VGGSmall(_ImageClassifier):
         layers["flatten"] = nn.Flatten()
         layers["fc1"] = nn.Linear(channels * side * side, hidden, init="kaiming", rng=rng)
         layers["act_fc1"] = nn.ReLU()
+        if dropout:
+            layers["dropout"] = nn.Dropout(dropout, rng=rng)
         layers["fc2"] = nn.Linear(hidden, num_classes, init="kaiming", rng=rng)
         super().__init__(layers)
         self.num_classes = num_classes
         self.input_shape = (in_channels, input_size, input_size)
-        self.config = {"name": "vgg-small", "num_classes": num_classes, "seed": seed, "in_channels": in_channels,
-                       "input_size": input_size, "width": width, "hidden": hidden}
+        self.config = {"name": "vgg-small-bn" if batch_norm else "vgg-small", "num_classes": num_classes,
+                       "seed": seed, "in_channels": in_channels, "input_size": input_size, "width": width,
+                       "hidden": hidden}
+        if dropout:
+            self.config["dropout"] = dropout
+
+
+class ResNet20(_ImageClassifier):
+    """He et al. (2016)'s CIFAR ResNet-20: x (N, in_channels, S, S) -> logits (N, num_classes).
+
+    conv1 3x3 -> 16 channels, bn1, ReLU; layer1, layer2, layer3: three BasicBlocks each
+    (gpucnn.nn.BasicBlock) with 16, 32, 64 channels, the first block of layer2 and layer3
+    halving the image with stride 2 and a 1x1 convolution + BatchNorm shortcut; global average
+    pooling (avgpool), flatten, optional dropout, fc 64 -> num_classes. Any input size S >= 1
+    (grey 28x28: 28 -> 14 -> 7; colour 32x32: 32 -> 16 -> 8) and channel count; 272,474
+    parameters for 3x32x32 and 10 classes (272,186 for grey input). Convolutions are bias-free
+    (BatchNorm follows), He-uniform initialised; state_dict names as torchvision's ResNet
+    (``layer1.0.conv1.weight``, ``layer2.0.downsample.1.running_mean``, ``fc.bias``).
+    """
+
+    def __init__(self, num_classes=10, seed=None, in_channels=3, input_size=32, dropout=0.0):
+        _check_common(num_classes, seed)
+        in_channels = check_int(in_channels, "in_channels", 1)
+        input_size = check_int(input_size, "input_size", 1)
+        dropout = _check_dropout(dropout)
+        rng = make_rng(seed)
+        layers = OrderedDict()
+        layers["conv1"] = nn.Conv2d(in_channels, RESNET20_WIDTHS[0], 3, padding=1, bias=False, rng=rng)
+        layers["bn1"] = nn.BatchNorm2d(RESNET20_WIDTHS[0])
+        layers["relu"] = nn.ReLU()
+        channels = RESNET20_WIDTHS[0]
+        for stage, width in enumerate(RESNET20_WIDTHS, 1):
+            blocks = []
+            for index in range(RESNET20_BLOCKS):
+                stride = 2 if stage > 1 and index == 0 else 1
+                blocks.append(nn.BasicBlock(channels, width, stride, rng=rng))
+                channels = width
+            layers[f"layer{stage}"] = nn.Sequential(*blocks)
+        layers["avgpool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        if dropout:
+            layers["dropout"] = nn.Dropout(dropout, rng=rng)
+        layers["fc"] = nn.Linear(channels, num_classes, init="kaiming", rng=rng)
+        super().__init__(layers)
+        self.num_classes = num_classes
+        self.input_shape = (in_channels, input_size, input_size)
+        self.config = {"name": "resnet20", "num_classes": num_classes, "seed": seed, "in_channels": in_channels,
+                       "input_size": input_size}
+        if dropout:
+            self.config["dropout"] = dropout
 
 
 MODELS = {
     "lenet5": lambda **kwargs: LeNet5(variant="modern", **kwargs),
     "lenet5-classic": lambda **kwargs: LeNet5(variant="classic", **kwargs),
     "vgg-small": lambda **kwargs: VGGSmall(**kwargs),
+    "vgg-small-bn": lambda **kwargs: VGGSmall(batch_norm=True, **kwargs),
+    "resnet20": lambda **kwargs: ResNet20(**kwargs),
 }
 # What each model is for, shown by the CLI's help.
 MODEL_HELP = {
     "lenet5": "LeNet-5 with ReLU + max-pool (grey 28x28 by default)",
     "lenet5-classic": "LeNet-5 with tanh + average-pool (1998)",
     "vgg-small": "three VGG stages of 3x3 convolutions, 64-128-256 channels (colour 32x32)",
+    "vgg-small-bn": "vgg-small with BatchNorm after every convolution (colour 32x32)",
+    "resnet20": "He et al.'s CIFAR ResNet-20: BatchNorm, residual blocks, global average pooling (colour 32x32)",
 }
 # The input (C, H, W) each model is built for when nothing else is said.
 DEFAULT_INPUT_SHAPES = {"lenet5": LENET5_DEFAULT_INPUT, "lenet5-classic": LENET5_DEFAULT_INPUT,
-                        "vgg-small": (3, 32, 32)}
+                        "vgg-small": (3, 32, 32), "vgg-small-bn": (3, 32, 32), "resnet20": (3, 32, 32)}
 
 
 def available_models() -> list[str]:
@@ -249,6 +316,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available models are {available_models()}.")
+    if "batch_norm" in kwargs:
+        raise TypeError(f"BatchNorm is part of the model name; use 'vgg-small' or 'vgg-small-bn', "
+                        f"not batch_norm={kwargs['batch_norm']!r}.")
     if "variant" in kwargs:
         raise TypeError(f"the variant is part of the model name; use 'lenet5' or 'lenet5-classic', "
                         f"not variant={kwargs['variant']!r}.")

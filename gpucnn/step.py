@@ -13,7 +13,8 @@ input buffers and runs the step:
 
 Only gpucnn's kernels run inside: the layers' (through gpucnn.dispatch), the loss and its sums
 (kernels/loss.cu), gradient accumulation and zeroing (elementwise.cu) and the fused optimizer
-(optim.cu). The loss sum and the correct count accumulate on the device in ``sums``; the
+(optim.cu). BatchNorm's running statistics are updated in place on the device by its kernels, so
+replays update them too. The loss sum and the correct count accumulate on the device in ``sums``; the
 learning rate and Adam's step count live on the device, so replays follow a scheduler. Both
 modes launch the same kernels in the same order, so they give bitwise identical weights.
 """
@@ -83,6 +84,16 @@ class TrainStep:
                     self.runtime.run(self._body, "record")
                     self.recorded = True
                 self.runtime.replay()
+                self._count_replayed_batch()
+
+    def _count_replayed_batch(self) -> None:
+        """A replay runs no Python: each training BatchNorm's batch counter (a host number) is bumped here.
+
+        Its running statistics were updated on the device by the replayed kernels themselves.
+        """
+        for module in self.model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.training:
+                module.count_batch()
 
     def _body(self) -> None:
         model, optimizer = self.model, self.optimizer

@@ -57,7 +57,7 @@ from gpucnn.checkpoint import CheckpointError, check_resumable, load_checkpoint,
 from gpucnn.cpu import optim as cpu_optim
 from gpucnn.cpu import split
 from gpucnn.cuda import optim as cuda_optim
-from gpucnn.data import BatchIterator
+from gpucnn.data import Augment, BatchIterator
 from gpucnn.grad_mode import no_grad
 from gpucnn.metrics import METRICS_FILE, append_metrics, trim_metrics
 from gpucnn.nn import Module
@@ -248,10 +248,14 @@ class Trainer:
     trains data-parallel (``batch_size`` per rank, gradients averaged every
     step, metrics over all ranks, files and progress from rank 0 only). None: one
     process, as without ``gpucnn.distributed``.
+
+    ``augment`` (optional, one process only) is a ``gpucnn.data.Augment``: each training batch
+    is cropped and flipped at random, reproducibly from the seed (see gpucnn.data.augment); the
+    checkpoint records it and a resumed run must use the same.
     """
 
     def __init__(self, model, optimizer, scheduler=None, device="cpu", out_dir=None, seed=0, config=None,
-                 comm=None, graph=None):
+                 comm=None, graph=None, augment=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a gpucnn.nn.Module, not {type(model).__name__}.")
         for name, obj, methods in (("optimizer", optimizer, ("step", "zero_grad", "state_dict", "load_state_dict")),
@@ -286,6 +290,12 @@ class Trainer:
         else:
             self.optimizer = optimizer
         self.graph = (self.device == "gpu") if graph is None else bool(graph)
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"augment must be a gpucnn.data.Augment or None, not {type(augment).__name__}.")
+        if augment is not None and self.comm.distributed:
+            raise ValueError("augmentation is not available in distributed training yet; train without --augment "
+                             "or in one process.")
+        self.augment = augment
         self._steps = {}  # batch size -> TrainStep (kernel devices, one process)
         self._split = None  # the cpu's SplitStep once made; False when the model or settings exclude it
         self._uses_steps = on_kernels and fusable and not self.comm.distributed
@@ -479,7 +489,7 @@ class Trainer:
         if self.comm.distributed:
             return distributed.ShardedBatchIterator(images, labels, batch_size, self.comm.rank, self.comm.size,
                                                     seed=self.seed)
-        return BatchIterator(images, labels, batch_size, shuffle=True, seed=self.seed)
+        return BatchIterator(images, labels, batch_size, shuffle=True, seed=self.seed, augment=self.augment)
 
     def _resume(self, path, epochs: int, batch_size: int, steps_per_epoch: int, reschedule: bool):
         """Restore the checkpoint at ``path`` for a run of ``epochs`` epochs; returns (epoch, step, partial)."""
@@ -690,7 +700,8 @@ class Trainer:
             trainer={"seed": self.seed, "batch_size": batch_size, "ranks": self.comm.size,
                      "best_accuracy": self.best_accuracy, "watch": self.watch.state_dict(),
                      "partial": partial, "optimizer_class": rule_name(self.optimizer),
-                     "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__},
+                     "scheduler_class": None if self.scheduler is None else type(self.scheduler).__name__,
+                     "augment": None if self.augment is None else self.augment.describe()},
             config=config,
         )
 
@@ -707,6 +718,13 @@ class Trainer:
         check_resumable(ckpt, path, self.model, self.optimizer, self.scheduler, generators,
                         seed=self.seed, batch_size=batch_size, ranks=self.comm.size, steps_per_epoch=steps_per_epoch)
         state = ckpt["trainer"]
+        stored_augment = state.get("augment")  # absent in checkpoints from before augmentation: none
+        own_augment = None if self.augment is None else self.augment.describe()
+        if stored_augment != own_augment:
+            stored_name = "none" if stored_augment is None else stored_augment["name"]
+            own_name = "none" if own_augment is None else own_augment["name"]
+            raise ValueError(f"checkpoint {path} was trained with augmentation {stored_name} but this run asks for "
+                             f"{own_name}; resume with the same augmentation so the run continues exactly.")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None:

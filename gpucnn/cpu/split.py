@@ -13,7 +13,8 @@ with two threads (1.1-1.5x).
 
 The optimizer is not involved: the caller zeroes the gradients before and steps after, as
 around ``model.backward``. Layers that draw random numbers (Dropout) would draw them in two
-processes, so ``splittable`` refuses models holding one.
+processes, so ``splittable`` refuses models holding one; so it does BatchNorm, whose statistics are
+the whole batch's.
 """
 from __future__ import annotations
 
@@ -58,8 +59,14 @@ def processes() -> int:
 
 
 def splittable(model) -> bool:
-    """Whether a step of ``model`` can be split: NumPy parameters and no active Dropout."""
+    """Whether a step of ``model`` can be split: NumPy parameters, no active Dropout and no BatchNorm.
+
+    BatchNorm normalises with the statistics of the whole batch and updates its running statistics:
+    two halves would each normalise with their own, and the worker's updates would be lost.
+    """
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return False
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
         return False
     return all(type(p.data) is np.ndarray for p in model.parameters())
 

@@ -1,4 +1,5 @@
-"""Data: IDX files, MNIST / Fashion-MNIST and CIFAR-10 lookup and download, image folders, mini-batching."""
+"""Data: IDX files, MNIST / Fashion-MNIST and CIFAR-10 lookup and download, image folders, mini-batching and augmentation."""
+from gpucnn.data.augment import Augment
 from gpucnn.data.cifar import load_cifar10
 from gpucnn.data.datasets import (
     DATASETS,
@@ -24,5 +25,5 @@ __all__ = [
     "find_dataset_dir", "load_dataset", "download_dataset", "get_spec", "normalize", "standardize", "channel_stats",
     "load_cifar10", "load_image_folder", "read_image", "read_model_input", "read_pgm",
     "DATASET_NAMES", "Split", "load_split",
-    "BatchIterator", "epoch_permutation",
+    "Augment", "BatchIterator", "epoch_permutation",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpucnn import backend
+from gpucnn.data.augment import Augment
 from gpucnn.utils import check_int
 
 
@@ -30,10 +31,14 @@ class BatchIterator:
     or ``N // B`` with ``drop_last``. ``set_epoch(e, start_batch=k)`` makes the
     iterations that follow skip the first k batches of epoch e (resuming
     mid-epoch); ``set_epoch(e)`` starts at batch 0.
+
+    ``augment`` (a gpucnn.data.Augment, or None) crops and flips each batch's images at random,
+    with the generator of (seed, epoch, batch index): reproducible, and a resumed epoch
+    continues with the same crops and flips.
     """
 
     def __init__(self, images, labels, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, augment=None):
         for name, array in (("images", images), ("labels", labels)):
             if not hasattr(array, "shape") or not hasattr(array, "ndim"):
                 raise TypeError(f"{name} must be a NumPy or CuPy array, not {type(array).__name__}.")
@@ -50,6 +55,11 @@ class BatchIterator:
         self.shuffle = bool(shuffle)
         self.seed = check_int(seed, "seed", 0)
         self.drop_last = bool(drop_last)
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"augment must be a gpucnn.data.Augment or None, not {type(augment).__name__}.")
+        if augment is not None and getattr(images, "ndim", 0) != 4:
+            raise ValueError(f"augment needs images (N, C, H, W), not shape {tuple(images.shape)}.")
+        self.augment = augment
         self.epoch = 0
         self.start_batch = 0
 
@@ -83,4 +93,7 @@ class BatchIterator:
     def _batches(self, order, first: int, stop: int):
         for b in range(first, stop):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.images[batch], self.labels[batch]
+            images = self.images[batch]
+            if self.augment is not None:
+                images = self.augment(images, Augment.generator(self.seed, self.epoch, b))
+            yield images, self.labels[batch]

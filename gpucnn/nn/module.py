@@ -1,5 +1,10 @@
 """Parameter, Module and Sequential: the containers every layer is built from.
 
+Besides parameters a module may hold buffers (``register_buffer``): arrays saved in
+``state_dict`` and checkpoints that the optimizer never sees, such as BatchNorm's
+running statistics. Float buffers move with ``to()`` and are cast by ``double()``;
+integer buffers (a counter) stay NumPy arrays on the host.
+
 There is no autograd graph. Each layer keeps what its backward needs from its
 last forward call, and ``backward(grad_output) -> grad_input`` both returns the
 gradient for its input and adds the gradients of its own parameters into
@@ -109,6 +114,7 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_cache", {})
         object.__setattr__(self, "_device", "cpu")
         object.__setattr__(self, "training", True)
@@ -121,13 +127,30 @@ class Module:
         modules = self.__dict__["_modules"]
         params.pop(name, None)
         modules.pop(name, None)
-        if isinstance(value, Parameter):
+        buffers = self.__dict__["_buffers"]
+        if name in buffers:
+            if not backend.is_array(value):
+                raise TypeError(f"buffer {name!r} must stay an array, not {type(value).__name__}.")
+            buffers[name] = value
+        elif isinstance(value, Parameter):
             params[name] = value
         elif isinstance(value, Module):
             modules[name] = value
         object.__setattr__(self, name, value)
 
+    def register_buffer(self, name: str, array) -> None:
+        """Hold ``array`` as buffer ``name`` (an attribute too): saved in state_dict, not a parameter."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"buffer name must be a non-empty string without '.', not {name!r}.")
+        if not backend.is_array(array):
+            raise TypeError(f"buffer {name!r} must be a NumPy or CuPy array, not {type(array).__name__}.")
+        if name in self._parameters or name in self._modules:
+            raise ValueError(f"{name!r} is already a parameter or submodule of {type(self).__name__}.")
+        self._buffers[name] = array
+        object.__setattr__(self, name, array)
+
     def __delattr__(self, name):
+        self._buffers.pop(name, None)
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
         object.__delattr__(self, name)
@@ -232,6 +255,29 @@ class Module:
         for _, param in self.named_parameters():
             yield param
 
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, object]]:
+        """``(name, array)`` pairs of every buffer (``"bn1.running_mean"``), module by module."""
+        for module_name, module in self.named_modules(prefix):
+            for name, array in module._buffers.items():
+                yield (f"{module_name}.{name}" if module_name else name), array
+
+    def buffers(self) -> Iterator[object]:
+        for _, array in self.named_buffers():
+            yield array
+
+    def _named_state(self) -> Iterator[tuple[str, object, object]]:
+        """(name, owner, key) of every state_dict entry in PyTorch's order: per module its parameters, then
+        its buffers; owner is the Parameter or the module holding buffer ``key``."""
+        seen = set()
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for name, param in module._parameters.items():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield prefix + name, param, None
+            for name in module._buffers:
+                yield prefix + name, module, name
+
     def num_parameters(self) -> int:
         """Total number of learnable scalars."""
         return sum(p.size for p in self.parameters())
@@ -279,6 +325,9 @@ class Module:
             if param.grad is not None:
                 param.grad = backend.to_device(param.grad, target)
         for module in self.modules():
+            for name, array in module._buffers.items():
+                if array.dtype.kind == "f":
+                    setattr(module, name, backend.to_device(array, target))
             object.__setattr__(module, "_device", target)
             module._cache = {}
         return self
@@ -289,6 +338,9 @@ class Module:
             if param.grad is not None:
                 param.grad = param.grad.astype(dtype)
         for module in self.modules():
+            for name, array in module._buffers.items():
+                if array.dtype.kind == "f":
+                    setattr(module, name, array.astype(dtype))
             module._cache = {}
         return self
 
@@ -302,20 +354,26 @@ class Module:
 
     # --- checkpoints --------------------------------------------------------
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Ordered ``name -> NumPy array`` copies of every parameter (on the CPU)."""
-        return OrderedDict((name, np.array(backend.to_numpy(p.data), copy=True))
-                           for name, p in self.named_parameters())
+        """Ordered ``name -> NumPy array`` copies of every parameter and buffer (on the CPU).
+
+        PyTorch's order: module by module, its parameters then its buffers
+        (``"bn1.weight"``, ``"bn1.bias"``, ``"bn1.running_mean"``, ...).
+        """
+        return OrderedDict((name, np.array(backend.to_numpy(_state_value(owner, key)), copy=True))
+                           for name, owner, key in self._named_state())
 
     def load_state_dict(self, state, strict: bool = True) -> IncompatibleKeys:
-        """Copy arrays from ``state`` into the parameters, on the parameters' current device.
+        """Copy arrays from ``state`` into the parameters and buffers, on their current device.
 
         Everything is checked before anything is copied: with ``strict`` (the
         default) missing or unexpected names raise ValueError naming them; a
-        shape mismatch always raises ValueError. Returns the skipped names.
+        shape mismatch always raises ValueError. Buffers are written in place
+        (a recorded training step keeps updating the same arrays). Returns the
+        skipped names.
         """
         if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
             raise TypeError(f"state must be a mapping of name -> array, not {type(state).__name__}.")
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict((name, (owner, key)) for name, owner, key in self._named_state())
         missing = [name for name in own if name not in state]
         unexpected = [name for name in state.keys() if name not in own]
         if strict and (missing or unexpected):
@@ -326,23 +384,32 @@ class Module:
                 parts.append(f"unexpected keys {unexpected}")
             raise ValueError(f"state_dict does not match {type(self).__name__}: {' and '.join(parts)}.")
         values = {}
-        for name, param in own.items():
+        for name, (owner, key) in own.items():
             if name not in state:
                 continue
             value = backend.to_numpy(state[name])
-            if value.dtype.kind != "f":  # integer, complex or bool weights: a tampered or foreign file
-                raise TypeError(f"state_dict entry {name!r} must be a float array, not {value.dtype}.")
-            if tuple(value.shape) != param.shape:
+            target = _state_value(owner, key)
+            integer_buffer = key is not None and target.dtype.kind in "iu"
+            if value.dtype.kind not in ("iu" if integer_buffer else "f"):
+                # integer, complex or bool weights: a tampered or foreign file (a counter buffer is an integer)
+                raise TypeError(f"state_dict entry {name!r} must be a{'n integer' if integer_buffer else ' float'} "
+                                f"array, not {value.dtype}.")
+            if tuple(value.shape) != tuple(target.shape):
+                kind = "parameter" if key is None else "buffer"
                 raise ValueError(f"state_dict entry {name!r} has shape {tuple(value.shape)}, "
-                                 f"but the parameter has shape {param.shape}.")
-            if not np.isfinite(value).all():
+                                 f"but the {kind} has shape {tuple(target.shape)}.")
+            if not integer_buffer and not np.isfinite(value).all():
                 bad = int(np.count_nonzero(~np.isfinite(value)))
                 raise ValueError(f"state_dict entry {name!r} holds NaN or infinite values ({bad} of {value.size}); "
                                  "such weights give NaN outputs.")
             values[name] = value
         for name, value in values.items():
-            param = own[name]
-            param.data = backend.to_device(np.array(value, dtype=param.dtype, copy=True), param.device)
+            owner, key = own[name]
+            if key is None:
+                owner.data = backend.to_device(np.array(value, dtype=owner.dtype, copy=True), owner.device)
+            else:
+                buffer = getattr(owner, key)
+                buffer[...] = backend.to_device(np.asarray(value, dtype=buffer.dtype), backend.device_of(buffer))
         return IncompatibleKeys(missing, unexpected)
 
     # --- printing -----------------------------------------------------------
@@ -359,6 +426,11 @@ class Module:
             lines.append(f"  ({name}): {child_text}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _state_value(owner, key):
+    """The array behind one state_dict entry: a Parameter's data, or buffer ``key`` of a module."""
+    return owner.data if key is None else getattr(owner, key)
 
 
 class Sequential(Module):

@@ -87,3 +87,34 @@ class AvgPool2d(_Pool2d):
             return None
         return ops.avg_pool2d_backward(grad_output, self._saved("x_shape"), self.kernel_size,
                                        self.stride, self.padding)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling, PyTorch's ``AdaptiveAvgPool2d(1)``: x (N, C, H, W) -> y (N, C, 1, 1).
+
+    Only output_size 1 (or (1, 1)) is supported: the global average a ResNet ends with.
+    """
+
+    def __init__(self, output_size=1):
+        super().__init__()
+        if check_pair(output_size, "output_size", 1) != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d supports only output_size 1 (global average pooling), "
+                             f"not {output_size!r}.")
+        self.output_size = (1, 1)
+
+    def forward(self, x):
+        """x (N, C, H, W) -> y (N, C, 1, 1), each channel's mean."""
+        self._check_input(x, ndim=4)
+        y = ops.global_avg_pool2d_forward(x)
+        self._save(x_shape=tuple(x.shape), output_shape=tuple(y.shape))
+        return y
+
+    def backward(self, grad_output, input_grad=True):
+        """grad_output (N, C, 1, 1) -> grad_input (N, C, H, W), each value's share (None when not ``input_grad``)."""
+        self._check_grad_output(grad_output)
+        if not input_grad:
+            return None
+        return ops.global_avg_pool2d_backward(grad_output, self._saved("x_shape"))
+
+    def extra_repr(self) -> str:
+        return "output_size=1"
