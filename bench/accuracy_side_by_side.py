@@ -239,6 +239,9 @@ def command_run(args) -> None:
 
 
 def _commit() -> str | None:
+    """The commit the run's code came from: $BENCH_COMMIT (a copy of the tree outside git), else git's HEAD."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
