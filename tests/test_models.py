@@ -90,7 +90,7 @@ def test_state_dict_round_trip_and_strict_errors():
 
 
 def test_registry_and_config_rebuild():
-    assert available_models() == ["lenet5", "lenet5-classic", "vgg-small"]
+    assert available_models() == ["lenet5", "lenet5-classic", "resnet20", "vgg-small", "vgg-small-bn"]
     model = build_model("lenet5-classic", seed=4)
     assert isinstance(model, LeNet5) and model.variant == "classic"
     assert model.config == {"name": "lenet5-classic", "num_classes": 10, "seed": 4}
