@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-from gpucnn import backend, nn
+from gpucnn import backend, nn, ops
 from gpucnn.files import write_atomically
 from gpucnn.grad_mode import no_grad
 from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry
@@ -35,6 +35,47 @@ def named_layers(model) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"the model must be a gpucnn Sequential (such as LeNet5), not {type(model).__name__}.")
     return list(flatten_layers(model))
+
+
+def layer_names(model) -> list[str]:
+    """Every name whose activation iter_activations gives: the leaf layers and the residual blocks (their
+    sums, e.g. ``layer2.1``), in the order layer_geometry lists them."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"the model must be a gpucnn Sequential (such as LeNet5), not {type(model).__name__}.")
+    return [row.name for row in layer_geometry(model, tuple(_probe_shape(model)))] if _has_residual(model) \
+        else [name for name, _ in flatten_layers(model)]
+
+
+def _has_residual(model) -> bool:
+    return any(isinstance(m, nn.Residual) for m in model.modules())
+
+
+def _probe_shape(model):
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError("a model with residual blocks needs an input_shape to name its layers.")
+    return shape
+
+
+def _run_collecting(module, x, name, wanted, outputs):
+    """Run ``module`` (named ``name``) on x, keeping the outputs of the names in ``wanted``; returns
+    (output, done) where done means every wanted output is kept and the rest need not run."""
+    if isinstance(module, nn.Sequential):
+        for child_name, child in module.named_children():
+            x, done = _run_collecting(child, x, f"{name}.{child_name}" if name else child_name, wanted, outputs)
+            if done:
+                return x, True
+    elif isinstance(module, nn.Residual):
+        (body_name, body), (shortcut_name, shortcut) = module.named_paths()
+        through, _ = _run_collecting(body, x, f"{name}.{body_name}" if body_name else name, wanted, outputs)
+        across = x if shortcut is None else _run_collecting(shortcut, x, f"{name}.{shortcut_name}", wanted,
+                                                            outputs)[0]
+        x = ops.add_relu_forward(through, across) if module.relu else ops.add_forward(through, across)
+    else:
+        x = module(x)
+    if name in wanted:
+        outputs[name] = x
+    return x, len(outputs) == len(wanted)
 
 
 def _check_images(images, name: str = "images"):
@@ -62,17 +103,15 @@ def iter_activations(model, images, layers, batch_size: int = DEFAULT_BATCH_SIZE
     layer. Activations stay on the model's device. ``progress`` shows a tqdm
     bar on stderr.
     """
-    leaves = named_layers(model)
+    names = layer_names(model)
     _check_images(images)
     batch_size = check_int(batch_size, "batch_size", 1)
-    names = [name for name, _ in leaves]
     wanted = list(dict.fromkeys(layers))
     if not wanted:
         raise ValueError("at least one layer name is needed.")
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise ValueError(f"the model has no layer named {unknown[0]!r}; its layers are {names}.")
-    last = max(names.index(name) for name in wanted)
     device = model.device
     was_training = model.training
     model.eval()
@@ -82,11 +121,8 @@ def iter_activations(model, images, layers, batch_size: int = DEFAULT_BATCH_SIZE
             x = backend.to_device(images[start:start + batch_size], device)
             outputs = {}
             with no_grad():  # only around the layers: a generator's context would leak into the caller's
-                for name, layer in leaves[: last + 1]:
-                    x = layer(x)
-                    if name in wanted:
-                        outputs[name] = x
-            yield start, outputs
+                _run_collecting(model, x, "", set(wanted), outputs)
+            yield start, {name: outputs[name] for name in wanted}
     finally:
         model.train(was_training)
 
@@ -242,7 +278,6 @@ def top_patches(model, images, k: int = 9, layers=None, batch_size: int = DEFAUL
     neighbouring, overlapping positions of one image may fill several places.
     Returns {layer name: TopPatches}, in forward order.
     """
-    leaves = named_layers(model)
     _check_images(images)
     k = check_int(k, "k", 1)
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -257,7 +292,7 @@ def top_patches(model, images, k: int = 9, layers=None, batch_size: int = DEFAUL
     layers = list(dict.fromkeys(layers))
     for name in layers:
         if name not in rows:
-            raise ValueError(f"the model has no layer named {name!r}; its layers are {[n for n, _ in leaves]}.")
+            raise ValueError(f"the model has no layer named {name!r}; its layers are {list(rows)}.")
         if not rows[name].spatial:
             raise ValueError(f"layer {name} ({rows[name].type}) has no spatial layout, so it has no input patches.")
         positions = N if distinct_images else N * rows[name].output_shape[1] * rows[name].output_shape[2]

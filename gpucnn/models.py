@@ -292,6 +292,8 @@ MODEL_HELP = {
     "vgg-small-bn": "vgg-small with BatchNorm after every convolution (colour 32x32)",
     "resnet20": "He et al.'s CIFAR ResNet-20: BatchNorm, residual blocks, global average pooling (colour 32x32)",
 }
+# The models with a place for Dropout (before the last linear layer; their ``dropout`` argument).
+DROPOUT_MODELS = ("resnet20", "vgg-small", "vgg-small-bn")
 # The input (C, H, W) each model is built for when nothing else is said.
 DEFAULT_INPUT_SHAPES = {"lenet5": LENET5_DEFAULT_INPUT, "lenet5-classic": LENET5_DEFAULT_INPUT,
                         "vgg-small": (3, 32, 32), "vgg-small-bn": (3, 32, 32), "resnet20": (3, 32, 32)}

@@ -241,3 +241,40 @@ def test_a_model_with_batch_norm_is_not_split_between_processes():
     assert not split.splittable(ResNet20(seed=0))
     assert split.splittable(build_model("lenet5", seed=0))
     assert not split.splittable(nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(3))))
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_cli_trains_resnet20_with_augmentation_and_dropout_and_inspects_it(random_mnist, tmp_path):
+    from tests.helpers import invoke  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    result = invoke(["train", "--device", "cpu", "--data-dir", random_mnist, "--no-download", "--epochs", 1,
+                     "--batch-size", 16, "--model", "resnet20", "--augment", "crop", "--dropout", 0.2, "--out", out,
+                     "--quiet"])
+    assert result.exit_code == 0, result.output
+    from gpucnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
+
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    assert ckpt["config"]["augment"] == "crop" and ckpt["config"]["dropout"] == 0.2
+    assert ckpt["trainer"]["augment"]["name"] == "crop"
+    assert int(ckpt["model"]["layer1.0.bn1.num_batches_tracked"]) == 6  # 96 images, batch 16
+    model = model_from_checkpoint(ckpt)
+    assert model.config["dropout"] == 0.2 and int(model.bn1.num_batches_tracked) == 6
+    common = ["--data-dir", random_mnist, "--no-download", "--device", "cpu"]
+    result = invoke(["evaluate", out / "checkpoint.npz", *common])
+    assert result.exit_code == 0 and "accuracy" in result.output, result.output
+    result = invoke(["summary", "--model", "resnet20", "--input-shape", "1,28,28"])
+    assert "layer2.0.downsample.0" in result.output and "total parameters: 272,186" in result.output
+    result = invoke(["visualize", out / "checkpoint.npz", *common, "-q", "--limit", 8, "--patches", 2,
+                     "--layers", "layer1.0,layer2.0.conv1", "--out", tmp_path / "viz"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "viz" / "patches_layer1.0.npz").is_file() and (tmp_path / "viz" / "filters_conv1.png").is_file()
+    result = invoke(["features", out / "checkpoint.npz", *common, "-q", "--limit", 8, "--layer", "layer3.2",
+                     "--out", tmp_path / "f.npy"])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "f.npy").shape == (8, 64, 7, 7)
+    result = invoke(["train", "--device", "cpu", "--data-dir", random_mnist, "--no-download", "--epochs", 1,
+                     "--model", "lenet5", "--dropout", 0.5, "--out", tmp_path / "x", "--quiet"])
+    assert result.exit_code != 0 and "--dropout applies to the models" in result.output

@@ -42,12 +42,14 @@ def summary(model, input_shape):
 
     rf is how many input pixels (per axis) one output sees; jump is the distance in
     input pixels between neighbouring outputs. From flatten on, every output sees
-    the whole image ("-").
+    the whole image ("-"). A residual block lists its body's layers, its shortcut's,
+    then its own row (the sum), whose field is the larger of the two paths'.
 
     \b
     Examples:
       gpucnn summary --model vgg-small --input-shape 3,32,32
       gpucnn summary --model lenet5 --input-shape 3,32,32
+      gpucnn summary --model resnet20 --input-shape 1,28,28
     """
     from gpucnn.models import default_input_shape  # noqa: PLC0415
     from gpucnn.receptive import layer_geometry, stacked_3x3_layers, window_strides  # noqa: PLC0415
@@ -56,15 +58,18 @@ def summary(model, input_shape):
         raise ValueError(f"--input-shape {C},{H},{W}: gpucnn's models take square images (H = W).")
     network = build_model(model, in_channels=C, input_size=H)
     rows = layer_geometry(network, tuple(network.input_shape))
-    header = f"{'layer':<8} {'type':<10} {'output shape':<16} {'params':>9} {'rf':>4} {'jump':>5}"
+    name_width = max(8, *(len(row.name) for row in rows))
+    type_width = max(10, *(len(row.type) for row in rows))
+    header = (f"{'layer':<{name_width}} {'type':<{type_width}} {'output shape':<16} {'params':>9} {'rf':>4} "
+              f"{'jump':>5}")
     rule = "-" * len(header)
     click.echo(f"{model} for input {tuple(network.input_shape)}")
     click.echo(header)
     click.echo(rule)
     for row in rows:
         shape = "(" + ", ".join(str(d) for d in row.output_shape) + ")"
-        click.echo(f"{row.name:<8} {row.type:<10} {shape:<16} {row.num_params:>9,} {_pair_text(row.rf):>4} "
-                   f"{_pair_text(row.jump):>5}")
+        click.echo(f"{row.name:<{name_width}} {row.type:<{type_width}} {shape:<16} {row.num_params:>9,} "
+                   f"{_pair_text(row.rf):>4} {_pair_text(row.jump):>5}")
     click.echo(rule)
     total = sum(row.num_params for row in rows)
     spatial = [row for row in rows if row.spatial]

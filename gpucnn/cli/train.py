@@ -18,7 +18,9 @@ from gpucnn.cli.errors import EXIT_INTERRUPTED, rank_error_text
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, folder_path,
                                 grey_option, image_size_option, model_option, skip_bad_images_option, use_device)
 from gpucnn.metrics import METRICS_FILE
-from gpucnn.models import build_model
+from gpucnn.data.augment import CHOICES as AUGMENT_CHOICES
+from gpucnn.data.augment import Augment
+from gpucnn.models import DROPOUT_MODELS, build_model
 from gpucnn.train import CHECKPOINT_FILE, Trainer
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -30,9 +32,14 @@ PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 2   # --schedule plateau: lr x0.1 after 
 RESUMED_SETTINGS = {"dataset": "dataset", "model": "model_name", "batch_size": "batch_size", "lr": "lr",
                     "optimizer": "optimizer", "momentum": "momentum", "weight_decay": "weight_decay",
                     "schedule": "schedule", "seed": "seed", "val_split": "val_split", "patience": "patience",
-                    "monitor": "monitor", "warmup_epochs": "warmup_epochs"}
+                    "monitor": "monitor", "warmup_epochs": "warmup_epochs", "augment": "augment", "dropout": "dropout"}
 # Settings newer than some checkpoints: what a checkpoint without them was trained with.
-SETTINGS_DEFAULTS = {"val_split": None, "patience": None, "monitor": "accuracy", "warmup_epochs": 0}
+SETTINGS_DEFAULTS = {"val_split": None, "patience": None, "monitor": "accuracy", "warmup_epochs": 0, "augment": "none",
+                     "dropout": 0.0}
+AUGMENT_HELP = ("Augment the training images per batch, reproducibly from --seed: crop (a random crop from the "
+                "image padded by 2 black pixels at 28x28, 4 at 32x32), flip (a random horizontal flip), or both. "
+                "Flipping suits clothes and photographs (fashion-mnist, cifar10) but is wrong for digits: a "
+                "mirrored 2 is no 2, so use crop alone on mnist.")
 
 
 
@@ -174,7 +181,12 @@ _TRAIN_OPTIONS = [
                  help="The watched metric: picks best.npz, and drives --patience and --schedule plateau; of the "
                       "validation split with --val-split, else of the test split."),
     click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                 help="Seeds the initial weights and the batch order."),
+                 help="Seeds the initial weights, the batch order and the augmentation."),
+    click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default="none", show_default=True,
+                 help=AUGMENT_HELP),
+    click.option("--dropout", type=FiniteFloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+                 help="Dropout probability before the classifier's last layer, for the models with a place for "
+                      f"it ({', '.join(DROPOUT_MODELS)})."),
     click.option("--out", type=click.Path(file_okay=False), callback=folder_path, default=None,
                  help="Where to write the results: a folder for checkpoint.npz, best.npz and metrics.jsonl. "
                       "[default: runs/<dataset>-<timestamp>, or the checkpoint's folder with --resume]"),
@@ -197,8 +209,8 @@ _TRAIN_OPTIONS = [
 @click.pass_context
 @distributed.abort_on_error(describe=rank_error_text, passthrough=(click.exceptions.Exit,))
 def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, model, epochs, batch_size, lr,
-          optimizer, momentum, weight_decay, schedule, warmup_epochs, val_split, patience, monitor, seed, out, resume,
-          no_download, quiet, data_parallel, graph):
+          optimizer, momentum, weight_decay, schedule, warmup_epochs, val_split, patience, monitor, seed, augment,
+          dropout, out, resume, no_download, quiet, data_parallel, graph):
     """Train a model, writing metrics and checkpoints to --out.
 
     Each epoch appends a line to metrics.jsonl and rewrites checkpoint.npz (and
@@ -210,12 +222,14 @@ def train(ctx, device, dataset, data_dir, image_size, grey, skip_bad_images, mod
     Examples:
       gpucnn train --dataset fashion-mnist --epochs 5 --device cpu
       gpucnn train --dataset cifar10 --model vgg-small --device cpu
+      gpucnn train --dataset fashion-mnist --model resnet20 --batch-size 128 --augment crop+flip
       gpucnn train --dataset folder --data-dir photos/ --epochs 10
       gpucnn train --resume runs/fashion-mnist-20250101-120000/checkpoint.npz --epochs 10
     """
     given = {"dataset": dataset, "model": model, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "seed": seed,
-             "val_split": val_split, "patience": patience, "monitor": monitor, "warmup_epochs": warmup_epochs}
+             "val_split": val_split, "patience": patience, "monitor": monitor, "warmup_epochs": warmup_epochs,
+             "augment": augment, "dropout": dropout}
     plan = _resumed_plan(ctx, resume, given, epochs, out) if resume is not None else _new_plan(given, epochs, out)
     resolved = use_device(device, echo=False)   # the one resolution; everything below gets the name
     comm = distributed.init(resolved) if data_parallel else distributed.Communicator()
@@ -282,6 +296,8 @@ class _RunPlan:
     patience: int | None     # early stopping
     monitor: str             # "accuracy" or "loss": the watched metric
     warmup_epochs: int
+    augment: str             # "none", "crop", "flip" or "crop+flip"
+    dropout: float
     out: Path
     planned_epochs: int      # what the schedule spans
     extended: bool = False   # a resumed run asked for more epochs than it was planned for
@@ -291,7 +307,8 @@ class _RunPlan:
         return {"dataset": self.dataset, "model_name": self.model, "optimizer": self.optimizer, "lr": self.lr,
                 "momentum": self.momentum, "weight_decay": self.weight_decay, "schedule": self.schedule,
                 "epochs": self.planned_epochs, "val_split": self.val_split, "patience": self.patience,
-                "monitor": self.monitor, "warmup_epochs": self.warmup_epochs, **data.settings.record()}
+                "monitor": self.monitor, "warmup_epochs": self.warmup_epochs, "augment": self.augment,
+                "dropout": self.dropout, **data.settings.record()}
 
     def describe(self, epochs: int) -> str:
         text = (f"run: {self.model}, {self.optimizer} lr {self.lr:g}, schedule {self.schedule}, "
@@ -299,7 +316,9 @@ class _RunPlan:
         extras = [f"warm-up {self.warmup_epochs} epochs" if self.warmup_epochs else "",
                   f"validation {self.val_split:g} of the training images" if self.val_split else "",
                   f"early stop after {self.patience} epochs without a better {self.monitor}" if self.patience else "",
-                  f"watching the {self.monitor}" if self.monitor != "accuracy" and not self.patience else ""]
+                  f"watching the {self.monitor}" if self.monitor != "accuracy" and not self.patience else "",
+                  f"augment {self.augment}" if self.augment != "none" else "",
+                  f"dropout {self.dropout:g}" if self.dropout else ""]
         if any(extras):
             text += "\n" + "; ".join(extra for extra in extras if extra)
         if self.extended:
@@ -314,6 +333,9 @@ def _new_plan(given: dict, epochs: int, out) -> _RunPlan:
         raise ValueError(f"--momentum applies to --optimizer sgd only, not {optimizer}.")
     if given["warmup_epochs"] >= epochs:
         raise ValueError(f"--warmup-epochs {given['warmup_epochs']} must be fewer than --epochs {epochs}.")
+    if given["dropout"] and given["model"] not in DROPOUT_MODELS:
+        raise ValueError(f"--dropout applies to the models with a place for it ({', '.join(DROPOUT_MODELS)}), "
+                         f"not {given['model']}.")
     momentum = (DEFAULT_MOMENTUM if momentum is None else momentum) if optimizer == "sgd" else None
     if weight_decay is None:
         weight_decay = DEFAULT_ADAMW_WEIGHT_DECAY if optimizer == "adamw" else 0.0
@@ -334,11 +356,16 @@ def _resumed_plan(ctx, resume, given: dict, epochs: int, out) -> _RunPlan:
 
 def _make_trainer(plan: _RunPlan, data, device: str, comm, graph) -> Trainer:
     """The model, optimizer, scheduler and Trainer of a run, on the resolved ``device``."""
-    network = build_model(plan.model, seed=plan.seed, **data.model_kwargs).to(device)
+    extra = {"dropout": plan.dropout} if plan.dropout else {}
+    network = build_model(plan.model, seed=plan.seed, **extra, **data.model_kwargs).to(device)
     opt = _make_optimizer(plan.optimizer, list(network.parameters()), plan.lr, plan.momentum or 0.0,
                           plan.weight_decay)
     scheduler = _make_scheduler(plan.schedule, opt, plan.planned_epochs, plan.warmup_epochs, plan.monitor)
+    black = [-m / s for m, s in zip(data.settings.mean, data.settings.std)]  # a black pixel, normalised
+    augment = Augment.from_name(plan.augment, fill=black)
+    if augment is not None and comm.distributed:
+        raise ValueError("--augment is not available with --distributed yet; train in one process to augment.")
     return Trainer(network, opt, scheduler, device=device, out_dir=plan.out, seed=plan.seed,
-                   config=plan.config(data), comm=comm, graph=graph)
+                   config=plan.config(data), comm=comm, graph=graph, augment=augment)
 
 

@@ -20,7 +20,8 @@ from gpucnn.cli import data as cli_data
 from gpucnn.cli.errors import EXPECTED_ERRORS, one_line_errors  # noqa: F401 - EXPECTED_ERRORS: the one list
 from gpucnn.cli.options import (apply_options, data_dir_option, dataset_option, device_option, renamed,
                                 skip_bad_images_option, use_device)
-from gpucnn.features import DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, named_layers, top_patches
+from gpucnn.features import (DEFAULT_BATCH_SIZE, conv_layer_names, layer_features, layer_names, named_layers,
+                             top_patches)
 from gpucnn.files import write_atomically
 from gpucnn.metrics import METRICS_FILE, confusion_matrix
 from gpucnn.train import evaluate
@@ -55,7 +56,7 @@ def _load(checkpoint, dataset, split, data_dir, skip_bad_images, limit, device, 
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, device)
-    names = [name for name, _ in named_layers(model)]
+    names = layer_names(model)
     unknown = [name for name in layers or () if name not in names]
     if unknown:
         raise ValueError(f"the model has no layer named {unknown[0]!r}; its layers are {names}.")

@@ -37,6 +37,12 @@ class Residual(Module):
         """(body, shortcut): the two modules whose outputs are added (shortcut None: the identity)."""
         return self.body, self.shortcut
 
+    def named_paths(self) -> tuple[tuple[str, Module], tuple[str, Module | None]]:
+        """((name, body), (name, shortcut)): the paths with the names their layers have under this block
+        (an empty name: the body's layers are the block's own, as in BasicBlock)."""
+        body, shortcut = self.paths()
+        return ("body", body), ("shortcut", shortcut)
+
     def forward(self, x):
         """x -> relu(body(x) + shortcut(x)) (or without the ReLU)."""
         body, shortcut = self.paths()
@@ -93,6 +99,10 @@ class BasicBlock(Residual):
 
     def paths(self) -> tuple[Module, Module | None]:
         return self._paths
+
+    def named_paths(self):
+        body, shortcut = self._paths
+        return ("", body), ("downsample", shortcut)
 
     def extra_repr(self) -> str:
         return ""
