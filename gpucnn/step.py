@@ -81,10 +81,12 @@ class TrainStep:
                 self.runtime.run(self._body, "reuse")
             else:
                 if not self.recorded:
-                    self.runtime.run(self._body, "record")
+                    self.runtime.run(self._body, "record")  # its Python counted this batch in BatchNorm
                     self.recorded = True
-                self.runtime.replay()
-                self._count_replayed_batch()
+                    self.runtime.replay()
+                else:
+                    self.runtime.replay()
+                    self._count_replayed_batch()
 
     def _count_replayed_batch(self) -> None:
         """A replay runs no Python: each training BatchNorm's batch counter (a host number) is bumped here.
