@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,26 +82,31 @@ def load_average() -> list:
 # --------------------------------------------------------------------------------- gpucnn
 
 
-def run_gpucnn(model_name, augment, seed, data, epochs):
-    """Train with gpucnn's Trainer on the CPU (its default fast path); returns (per-epoch records, versions)."""
-    from gpucnn import __version__, optim  # noqa: PLC0415
-    from gpucnn.cpu import threads  # noqa: PLC0415
+def run_gpucnn(model_name, augment, seed, data, epochs, report, run_dir):
+    """Train with gpucnn's Trainer on the CPU (its default fast path); returns the per-epoch records.
+
+    One ``fit`` call an epoch, each resuming the last one's checkpoint in ``run_dir`` (bit for bit the
+    same as one call), so ``report(records)`` can save the epochs done so far.
+    """
+    from gpucnn import optim  # noqa: PLC0415
     from gpucnn.train import Trainer  # noqa: PLC0415
 
     train, test, _ = data
     model = initial_model(model_name, seed)
     opt = optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     scheduler = optim.CosineAnnealingLR(opt, T_max=epochs)
-    trainer = Trainer(model, opt, scheduler, device="cpu", seed=seed, augment=augment)
-    history = trainer.fit(train, test, epochs=epochs, batch_size=BATCH, progress=False)
+    trainer = Trainer(model, opt, scheduler, device="cpu", seed=seed, augment=augment, out_dir=run_dir)
     records = []
-    for record in history:
+    for epoch in range(epochs):
+        resume = None if epoch == 0 else run_dir / "checkpoint.npz"
+        record = trainer.fit(train, test, epochs=epoch + 1, batch_size=BATCH, progress=False, resume=resume)[-1]
         train_seconds = len(train[1]) / record["images_per_s"]
         records.append({"epoch": record["epoch"], "test_acc": record["test_acc"], "test_loss": record["test_loss"],
                         "train_loss": record["train_loss"], "train_acc": record["train_acc"],
                         "train_seconds": train_seconds, "eval_seconds": record["seconds"] - train_seconds})
         print(json.dumps(records[-1]), flush=True)
-    return records, {"gpucnn": __version__, "gpucnn_threads": threads.THREADS}
+        report(records)
+    return records
 
 
 # --------------------------------------------------------------------------------- PyTorch
@@ -160,8 +166,8 @@ def torch_model(name: str, seed: int):
     return model
 
 
-def run_torch(model_name, augment, seed, data, epochs):
-    """Train the PyTorch twin with the same recipe, batches, crops and flips; returns (records, versions)."""
+def run_torch(model_name, augment, seed, data, epochs, report, run_dir):
+    """Train the PyTorch twin with the same recipe, batches, crops and flips; returns the per-epoch records."""
     import torch  # noqa: PLC0415
 
     (train_x, train_y), (test_x, test_y), _ = data
@@ -186,7 +192,7 @@ def run_torch(model_name, augment, seed, data, epochs):
             loss = loss_fn(logits, y)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(index)
+            loss_sum += float(loss.detach()) * len(index)
             correct += int((logits.argmax(1) == y).sum())
         scheduler.step()
         train_seconds = time.perf_counter() - started
@@ -195,7 +201,8 @@ def run_torch(model_name, augment, seed, data, epochs):
                         "train_loss": loss_sum / len(train_y), "train_acc": correct / len(train_y),
                         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started - train_seconds})
         print(json.dumps(records[-1]), flush=True)
-    return records, {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        report(records)
+    return records
 
 
 def _torch_evaluate(model, images, labels):
@@ -219,23 +226,39 @@ def _torch_evaluate(model, images, labels):
 def command_run(args) -> None:
     data = load_data(args.data_dir)
     augment = None if args.augment == "none" else Augment.from_name(args.augment, fill=data[2])
-    started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_average()
-    runner = run_gpucnn if args.library == "gpucnn" else run_torch
-    records, versions = runner(args.model, augment, args.seed, data, args.epochs)
-    result = {"library": args.library, "model": args.model, "augment": args.augment, "seed": args.seed,
-              "epochs": records, "final_test_acc": records[-1]["test_acc"],
-              "recipe": {"epochs": args.epochs, "batch": BATCH, "optimizer": "adam", "lr": LR, "schedule": "cosine",
-                         "data": str(args.data_dir)},
-              "versions": {**versions, "python": platform.python_version(), "numpy": np.__version__},
-              "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "load_before": load_before, "load_after": load_average(), "cpus": os.cpu_count(),
-              "commit": _commit()}
     path = result_path(args.out, args.library, args.model, args.augment, args.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.part")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
+    result = {"library": args.library, "model": args.model, "augment": args.augment, "seed": args.seed,
+              "complete": False, "epochs": [],
+              "recipe": {"epochs": args.epochs, "batch": BATCH, "optimizer": "adam", "lr": LR, "schedule": "cosine",
+                         "data": str(args.data_dir)},
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": load_average(),
+              "cpus": os.cpu_count(), "commit": _commit(), "versions": _versions(args.library)}
+
+    def report(records):  # after every epoch: a cut-short run still leaves the epochs it finished
+        result.update(epochs=list(records), complete=len(records) == args.epochs,
+                      final_test_acc=records[-1]["test_acc"], finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                      load_after=load_average())
+        partial = path.with_suffix(".json.part")
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+        partial.replace(path)
+
+    runner = run_gpucnn if args.library == "gpucnn" else run_torch
+    with tempfile.TemporaryDirectory(prefix="accuracy-run-") as run_dir:
+        runner(args.model, augment, args.seed, data, args.epochs, report, Path(run_dir))
     print(f"wrote {path}: final test accuracy {result['final_test_acc']:.2%}")
+
+
+def _versions(library: str) -> dict:
+    """The versions and threads of the library that trains, Python's and NumPy's."""
+    if library == "gpucnn":
+        from gpucnn import __version__  # noqa: PLC0415
+        from gpucnn.cpu import threads  # noqa: PLC0415
+        own = {"gpucnn": __version__, "gpucnn_threads": threads.THREADS}
+    else:
+        import torch  # noqa: PLC0415
+        own = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {**own, "python": platform.python_version(), "numpy": np.__version__}
 
 
 def _commit() -> str | None:
@@ -251,7 +274,8 @@ def _commit() -> str | None:
 
 def command_matrix(args) -> None:
     for library, model, augment, seed in cells(args.models, args.augments, args.seeds):
-        if result_path(args.out, library, model, augment, seed).exists():
+        path = result_path(args.out, library, model, augment, seed)
+        if path.exists() and json.loads(path.read_text()).get("complete"):
             continue
         command = [sys.executable, __file__, "run", "--library", library, "--model", model, "--augment", augment,
                    "--seed", str(seed), "--epochs", str(args.epochs), "--out", str(args.out),
@@ -274,6 +298,8 @@ def command_table(args) -> None:
             missing.append(f"{model} {augment} {library} seed {seed}")
             continue
         accs = ", ".join(f"{100 * e['test_acc']:.2f}" for e in r["epochs"])
+        if not r.get("complete", True):
+            accs += f" (stopped after {len(r['epochs'])} of {r['recipe']['epochs']} epochs)"
         seconds = np.median([e["train_seconds"] for e in r["epochs"]])
         lines.append(f"| {model} | {augment} | {library} | {seed} | {accs} | {seconds:.0f} | "
                      f"{r['load_before'][0]}-{r['load_after'][0]} |")
@@ -282,7 +308,7 @@ def command_table(args) -> None:
         for augment in (AUGMENTS if model == "resnet20" else ("none",)):
             for library in LIBRARIES:
                 finals = [r["final_test_acc"] for (lib, m, a, _), r in results.items()
-                          if (lib, m, a) == (library, model, augment)]
+                          if (lib, m, a) == (library, model, augment) and r.get("complete", True)]
                 if finals:
                     lines.append(f"- {model} {augment} {library}: {100 * np.mean(finals):.2f}% over {len(finals)} "
                                  f"seed(s)")
