@@ -23,7 +23,7 @@ from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 from gpucnn import backend, nn, ops
 from gpucnn.files import write_atomically
 from gpucnn.grad_mode import no_grad
-from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry
+from gpucnn.receptive import LayerGeometry, flatten_layers, input_region, layer_geometry, row_names
 from gpucnn.utils import check_int
 
 DEFAULT_BATCH_SIZE = 500
@@ -42,19 +42,7 @@ def layer_names(model) -> list[str]:
     sums, e.g. ``layer2.1``), in the order layer_geometry lists them."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"the model must be a gpucnn Sequential (such as LeNet5), not {type(model).__name__}.")
-    return [row.name for row in layer_geometry(model, tuple(_probe_shape(model)))] if _has_residual(model) \
-        else [name for name, _ in flatten_layers(model)]
-
-
-def _has_residual(model) -> bool:
-    return any(isinstance(m, nn.Residual) for m in model.modules())
-
-
-def _probe_shape(model):
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise ValueError("a model with residual blocks needs an input_shape to name its layers.")
-    return shape
+    return list(row_names(model))
 
 
 def _run_collecting(module, x, name, wanted, outputs):

@@ -89,6 +89,21 @@ def flatten_layers(model, prefix=""):
             yield full, layer
 
 
+def row_names(module, name=""):
+    """The names of the rows layer_geometry gives for ``module``, in order, without any shapes: every leaf
+    layer and every residual block (after its body's and its shortcut's layers)."""
+    if isinstance(module, nn.Sequential):
+        for child_name, child in module.named_children():
+            yield from row_names(child, f"{name}.{child_name}" if name else child_name)
+    elif isinstance(module, nn.Residual):
+        for path_name, path in module.named_paths():
+            if path is not None:
+                yield from row_names(path, f"{name}.{path_name}" if path_name else name)
+        yield name
+    else:
+        yield name
+
+
 def conv_params(kernel_size, in_channels: int, out_channels: int, bias: bool = True) -> int:
     """(KW*KH*C + 1)*OC parameters for a convolution with bias, KW*KH*C*OC without."""
     KH, KW = kernel_size

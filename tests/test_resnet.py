@@ -278,3 +278,27 @@ def test_cli_trains_resnet20_with_augmentation_and_dropout_and_inspects_it(rando
     result = invoke(["train", "--device", "cpu", "--data-dir", random_mnist, "--no-download", "--epochs", 1,
                      "--model", "lenet5", "--dropout", 0.5, "--out", tmp_path / "x", "--quiet"])
     assert result.exit_code != 0 and "--dropout applies to the models" in result.output
+
+
+def test_receptive_field_of_a_sum_is_the_larger_of_its_paths_and_features_see_inside_blocks():
+    from gpucnn.features import layer_features, layer_names  # noqa: PLC0415
+    from gpucnn.receptive import layer_geometry, window_strides  # noqa: PLC0415
+
+    wide_shortcut = nn.Residual(nn.Conv2d(2, 2, 1, rng=0), nn.Conv2d(2, 2, 5, padding=2, rng=1), relu=False)
+    net = nn.Sequential(OrderedDict(c=nn.Conv2d(2, 2, 3, padding=1, rng=2), r=wide_shortcut,
+                                    s=nn.Residual(nn.Sequential(nn.Conv2d(2, 2, 3, 2, 1, rng=3)),
+                                                  nn.Conv2d(2, 2, 1, 2, rng=4))))
+    rows = {row.name: row for row in layer_geometry(net, (2, 9, 9))}
+    assert [row.name for row in layer_geometry(net, (2, 9, 9))] == ["c", "r.body", "r.shortcut", "r", "s.body.0",
+                                                                      "s.shortcut", "s"]
+    assert rows["r.body"].rf == (3, 3) and rows["r.shortcut"].rf == (7, 7) and rows["r"].rf == (7, 7)
+    assert rows["r"].first == (-3, -3) and rows["r.shortcut"].branch and not rows["r.body"].branch
+    assert rows["s"].rf == (9, 9) and rows["s"].jump == (2, 2) and rows["s"].output_shape == (2, 5, 5)
+    assert window_strides(list(rows.values())) == (1, 1, 2)  # the shortcuts' windows are not stacked
+    assert layer_names(net) == list(rows)
+    x = np.random.default_rng(10).standard_normal((3, 2, 9, 9)).astype(np.float32)
+    inside = layer_features(net, x, "r.shortcut")
+    np.testing.assert_array_equal(inside, wide_shortcut.shortcut(net.c(x)))
+    np.testing.assert_array_equal(layer_features(net, x, "s"), net(x))
+    with pytest.raises(ValueError, match="must match to be added"):
+        layer_geometry(nn.Sequential(nn.Residual(nn.Conv2d(2, 3, 1))), (2, 4, 4))
