@@ -129,3 +129,22 @@ def test_export_command_writes_a_file_that_classifies_like_evaluate(reference_ru
     bad = run_cli("export", checkpoint, tmp_path / "model.txt", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip() == f"Error: OUT must name a .onnx file, not {tmp_path / 'model.txt'}."
+
+
+def test_batch_norm_residual_blocks_and_global_pooling_become_their_onnx_operators(tmp_path):
+    from gpucnn import nn
+    model = build_model("resnet20", seed=4, in_channels=1, input_size=28, dropout=0.3)   # grey, with Dropout
+    x = np.random.default_rng(5).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    model = settled(model, x)
+    path = to_onnx(model, tmp_path / "resnet20.onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Add") == 9 and ops.count("GlobalAveragePool") == 1 and "Dropout" not in ops
+    assert ops.count("BatchNormalization") == 1 + 9 * 2 + 2          # stem, two per block, two projections
+    assert_close_logits(run_onnx(path, x), gpucnn_logits(model, x))
+    # BatchNorm1d on features (N, F), without affine parameters
+    head = Sequential(OrderedDict([("flatten", nn.Flatten()), ("fc", nn.Linear(784, 16, rng=0)),
+                                   ("bn", nn.BatchNorm1d(16, affine=False)), ("out", nn.Linear(16, 10, rng=1))]))
+    head = settled(head, x)
+    path = to_onnx(head, tmp_path / "head.onnx", input_shape=(1, 28, 28))
+    assert "BatchNormalization" in [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert_close_logits(run_onnx(path, x), gpucnn_logits(head, x))
