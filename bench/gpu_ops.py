@@ -131,8 +131,9 @@ class Bench:
         forward = self.rt.take()
         cuda_conv.conv2d_backward(grad_y, x, weight, padding=padding, runtime=self.rt)
         backward = self.rt.take()
-        data = [launch for launch in backward if launch.name == "conv2d_gemm_backward_data"]
-        weights = [launch for launch in backward if launch.name != "conv2d_gemm_backward_data"]
+        data_kernels = ("conv2d_gemm_backward_data", "conv2d_small_backward_data")
+        data = [launch for launch in backward if launch.name in data_kernels]
+        weights = [launch for launch in backward if launch.name not in data_kernels]
 
         tx, tw, tb, tgy = (self.t(a) for a in (x, weight, bias, grad_y))
         geometry = dict(padding=padding, runtime=self.plain)

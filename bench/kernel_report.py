@@ -254,6 +254,7 @@ FMAS = {
     "conv2d_gemm_backward_weight": lambda a: a[0].size * (int(a[5]) * int(a[9]) * int(a[10]) + int(a[20])),
     "gemm_matmul": lambda a: int(a[5]) * (int(a[6]) + int(a[13])) * int(a[7]),
     "conv2d_small_backward_weight": lambda a: a[0].size * (int(a[5]) * int(a[9]) * int(a[10]) + int(a[20])),
+    "conv2d_small_backward_data": lambda a: a[2].size * (a[1].size // a[1].shape[1]),
 }
 
 

@@ -221,3 +221,58 @@ extern "C" __global__ void conv2d_small_backward_weight(
     add_group_tiles(acc, parts, totals, tiles, groups);
     store_small_tiles(totals, grad_weight, grad_bias, tiles, col_tiles, oc, filter, cols);
 }
+
+// grad_x for few input channels (C < 32, where the implicit GEMM's 64-row tile would be mostly empty
+// rows), as a gather: thread (blockIdx.x, threadIdx.x) owns one input position (b, iy, ix) and block
+// z the channels 8z .. 8z+7. The group's filters are staged in shared memory as w_s[o][tap][8], so
+// each grad_y value loaded feeds 8 multiply-adds from two 128-bit shared loads. Sum order: ky, kx,
+// then o; a tap that no output reads is skipped. input_relu != 0: x is a ReLU's output, and grad_x
+// is zeroed where x is not > 0 (that ReLU's backward). The launcher checks oc*kh*kw*8 floats fit.
+extern "C" __global__ void conv2d_small_backward_data(
+    const float* grad_y, const float* weight, float* grad_x,
+    int n, int c, int h, int w, int oc, int kh, int kw,
+    int sh, int sw, int ph, int pw, int dh, int dw, int oh, int ow, const float* x, int input_relu)
+{
+    extern __shared__ float smem[];
+    const int taps = kh * kw;
+    const int c0 = (int)blockIdx.z * 8;
+    for (int i = (int)threadIdx.x; i < oc * taps * 8; i += (int)blockDim.x) {
+        const int j = i % 8, o_tap = i / 8;
+        const int o = o_tap / taps, tap = o_tap - o * taps;
+        smem[i] = c0 + j < c ? weight[(o * c + c0 + j) * taps + tap] : 0.0f;
+    }
+    __syncthreads();
+    const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (p >= n * h * w) return;   // after the only barrier
+    const int b = p / (h * w), q = p - b * (h * w);
+    const int iy = q / w, ix = q - iy * w;
+    const int unit_stride = sh == 1 && sw == 1;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int ky = 0; ky < kh; ++ky) {
+        int oy = iy + ph - ky * dh;
+        if (oy < 0 || (!unit_stride && oy % sh != 0)) continue;
+        oy = unit_stride ? oy : oy / sh;
+        if (oy >= oh) continue;
+        for (int kx = 0; kx < kw; ++kx) {
+            int ox = ix + pw - kx * dw;
+            if (ox < 0 || (!unit_stride && ox % sw != 0)) continue;
+            ox = unit_stride ? ox : ox / sw;
+            if (ox >= ow) continue;
+            const float* gy = grad_y + (b * oc * oh + oy) * ow + ox;
+            const float* ws = smem + (ky * kw + kx) * 8;
+            for (int o = 0; o < oc; ++o) {
+                const float v = gy[o * oh * ow];
+                const float4 lo = *reinterpret_cast<const float4*>(ws + o * taps * 8);
+                const float4 hi = *reinterpret_cast<const float4*>(ws + o * taps * 8 + 4);
+                acc[0] += v * lo.x; acc[1] += v * lo.y; acc[2] += v * lo.z; acc[3] += v * lo.w;
+                acc[4] += v * hi.x; acc[5] += v * hi.y; acc[6] += v * hi.z; acc[7] += v * hi.w;
+            }
+        }
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (c0 + j >= c) continue;
+        const int at = ((b * c + c0 + j) * h + iy) * w + ix;
+        grad_x[at] = (input_relu && !(x[at] > 0.0f)) ? 0.0f : acc[j];
+    }
+}

@@ -197,3 +197,28 @@ def test_a_missing_barrier_in_the_small_weight_gradient_is_caught(tmp_path, inde
     case = ConvCase("small_mutation", 2, 1, 9, 9, 6, (5, 5), padding=(2, 2))
     assert caught_under_some_order(broken_kernel_copy(tmp_path, "conv2d.cu", remove_barrier("add_group_tiles", index)),
                                    lambda rt: check_conv(case, runtime=rt))
+
+
+SMALL_DATA_CASES = [
+    ConvCase("c3_7x7_s2_p3", 2, 3, 15, 13, 20, (7, 7), stride=(2, 2), padding=(3, 3)),
+    ConvCase("c17_dilation2_three_groups", 2, 17, 9, 10, 5, (3, 3), padding=(2, 2), dilation=(2, 2)),
+    ConvCase("c31_stride_3x2", 1, 31, 11, 8, 6, (3, 2), stride=(3, 2), padding=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("order", EMULATOR_ORDERS)
+@pytest.mark.parametrize("case", SMALL_DATA_CASES, ids=case_id)
+def test_the_small_data_gradient_kernel_matches_the_reference(case, order):
+    log = LaunchLog(EmulatorRuntime(order=order, seed=4))
+    check_conv(case, runtime=log)
+    assert "conv2d_small_backward_data" in log.names and "conv2d_gemm_backward_data" not in log.names
+
+
+def test_a_missing_barrier_in_the_small_data_gradient_is_caught(tmp_path):
+    def mutate(source):
+        start = source.index("void conv2d_small_backward_data(")
+        cut = source.index("__syncthreads();", start)
+        return source[:cut] + source[cut + len("__syncthreads();"):]
+    case = SMALL_DATA_CASES[1]
+    assert caught_under_some_order(broken_kernel_copy(tmp_path, "conv2d.cu", mutate),
+                                   lambda rt: check_conv(case, runtime=rt))

@@ -27,7 +27,7 @@ RELATIVE_TOL = 1e-5  # ||emulator - cpu|| / ||cpu|| per parameter after STEPS st
 # no ReLU launches (each runs inside the pool or linear kernel before it and the data gradient after it).
 LENET5_STEP_KERNELS = {
     "conv2d_forward_tiled", "max_pool2d_forward", "gemm_matmul", "gemm_reduce_slices", "softmax_xent_forward",
-    "softmax_xent_accumulate", "softmax_xent_backward", "max_pool2d_backward", "conv2d_gemm_backward_data",
+    "softmax_xent_accumulate", "softmax_xent_backward", "max_pool2d_backward", "conv2d_small_backward_data",
     "conv2d_small_backward_weight", "optim_advance_step", "adam_update",
 }
 LENET5_MAX_LAUNCHES = 30    # issue 18's goal (54 before it)
@@ -120,7 +120,7 @@ def test_a_step_launches_only_gpucnns_kernels_and_no_input_gradient_for_conv1():
     assert events == []  # no NumPy op (a CuPy kernel on a GPU), allocation or host read in a step
     names = step.runtime.kernel_names
     assert set(names) == LENET5_STEP_KERNELS
-    assert names.count("conv2d_gemm_backward_data") == 1  # conv2's; conv1's input needs no gradient
+    assert names.count("conv2d_small_backward_data") == 1  # conv2's; conv1's input needs no gradient
     assert names.count("conv2d_forward_tiled") == 2
     assert len(names) <= LENET5_MAX_LAUNCHES, names
 

@@ -17,8 +17,9 @@ OC_PER_THREAD = 8               # OCB in kernels/conv2d.cu
 SHARED_LIMIT_BYTES = 48 * 1024  # the default dynamic shared memory a block may ask for
 THREADS_PER_BLOCK = 256         # the tiled kernel's largest block
 MAX_GRID_YZ = 65535
-# Below this many output channels the forward pass takes conv2d_forward_tiled: a GEMM tile of 64
-# output channels would be mostly empty rows (LeNet-5's 6 and 16), and those layers are launch-bound.
+# Below this many output channels the forward pass takes conv2d_forward_tiled, and below this many
+# input channels the data gradient takes conv2d_small_backward_data: a GEMM tile of 64 channels
+# would be mostly empty rows (LeNet-5's 6 and 16).
 SMALL_OC = 32
 # The weight gradient of an output of at most SMALL_TILES 8 x 8 thread tiles takes
 # conv2d_small_backward_weight (SMALL_TILES, SMALL_THREADS as #defined in conv2d.cu).
@@ -132,11 +133,18 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, with_bia
     grad_x = None
     if with_grad_x:
         grad_x = rt.empty((g.N, g.C, g.H, g.W), np.float32)
-        plan = gemm.plan(g.C, g.N * g.H * g.W, g.OC * g.KH * g.KW, split=False)
-        # writes grad_x: one block per tile of (input channels) x (input positions)
-        rt.function(gemm.KERNEL_FILE, "conv2d_gemm_backward_data")(
-            plan.grid, plan.block, (grad_y, weight, grad_x, *_int32_args(g), x, np.int32(1 if input_relu else 0)),
-            shared_mem=plan.shared_bytes)
+        args = (grad_y, weight, grad_x, *_int32_args(g), x, np.int32(1 if input_relu else 0))
+        filters_bytes = 4 * 8 * g.OC * g.KH * g.KW
+        if g.C < SMALL_OC and filters_bytes <= SHARED_LIMIT_BYTES:
+            # writes grad_x: one thread per input position and group of 8 channels, filters in shared memory
+            rt.function(KERNEL_FILE, "conv2d_small_backward_data")(
+                (ceil_div(g.N * g.H * g.W, SMALL_THREADS), 1, ceil_div(g.C, 8)), (SMALL_THREADS, 1, 1), args,
+                shared_mem=filters_bytes)
+        else:
+            plan = gemm.plan(g.C, g.N * g.H * g.W, g.OC * g.KH * g.KW, split=False)
+            # writes grad_x: one block per tile of (input channels) x (input positions)
+            rt.function(gemm.KERNEL_FILE, "conv2d_gemm_backward_data")(plan.grid, plan.block, args,
+                                                                     shared_mem=plan.shared_bytes)
     _weight_gradient(rt, g, grad_y, x, grad_weight, grad_bias)
     return grad_x, grad_weight, grad_bias
 
