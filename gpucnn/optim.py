@@ -9,9 +9,15 @@ values, t the step count starting at 1):
            p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
     AdamW  p *= 1 - lr*wd, then Adam's update without the L2 term
 
-Updates happen in place on ``Parameter.data`` with the parameter's own array
-module, so they work unchanged on CuPy arrays. Parameters whose ``grad`` is
-None are skipped. All parameters form one group sharing ``lr``, which
+On the CPU, updates happen in place on ``Parameter.data``, parameter by
+parameter; parameters whose ``grad`` is None are skipped. On a kernel device
+(gpu, emulator) SGD, Adam and AdamW run fused instead, whoever calls them: at
+the first ``zero_grad``, ``step`` or ``load_state_dict`` with float32 parameters
+there, a gpucnn.cuda.optim.FusedOptimizer takes the rule over (``fused``),
+packs the parameters into one flat buffer and updates all of them with one
+launch of kernels/optim.cu per step; ``zero_grad`` then zeroes the flat
+gradient (every ``grad`` a view of it, never None), and ``state_dict`` keeps
+this module's format. All parameters form one group sharing ``lr``, which
 schedulers change between epochs.
 """
 from __future__ import annotations
@@ -67,6 +73,7 @@ class Optimizer:
         self.params = params
         self.lr = lr
         self.state = [{} for _ in params]
+        self.fused = None  # the fused optimizer running this rule, once one does (see the module docstring)
 
     @property
     def lr(self) -> float:
@@ -87,13 +94,37 @@ class Optimizer:
     def _update(self, p: Parameter, state: dict) -> None:
         raise NotImplementedError
 
+    def _runner(self):
+        """The fused optimizer that runs this rule: the one already made, or one made now where the
+        parameters are float32 arrays on a kernel device and the rule is SGD, Adam or AdamW; else None."""
+        if self.fused is None and type(self) in (SGD, Adam, AdamW):
+            devices = {backend.device_of(p.data) for p in self.params}
+            if len(devices) == 1 and devices <= set(backend.KERNEL_DEVICES) and \
+                    all(p.data.dtype == np.float32 for p in self.params):
+                from gpucnn.cuda import optim as cuda_optim  # noqa: PLC0415 - it builds on this module
+
+                grads = [p.grad for p in self.params]
+                cuda_optim.fused(self)  # sets self.fused; binds every grad to its zeroed view
+                for p, grad in zip(self.params, grads):
+                    if grad is not None:  # gradients computed before the first step are kept (step copies them in)
+                        p.grad = grad
+        return self.fused
+
     def zero_grad(self) -> None:
-        """Set every parameter's grad to None."""
+        """Set every parameter's grad to None (fused: zero the flat gradient; each grad is a view of it)."""
+        runner = self._runner()
+        if runner is not None:
+            runner.zero_grad()
+            return
         for p in self.params:
             p.grad = None
 
     def step(self) -> None:
-        """Apply one update to every parameter that has a gradient."""
+        """Apply one update to every parameter that has a gradient (fused: to every parameter, one launch)."""
+        runner = self._runner()
+        if runner is not None:
+            runner.step()
+            return
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
@@ -103,6 +134,8 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """Type, hyperparameters and per-parameter state (NumPy copies of buffers, step counts)."""
+        if self.fused is not None:
+            return self.fused.state_dict()
         state = []
         for entry in self.state:
             state.append({k: (int(v) if k == "step" else np.array(backend.to_numpy(v), copy=True))
@@ -114,6 +147,15 @@ class Optimizer:
 
         Everything is validated before anything changes; mismatches raise ValueError.
         """
+        runner = self._runner()
+        if runner is not None:
+            runner.load_state_dict(state_dict)
+        else:
+            self.load_rule_state(state_dict)
+
+    def load_rule_state(self, state_dict: dict) -> None:
+        """load_state_dict into this object's own ``state`` (per-parameter arrays), even where a fused
+        optimizer runs the rule: the fused one validates and reads checkpoints through it."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or set(state_dict) != {"type", "hyperparameters", "state"}:
             raise ValueError(f"{name}.load_state_dict expects a dict with keys 'type', 'hyperparameters', 'state'.")

@@ -583,3 +583,61 @@ def test_fused_adam_replays_from_a_cuda_graph():
                                       runtime=rt), ValueError, "momentum_buffer is updated in place"),])
 def test_launchers_refuse_bad_inputs_before_any_kernel_is_launched(call, error, message):
     assert_refused_before_launch(call, error, message)
+
+
+# ------------------------------------------------------------------ the README's library loop on a kernel device
+
+@pytest.mark.emulator
+def test_the_readme_loop_runs_one_fused_update_on_the_emulator():
+    """optim.Adam(model.parameters()) with zero_grad/step, as in the README, on the emulator: only
+    gpucnn's kernels run (no NumPy op on device arrays), one adam_update a step, and the weights and
+    the state_dict equal those of the per-parameter rule on the CPU."""
+    from gpucnn import ops  # noqa: PLC0415
+    from gpucnn.cuda import runtime as cuda_runtime  # noqa: PLC0415
+    from gpucnn.models import LeNet5  # noqa: PLC0415
+
+    class Recording:
+        device = "emulator"
+
+        def __init__(self, base):
+            self.base, self.xp, self.names = base, base.xp, []
+
+        def function(self, file, name):
+            kernel = self.base.function(file, name)
+            return lambda *args, **kwargs: (self.names.append(name), kernel(*args, **kwargs))[1]
+
+        def empty(self, shape, dtype):
+            return self.base.empty(shape, dtype)
+
+        def zeros(self, shape, dtype):
+            return self.base.zeros(shape, dtype)
+
+    def refuse(kind, what):
+        if kind == "numpy":
+            raise AssertionError(f"a NumPy op on device arrays in the optimizer: {what}")
+
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 4)) for _ in range(2)]
+    results = {}
+    for device in ("cpu", "emulator"):
+        model = LeNet5(seed=0).to(device)
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        recording = Recording(cuda_runtime.device_runtime("emulator"))
+        for xb, yb in batches:
+            xb, yb = gpucnn_backend.to_device(xb, device), gpucnn_backend.to_device(yb, device)
+            with cuda_runtime.wrapping(recording):
+                opt.zero_grad()
+                loss, probs = ops.softmax_cross_entropy(model(xb), yb)
+                model.backward(ops.softmax_cross_entropy_backward(probs, yb))
+                recording.names.clear()
+                with gpucnn_backend.emulator_guard(refuse):
+                    opt.step()
+            if device == "emulator":
+                assert recording.names == ["optim_advance_step", "adam_update"]
+        results[device] = (model.state_dict(), opt.state_dict())
+    assert results["emulator"][1]["state"][0]["step"] == 2 and isinstance(optim.Adam, type)
+    for name, value in results["cpu"][0].items():
+        np.testing.assert_allclose(results["emulator"][0][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    for cpu_entry, emulator_entry in zip(results["cpu"][1]["state"], results["emulator"][1]["state"]):
+        assert cpu_entry["step"] == emulator_entry["step"]
+        np.testing.assert_allclose(emulator_entry["exp_avg"], cpu_entry["exp_avg"], rtol=1e-4, atol=1e-7)

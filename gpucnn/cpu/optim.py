@@ -79,7 +79,9 @@ def fused(optimizer) -> HostFusedOptimizer:
     """The host fused twin of a gpucnn.optim optimizer (same rule object; its state moves into the buffers)."""
     if isinstance(optimizer, HostFusedOptimizer):
         return optimizer
-    state = optimizer.state_dict() if any(optimizer.state) else None
+    if isinstance(optimizer.fused, HostFusedOptimizer):
+        return optimizer.fused  # the twin an earlier call made (the rule's steps run through it)
+    state = optimizer.state_dict() if optimizer.fused is not None or any(optimizer.state) else None
     twin = HostFusedOptimizer(optimizer)
     if state is not None:
         twin.load_state_dict(state)

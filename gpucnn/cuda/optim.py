@@ -11,6 +11,17 @@ The step count and the learning rate live
 in device arrays, so a captured CUDA graph replays steps correctly and schedulers still work.
 
 The buffers never move: pack after ``model.to(device)``, and keep the same optimizer for the run.
+A plain SGD/Adam/AdamW on a kernel device gets its FusedOptimizer by itself (gpucnn.optim,
+``rule.fused``), so the README's loop and the Trainer share one set of buffers.
+
+Writing gradients straight into the flat buffer (for backward launchers): after ``zero_grad()``
+each ``Parameter.grad`` is ``flat.grad_views[i]``, a C-contiguous float32 view of ``flat.grad``
+that starts on a 256-byte boundary (ALIGN_ELEMENTS), shaped like the parameter and zero until a
+backward adds to it. A launcher may pass ``p.grad`` itself as its output argument
+(``kernel_inout_array`` accepts it) and store the parameter's whole gradient there, not add to it,
+where the layer is the parameter's only user in the step; ``gather()`` then finds the view in
+place and copies nothing, and the update reads it with the rest in its one launch. The gaps
+between parameters stay zero in ``data`` and ``grad``, so the update leaves them zero.
 """
 from __future__ import annotations
 
@@ -209,6 +220,7 @@ class FusedOptimizer:
         self._lr_uploaded = None
         self.sync_lr()
         self.flat.zero_grad()
+        rule.fused = self  # the rule's own zero_grad/step/state_dict now come here
 
     @property
     def params(self) -> list:
@@ -288,7 +300,7 @@ class FusedOptimizer:
         update keeps one.
         """
         saved_state, saved_hyper = self.rule.state, self.rule.hyperparameters()
-        self.rule.load_state_dict(state_dict)  # validates; fills rule.state with per-parameter arrays
+        self.rule.load_rule_state(state_dict)  # validates; fills rule.state with per-parameter arrays
         entries = self.rule.state
         try:
             step = self._check_uniform(entries)
@@ -357,7 +369,9 @@ def fused(optimizer, runtime=None) -> FusedOptimizer:
     """
     if isinstance(optimizer, FusedOptimizer):
         return optimizer
-    state = optimizer.state_dict() if any(optimizer.state) else None
+    if type(optimizer.fused) is FusedOptimizer:
+        return optimizer.fused  # made when the rule first ran on its kernel device, or by an earlier call
+    state = optimizer.state_dict() if optimizer.fused is not None or any(optimizer.state) else None
     twin = FusedOptimizer(optimizer, runtime)
     if state is not None:
         twin.load_state_dict(state)
