@@ -1,7 +1,8 @@
 """Winograd F(2x2, 3x3) on the fast CPU path (gpucnn/cpu/winograd.py): the float32 3x3 stride-1 pad-1
 convolutions with enough channels. Forward and both gradients against the float64 NumPy reference within
 the stated error bound, chunk boundaries, results bit for bit the same on 1, 2 or 3 threads, and the
-convolutions it must leave to im2col."""
+convolutions it must leave to im2col; and the input gradient of smaller 'same' convolutions as the forward
+convolution with flipped kernels (gpucnn/cpu/conv.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -145,3 +146,28 @@ def test_weight_transform_is_g_w_g_transposed_with_the_bias_at_its_position():
             np.testing.assert_allclose(U[:, o, c].reshape(4, 4), G @ weight[o, c] @ G.T, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(U[winograd.BIAS_POSITION, :, 2], bias)
     assert not np.delete(U[:, :, 2], winograd.BIAS_POSITION, axis=0).any()
+
+
+@pytest.mark.parametrize("dtype, kernel, padding", [(np.float64, 3, 1), (np.float32, 3, 1), (np.float64, 5, 2),
+                                                    (np.float32, (3, 5), (1, 2))])
+def test_same_size_input_gradient_is_the_flipped_forward_convolution(monkeypatch, dtype, kernel, padding, threaded):
+    """Below Winograd's channels (and in float64) a stride-1 'same' convolution's input gradient runs as the
+    forward convolution of grad_y with the flipped kernels: the reference's values at float tolerance."""
+    calls = []
+    original = fast_conv.conv2d_forward
+    monkeypatch.setattr(fast_conv, "conv2d_forward", lambda *a, **k: calls.append(a[2] is None) or original(*a, **k))
+    rng = np.random.default_rng(6)
+    KH, KW = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = rng.standard_normal((3, 16, 9, 7)).astype(dtype)
+    weight = rng.standard_normal((5, 16, KH, KW)).astype(dtype)
+    grad_y = rng.standard_normal((3, 5, 9, 7)).astype(dtype)
+    got = fast_conv.conv2d_backward(grad_y, x, weight, 1, padding)
+    want = ops_conv.conv2d_backward_reference(grad_y, x, weight, 1, padding)
+    tol = {"rtol": 1e-11, "atol": 1e-11} if dtype == np.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **tol)
+    assert calls == [True]  # one forward convolution, without bias: the input gradient's
+    x15 = x[:, :15]  # 15 channels: col2im as before
+    calls.clear()
+    fast_conv.conv2d_backward(grad_y, x15, np.ascontiguousarray(weight[:, :15]), 1, padding)
+    assert calls == []
