@@ -77,7 +77,7 @@ def _choices(allowed):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="lenet5")
+    parser.add_argument("--model", choices=MODELS, default="lenet5")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=_positive_ints, default=[64, 256, 1000])
     parser.add_argument("--modes", type=_choices(MODES), default=list(MODES))

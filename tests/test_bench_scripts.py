@@ -420,6 +420,18 @@ def test_cpu_benchmark_onnxruntime_rows_are_inference_only_with_gpucnns_weights(
     assert infer["ratio_onnxruntime"] == infer["gpucnn_images_per_s"] / infer["onnxruntime_images_per_s"]
 
 
+def test_cpu_benchmark_models_are_gpucnns_networks_in_pytorch():
+    """bench/bench_models.py: PyTorch's form of every registered model has gpucnn's parameter count."""
+    torch = pytest.importorskip("torch")
+    from gpucnn import models  # noqa: PLC0415
+    bench_models = _load("bench_models")
+    built = [name for name in bench_models.MODELS if name in models.available_models()]
+    assert {"lenet5", "vgg-small"} <= set(built)
+    for name in built:
+        ours = sum(p.data.size for p in bench_models.gpucnn_model(name).parameters())
+        assert sum(p.numel() for p in bench_models.torch_model(torch, name).parameters()) == ours, name
+
+
 def test_cpu_layer_profile_prints_every_layer_in_run_order():
     result = _run([sys.executable, "bench/cpu_layer_profile.py", "--batch-size", "2", "--steps", "6"])
     assert result.returncode == 0, result.stderr
