@@ -17,6 +17,7 @@ import pytest
 from gpucnn.cuda import conv as cuda_conv
 from gpucnn.cuda import gemm
 from gpucnn.emulator import EmulatorRuntime
+from gpucnn.testing.recording import RecordingRuntime
 from gpucnn.utils import conv_output_size
 from tests.conftest import EMULATOR_ORDERS
 from tests.kernel_cases import (ConvCase, broken_kernel_copy, case_id, caught_under_some_order, check_conv,
@@ -47,34 +48,9 @@ def emulator(request, monkeypatch):
     return EmulatorRuntime(order=request.param, seed=3)
 
 
-class LaunchLog:
-    """A runtime that forwards to another and records the kernels launched, with their launch shapes."""
-
-    def __init__(self, inner):
-        self.inner, self.xp, self.launches = inner, inner.xp, []
-
-    def function(self, file, name):
-        kernel = self.inner.function(file, name)
-
-        def launch(grid, block, args, shared_mem=0):
-            self.launches.append((name, tuple(grid), tuple(block), shared_mem))
-            kernel(grid, block, args, shared_mem=shared_mem)
-        return launch
-
-    def empty(self, shape, dtype):
-        return self.inner.empty(shape, dtype)
-
-    def zeros(self, shape, dtype):
-        return self.inner.zeros(shape, dtype)
-
-    @property
-    def names(self):
-        return [launch[0] for launch in self.launches]
-
-
 @pytest.mark.parametrize("case", GEMM_CONV_CASES, ids=case_id)
 def test_implicit_gemm_convolutions_match_the_reference(case, emulator):
-    log = LaunchLog(emulator)
+    log = RecordingRuntime(emulator)
     check_conv(case, runtime=log)
     assert log.names[:3] == ["conv2d_gemm_forward", "conv2d_gemm_backward_data", "conv2d_gemm_backward_weight"]
     assert set(log.names[3:]) <= {"gemm_reduce_slices"}
@@ -86,7 +62,7 @@ def test_implicit_gemm_convolutions_match_the_reference(case, emulator):
 def test_the_small_weight_gradient_kernel_matches_the_reference(case, emulator, monkeypatch):
     monkeypatch.setattr(cuda_conv, "SMALL_TILES", 64)
     monkeypatch.setattr(cuda_conv, "SMALL_MIN_POSITIONS", 4)   # several slices even at these sizes
-    log = LaunchLog(emulator)
+    log = RecordingRuntime(emulator)
     check_conv(case, runtime=log)
     assert log.names[2] == "conv2d_small_backward_weight" and set(log.names[3:]) <= {"gemm_reduce_slices"}
 
@@ -97,10 +73,10 @@ def test_the_small_weight_gradient_splits_lenet_conv1_in_slices(emulator, monkey
     case = ConvCase("lenet_conv1_b8", 8, 1, 28, 28, 6, (5, 5), padding=(2, 2))
     slices, _ = cuda_conv.small_weight_plan(6, 26, 8 * 28 * 28)
     assert slices > 1
-    log = LaunchLog(emulator)
+    log = RecordingRuntime(emulator)
     check_conv(case, runtime=log)
     assert log.names[2:] == ["conv2d_small_backward_weight", "gemm_reduce_slices"]
-    assert log.launches[2][1] == (1, 1, slices)
+    assert log.launches[2].grid == (1, 1, slices)
 
 
 def test_the_weight_gradient_is_split_in_few_slices_added_in_order(emulator):
@@ -108,19 +84,19 @@ def test_the_weight_gradient_is_split_in_few_slices_added_in_order(emulator):
     case = GEMM_CONV_CASES[0]
     plan = gemm.plan(6, 26, case.n * case.h * case.w)
     assert 1 < plan.slices <= gemm.MAX_SLICES
-    log = LaunchLog(emulator)
+    log = RecordingRuntime(emulator)
     check_conv(case, runtime=log)
     weight_launch = log.launches[2]
-    assert weight_launch[0] == "conv2d_gemm_backward_weight" and weight_launch[1][2] == plan.slices
+    assert weight_launch.name == "conv2d_gemm_backward_weight" and weight_launch.grid[2] == plan.slices
     assert log.names[3:] == ["gemm_reduce_slices"]
 
 
 def test_the_128_tile_matches_the_reference(emulator, monkeypatch):
     monkeypatch.setattr(gemm, "BIG_TILE_MIN_BLOCKS", 1)
     case = ConvCase("tile128", 2, 16, 10, 9, 130, (3, 3), padding=(1, 1), relu=True)
-    log = LaunchLog(emulator)
+    log = RecordingRuntime(emulator)
     check_conv(case, runtime=log)
-    blocks = {name: block for name, _, block, _ in log.launches}
+    blocks = {launch.name: launch.block for launch in log.launches}
     assert blocks["conv2d_gemm_forward"] == (16, 16, 1)          # 130 x 180 output: 128 x 128 tiles
     assert blocks["conv2d_gemm_backward_weight"] == (16, 16, 1)  # 130 x 145
     assert blocks["conv2d_gemm_backward_data"] == (8, 8, 1)      # 16 rows: the 64 tile
@@ -153,7 +129,7 @@ def test_a_broken_gemm_core_is_caught(tmp_path, mutation, monkeypatch):
 def test_which_kernel_runs_for_which_shape():
     """The table of docs/design.md: small output-channel counts keep the tiled forward."""
     def forward_kernel(n, c, size, oc):
-        log = LaunchLog(_DryRuntime())
+        log = RecordingRuntime(_DryRuntime())
         x = np.zeros((n, c, size, size), np.float32)
         cuda_conv.conv2d_forward(x, np.zeros((oc, c, 3, 3), np.float32), None, padding=1, runtime=log)
         return log.names[-1]
@@ -209,7 +185,7 @@ SMALL_DATA_CASES = [
 @pytest.mark.parametrize("order", EMULATOR_ORDERS)
 @pytest.mark.parametrize("case", SMALL_DATA_CASES, ids=case_id)
 def test_the_small_data_gradient_kernel_matches_the_reference(case, order):
-    log = LaunchLog(EmulatorRuntime(order=order, seed=4))
+    log = RecordingRuntime(EmulatorRuntime(order=order, seed=4))
     check_conv(case, runtime=log)
     assert "conv2d_small_backward_data" in log.names and "conv2d_gemm_backward_data" not in log.names
 

@@ -34,6 +34,11 @@ class RecordingRuntime:
     def zeros(self, shape, dtype):
         return self.inner.zeros(shape, dtype)
 
+    @property
+    def names(self) -> list[str]:
+        """The names of the kernels recorded since the last take(), in launch order."""
+        return [launch.name for launch in self.launches]
+
     def take(self) -> list[Launch]:
         """The launches recorded since the last take()."""
         launches, self.launches = self.launches, []
