@@ -317,3 +317,18 @@ def assert_kernel_case(backend, run, expected, tols, names=("y", "grad_x", "grad
     assert_outputs_close(names, outputs, expected, tols)
     if backend.device == "gpu":
         assert_same_bits(outputs, run())
+
+
+def kernel_names_of_a_guarded_step(step, batch):
+    """Run ``step`` once on the emulator on ``batch`` (x, y as NumPy arrays) under the emulator's guard.
+
+    Asserts that the step made no NumPy op on device arrays (a CuPy kernel on a GPU), no allocation and no
+    host read; returns the names of the kernels the step's runtime launched, in order.
+    """
+    from gpucnn import backend  # noqa: PLC0415
+    events = []
+    x, y = (backend.to_device(a, "emulator") for a in batch)
+    with backend.emulator_guard(lambda kind, what: events.append((kind, what))):
+        step(x, y)
+    assert events == []
+    return step.runtime.kernel_names

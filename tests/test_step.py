@@ -15,6 +15,7 @@ from gpucnn.cuda.graph import CaptureError
 from gpucnn.cuda.optim import FusedOptimizer
 from gpucnn.models import LeNet5
 from gpucnn.step import TrainStep
+from tests.helpers import kernel_names_of_a_guarded_step
 
 pytestmark = pytest.mark.emulator
 
@@ -113,12 +114,7 @@ def test_replays_follow_a_learning_rate_change():
 def test_a_step_launches_only_gpucnns_kernels_and_no_input_gradient_for_conv1():
     batches = _batches(3, seed=3)
     model, step = _train_emulator("modern", "adam", batches[:2], graph=False)
-    events = []
-    x, y = (backend.to_device(a, "emulator") for a in batches[2])
-    with backend.emulator_guard(lambda kind, what: events.append((kind, what))):
-        step(x, y)
-    assert events == []  # no NumPy op (a CuPy kernel on a GPU), allocation or host read in a step
-    names = step.runtime.kernel_names
+    names = kernel_names_of_a_guarded_step(step, batches[2])  # asserts no NumPy op, allocation or host read
     assert set(names) == LENET5_STEP_KERNELS
     assert names.count("conv2d_small_backward_data") == 1  # conv2's; conv1's input needs no gradient
     assert names.count("conv2d_forward_tiled") == 2
