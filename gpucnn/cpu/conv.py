@@ -141,20 +141,22 @@ def _weight_gradient(grad_y_chwn, padded, g: ConvGeometry, with_bias: bool):
     """(OC, C*KH*KW [+1]) grad_y times the columns' transpose, summed over row chunks in chunk order."""
     rows = g.C * g.KH * g.KW + with_bias
     row_ranges = _row_chunks(g, rows, padded.itemsize)
-    partial = np.empty((len(row_ranges), g.OC, rows), padded.dtype)
+    partial = np.empty((len(row_ranges), rows, g.OC), padded.dtype)
 
     def work(i):
         oh0, oh1 = row_ranges[i]
         col = _im2col_rows(padded, g, oh0, oh1, with_bias)
-        # np.dot, not np.matmul: for this shape (few outputs, a long inner dimension) matmul kept the
-        # GIL and the two threads ran one after the other (measured: 0.91x against dot's 1.7-1.9x).
-        np.dot(grad_y_chwn[:, oh0:oh1].reshape(g.OC, -1), col.T, out=partial[i])
+        # The transpose, columns times grad_y's transpose: OpenBLAS packs the long inner dimension
+        # of both operands faster this way round (one thread, 16-64 channels: 1.4-3.3x grad_y times
+        # the columns' transpose). np.dot, not np.matmul: for this shape (few outputs, a long inner
+        # dimension) matmul kept the GIL and the two threads ran one after the other.
+        np.dot(col, grad_y_chwn[:, oh0:oh1].reshape(g.OC, -1).T, out=partial[i])
 
     run_chunks(work, len(row_ranges), _work(g, rows, row_ranges))
     total = partial[0].copy()
     for i in range(1, len(row_ranges)):  # chunk order: the same sum on every run
         total += partial[i]
-    return total
+    return total.T
 
 
 def _copy(target, source) -> None:
