@@ -41,8 +41,8 @@ def torch_twin(torch, model):
             layers[name] = tnn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         elif kind in ("MaxPool2d", "AvgPool2d"):
             layers[name] = getattr(tnn, kind)(layer.kernel_size, layer.stride, layer.padding)
-        elif kind == "BatchNorm2d":
-            layers[name] = tnn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+        elif kind in ("BatchNorm1d", "BatchNorm2d"):
+            layers[name] = getattr(tnn, kind)(layer.num_features, eps=layer.eps, momentum=layer.momentum)
         else:   # ReLU, Tanh, Flatten: no hyperparameters
             layers[name] = getattr(tnn, kind)()
     return tnn.Sequential(layers).eval()

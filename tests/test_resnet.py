@@ -192,8 +192,10 @@ def test_resnet20_shapes_parameters_and_torchvision_names():
 def test_vgg_small_bn_and_dropout_in_the_built_in_models():
     model = build_model("vgg-small-bn", seed=0, width=4, hidden=8)
     assert model.config["name"] == "vgg-small-bn"
-    assert [n for n in model._modules if n.startswith("bn")] == ["bn1_1", "bn1_2", "bn2_1", "bn2_2", "bn3_1", "bn3_2"]
-    assert model.conv1_1.bias is None
+    assert [n for n in model._modules if n.startswith("bn")] == ["bn1_1", "bn1_2", "bn2_1", "bn2_2", "bn3_1", "bn3_2",
+                                                                 "bn_fc1"]
+    assert isinstance(model.bn_fc1, nn.BatchNorm1d) and model.bn_fc1.num_features == 8
+    assert model.conv1_1.bias is None and model.fc1.bias is None and model.fc2.bias is not None
     plain = build_model("vgg-small", seed=0, width=4, hidden=8)
     assert plain.conv1_1.bias is not None and not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     with_dropout = build_model("resnet20", seed=0, dropout=0.25)
