@@ -39,7 +39,9 @@ def torch_model(torch, name: str):
                     layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
                 channels = width
             layers.append(nn.MaxPool2d(2))
-        model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(256 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10))
+        hidden = [nn.Linear(256 * 4 * 4, 256)] if name == "vgg-small" else \
+            [nn.Linear(256 * 4 * 4, 256, bias=False), nn.BatchNorm1d(256)]
+        model = nn.Sequential(*layers, nn.Flatten(), *hidden, nn.ReLU(), nn.Linear(256, 10))
     elif name == "resnet20":
         model = _torch_resnet20(nn)
     else:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 
 from gpucnn import backend, nn
 from gpucnn.nn.init import make_rng
+from gpucnn.nn.module import fused_relus
 from gpucnn.utils import check_int
 
 LENET5_VARIANTS = ("modern", "classic")
@@ -57,6 +58,7 @@ class _ImageClassifier(nn.Sequential):
         self._check_image_batch(x)
         self._last_order = self._run_order()
         fused = self._fused_relus(self._last_order) if backend.device_of(x) in backend.KERNEL_DEVICES else {}
+        fused.update(self._norm_relus(self._last_order))
         self._last_fused = fused
         producers = {producer for producer, _ in fused.values()}
         for name in self._last_order:
@@ -80,6 +82,12 @@ class _ImageClassifier(nn.Sequential):
             else:
                 grad_output = module.backward(grad_output, input_grad=need)
         return grad_output
+
+    def _norm_relus(self, order) -> dict:
+        """{relu name: (batch norm, None)} for each ReLU right after a BatchNorm, which runs it on every device
+        (see nn.Sequential.forward)."""
+        layers = [self._modules[name] for name in order]
+        return {order[i]: (order[i - 1], None) for i in fused_relus(layers)}
 
     def _fused_relus(self, order) -> dict:
         """{relu name: (producer, consumer)} for the ReLUs the kernels can take over (see forward)."""

@@ -440,6 +440,19 @@ def test_cpu_layer_profile_prints_every_layer_in_run_order():
     assert result.stdout.splitlines()[-1].startswith("loss ")
 
 
+def test_cpu_layer_profile_walks_into_residual_blocks():
+    result = _run([sys.executable, "bench/cpu_layer_profile.py", "--model", "resnet20", "--batch-size", "2",
+                   "--steps", "6", "--clock", "cpu"])
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:-1]]
+    assert names[:2] == ["conv1", "bn1"] and names[-1] == "fc"
+    assert {"layer1.0.conv1", "layer1.0.bn2", "layer1.0", "layer2.0.downsample.0", "layer3.2.conv2"} <= set(names)
+    assert "layer1.0.act1" not in names and "relu" not in names  # each ReLU after a BatchNorm runs inside it
+    for line in result.stdout.splitlines()[1:-1]:
+        forward, backward = float(line.split()[2]), float(line.split()[4])
+        assert forward >= 0 and backward >= 0
+
+
 @pytest.mark.emulator
 def test_the_adam_row_replays_only_the_update():
     """The "adam step" row times advance_step and adam_update, not the constructor's fill of the gradients."""

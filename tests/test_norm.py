@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpucnn import ops
+from gpucnn import nn, ops
 from gpucnn.testing.gradcheck import assert_gradient_close
 from tests.helpers import assert_close, chwn
 from tests.loops import batch_norm_eval_loops, batch_norm_loops, global_avg_pool2d_loops
@@ -73,6 +73,53 @@ def test_batch_norm_backward_matches_float64_backward(backend, shape):
         assert_close(name, a, e.astype(np.float32), tol)
 
 
+@NORM_BACKENDS
+@pytest.mark.parametrize("shape", [(8, 3), (2, 3, 4, 5), (3, 16, 7, 7)], ids=str)
+def test_batch_norm_with_a_fused_relu_equals_batch_norm_then_relu(backend, shape):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(shape).astype(np.float32)
+    grad_y = rng.standard_normal(shape).astype(np.float32)
+    weight, bias, running_mean, running_var = _channels(rng, shape[1])
+    plain = ops.norm.batch_norm_forward_reference(x, weight, bias, running_mean.copy(), running_var.copy(), 0.1, 1e-5)
+    expected_y = np.maximum(plain[0], 0)
+    expected_grads = ops.norm.batch_norm_backward_reference(grad_y * (expected_y > 0), x, weight, *plain[1:])
+    rm, rv = backend.to(running_mean), backend.to(running_var)
+    y, mean, invstd = ops.batch_norm_forward(backend.to(x), backend.to(weight), backend.to(bias), rm, rv, 0.1, 1e-5,
+                                             relu=True)
+    assert_close("y", backend.host(y), expected_y, TOL)
+    assert backend.host(y).min() >= 0
+    grads = ops.batch_norm_backward(backend.to(grad_y), backend.to(x), backend.to(weight), mean, invstd, y=y)
+    M = x.size // shape[1]
+    for name, a, e, tol in zip(("grad_x", "grad_weight", "grad_bias"), backend.host(grads), expected_grads,
+                               (TOL, TOL * M, TOL * M)):
+        assert_close(name, a, e, tol)
+    y_eval = ops.batch_norm_forward_eval(backend.to(x), backend.to(weight), backend.to(bias), rm, rv, 1e-5, relu=True)
+    expected_eval = ops.norm.batch_norm_forward_eval_reference(x, weight, bias, backend.host(rm), backend.host(rv),
+                                                               1e-5)
+    assert_close("y_eval", backend.host(y_eval), np.maximum(expected_eval, 0), TOL)
+
+
+def test_a_fused_relu_in_a_sequential_gives_the_unfused_gradients():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
+    grad = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
+    fused = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    fused[0].weight.data[...] = [1.5, -0.5, 1.0]
+    y = fused(x)
+    assert fused._last_fused == {1} and "y" in fused[0]._cache and fused[0]._cache["y"] is not None
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data[...] = fused[0].weight.data
+    relu = nn.ReLU()
+    expected_y = relu(bn(x))
+    np.testing.assert_array_equal(y, expected_y)
+    grad_x = fused.backward(grad)
+    expected_grad_x = bn.backward(relu.backward(grad))
+    assert_close("grad_x", grad_x, expected_grad_x, TOL)
+    assert_close("grad_weight", fused[0].weight.grad, bn.weight.grad, TOL * 150)
+    assert_close("grad_bias", fused[0].bias.grad, bn.bias.grad, TOL * 150)
+    np.testing.assert_array_equal(fused[0].running_mean, bn.running_mean)
+
+
 @FLOAT64
 @pytest.mark.parametrize("shape", [(5, 2), (3, 2, 4), (2, 3, 3, 4)], ids=str)
 def test_batch_norm_gradients_match_finite_differences(backend, shape):
@@ -122,6 +169,10 @@ def test_batch_norm_refusals():
         ops.batch_norm_forward(np.zeros((2, 3, 2, 2, 2), np.float32), c3, c3, c3, c3, 0.1, 1e-5)
     with pytest.raises(ValueError, match="grad_y has shape"):
         ops.batch_norm_backward(np.zeros((4, 3), np.float32), x, c3, c3, c3)
+    with pytest.raises(ValueError, match="y has shape"):
+        ops.batch_norm_backward(x, x, c3, c3, c3, y=np.zeros((4, 3), np.float32))
+    with pytest.raises(TypeError, match="relu must be True or False"):
+        ops.batch_norm_forward(x, c3, c3, c3, c3, 0.1, 1e-5, relu=1)
 
 
 # ------------------------------------------------------------------ global average pooling

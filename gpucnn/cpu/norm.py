@@ -5,12 +5,16 @@ The reference sums in float64 on an (N, C, L) view, which copies a CHWN-ordered 
 dtype on x's own memory: for channel-major memory (CHWN) each channel is one contiguous row
 of M values, reduced by NumPy's pairwise sum; for NCHW the reductions run over axes (0, 2)
 of an (N, C, L) view. Outputs keep x's memory order. Other layouts take the reference.
+The channels are cut into chunks, fixed by the shape (so results do not depend on the thread
+count), which the threads share: each channel's sums stay within one chunk. A fused ReLU
+(``relu=True`` forward, ``y=`` backward) costs no array of its own.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cpu.threads import empty_in_order, memory_order
+from gpucnn.cpu.activation import relu_inplace
+from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order, run_chunks, scratch
 from gpucnn.ops import norm as reference
 
 
@@ -26,6 +30,19 @@ def _layout(x):
     if order[0] == 1 and x.transpose(order).flags.c_contiguous:
         return order, lambda a: a.transpose(order).reshape(a.shape[1], -1)
     return None
+
+
+# Chunks of channels an op is cut into (fewer when there are fewer channels). Two threads, CHWN input at
+# batch 128 (ResNet-20's 16x28x28, 32x14x14, 64x7x7), training forward + backward with the ReLU fused:
+# 1 chunk 5.9 / 3.1 / 1.5 ms, 2 chunks 3.5 / 1.9 / 1.4, 4 chunks 3.6 / 2.2 / 1.8 (each hand-over costs).
+CHANNEL_CHUNKS = 2
+# Passes over x each op makes (how much work a chunk is, for run_chunks).
+PASSES = 6
+
+
+def _rows(view, c0: int, c1: int):
+    """The channels [c0, c1) of a view made by a layout's view function."""
+    return view[c0:c1] if view.ndim == 2 else view[:, c0:c1]
 
 
 def _reduce_axes(view) -> tuple:
@@ -46,22 +63,34 @@ def _in_layout(array, order):
     return copy
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps):
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     layout = _layout(x)
     if layout is None:
-        return reference.batch_norm_forward_reference(x, weight, bias, running_mean, running_var, momentum, eps)
+        return reference.batch_norm_forward_reference(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                      relu)
     order, view = layout
     dtype = x.dtype.type
+    C = x.shape[1]
+    M = x.size // C
     xv = view(x)
-    M = x.size // x.shape[1]
-    mean = xv.sum(axis=_reduce_axes(xv)) * dtype(1.0 / M)
     y = empty_in_order(x.shape, x.dtype, order)
     yv = view(y)
-    np.subtract(xv, mean[:, None], out=yv)  # the deviations, in y's memory until scaled
-    var = _dot_per_channel(yv, yv) * dtype(1.0 / M)
-    invstd = (1 / np.sqrt(var + dtype(eps))).astype(x.dtype)
-    yv *= (invstd * weight)[:, None]
-    yv += bias[:, None]
+    mean, var, invstd = (np.empty(C, x.dtype) for _ in range(3))
+    ranges = even_ranges(C, CHANNEL_CHUNKS)
+
+    def work(i):
+        c0, c1 = ranges[i]
+        xs, ys = _rows(xv, c0, c1), _rows(yv, c0, c1)
+        mean[c0:c1] = xs.sum(axis=_reduce_axes(xs)) * dtype(1.0 / M)
+        np.subtract(xs, mean[c0:c1, None], out=ys)  # the deviations, in y's memory until scaled
+        var[c0:c1] = _dot_per_channel(ys, ys) * dtype(1.0 / M)
+        invstd[c0:c1] = 1 / np.sqrt(var[c0:c1] + dtype(eps))
+        ys *= (invstd[c0:c1] * weight[c0:c1])[:, None]
+        ys += bias[c0:c1, None]
+        if relu:
+            relu_inplace(ys)
+
+    run_chunks(work, len(ranges), PASSES * x.size / len(ranges))
     momentum = dtype(momentum)
     running_mean *= 1 - momentum
     running_mean += momentum * mean
@@ -70,37 +99,63 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps
     return y, mean, invstd
 
 
-def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps):
+def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, relu=False):
     layout = _layout(x)
     if layout is None:
-        return reference.batch_norm_forward_eval_reference(x, weight, bias, running_mean, running_var, eps)
+        return reference.batch_norm_forward_eval_reference(x, weight, bias, running_mean, running_var, eps, relu)
     order, view = layout
     invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(x.dtype)
     scale = invstd * weight
+    shift = bias - running_mean * scale
+    xv = view(x)
     y = empty_in_order(x.shape, x.dtype, order)
     yv = view(y)
-    np.multiply(view(x), scale[:, None], out=yv)
-    yv += (bias - running_mean * scale)[:, None]
+    ranges = even_ranges(x.shape[1], CHANNEL_CHUNKS)
+
+    def work(i):
+        c0, c1 = ranges[i]
+        ys = _rows(yv, c0, c1)
+        np.multiply(_rows(xv, c0, c1), scale[c0:c1, None], out=ys)
+        ys += shift[c0:c1, None]
+        if relu:
+            relu_inplace(ys)
+
+    run_chunks(work, len(ranges), 3 * x.size / len(ranges))
     return y
 
 
-def batch_norm_backward(grad_y, x, weight, mean, invstd):
+def batch_norm_backward(grad_y, x, weight, mean, invstd, y=None):
     layout = _layout(x)
     if layout is None:
-        return reference.batch_norm_backward_reference(grad_y, x, weight, mean, invstd)
+        return reference.batch_norm_backward_reference(grad_y, x, weight, mean, invstd, y)
     order, view = layout
     dtype = x.dtype.type
-    M = x.size // x.shape[1]
-    gv = view(_in_layout(grad_y, order))
+    C = x.shape[1]
+    M = x.size // C
+    xv, gv = view(x), view(_in_layout(grad_y, order))
+    yv = None if y is None else view(_in_layout(y, order))
     grad_x = empty_in_order(x.shape, x.dtype, order)
-    xhat = view(grad_x)  # xhat first, turned into grad_x in place
-    np.subtract(view(x), mean[:, None], out=xhat)
-    xhat *= invstd[:, None]
-    grad_bias = gv.sum(axis=_reduce_axes(gv))
-    grad_weight = _dot_per_channel(gv, xhat)
-    # grad_x = k * (M * grad_y - grad_bias - xhat * grad_weight), k = weight * invstd / M
+    gxv = view(grad_x)
+    grad_weight, grad_bias = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    # grad_x = k * (M * g - grad_bias - xhat * grad_weight), k = weight * invstd / M
     k = weight * invstd * dtype(1.0 / M)
-    xhat *= (-k * grad_weight)[:, None]
-    xhat += gv * (k * dtype(M))[:, None]
-    xhat -= (k * grad_bias)[:, None]
+    ranges = even_ranges(C, CHANNEL_CHUNKS)
+
+    def work(i):
+        c0, c1 = ranges[i]
+        g, out = _rows(gv, c0, c1), _rows(gxv, c0, c1)
+        if yv is not None:  # the fused ReLU's backward: g where y > 0, else 0, in grad_x's memory
+            np.multiply(g, _rows(yv, c0, c1) > 0, out=out)
+            g = out
+        xhat = scratch("batch_norm_xhat", out.shape, x.dtype)
+        np.subtract(_rows(xv, c0, c1), mean[c0:c1, None], out=xhat)
+        xhat *= invstd[c0:c1, None]
+        grad_bias[c0:c1] = g.sum(axis=_reduce_axes(g))
+        grad_weight[c0:c1] = _dot_per_channel(g, xhat)
+        xhat *= (-k[c0:c1] * grad_weight[c0:c1])[:, None]
+        np.multiply(g, (k[c0:c1] * dtype(M))[:, None], out=out)
+        out += xhat
+        out -= (k[c0:c1] * grad_bias[c0:c1])[:, None]
+
+    run_chunks(work, len(ranges), PASSES * x.size / len(ranges))
     return grad_x, grad_weight, grad_bias

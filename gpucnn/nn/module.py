@@ -428,6 +428,15 @@ class Module:
         return "\n".join(lines)
 
 
+def fused_relus(layers) -> set:
+    """Indexes of the ReLUs (exactly nn.ReLU) right after a layer that runs a following ReLU in its own
+    forward and backward (``fuses_next_relu``: BatchNorm)."""
+    from gpucnn.nn.activation import ReLU  # noqa: PLC0415 - activation imports this module
+
+    return {i for i in range(1, len(layers))
+            if type(layers[i]) is ReLU and getattr(layers[i - 1], "fuses_next_relu", False)}
+
+
 def _state_value(owner, key):
     """The array behind one state_dict entry: a Parameter's data, or buffer ``key`` of a module."""
     return owner.data if key is None else getattr(owner, key)
@@ -488,9 +497,14 @@ class Sequential(Module):
         return self._modules[names[i]]
 
     def forward(self, x):
-        """Apply every layer in order."""
-        for layer in self._modules.values():
-            x = layer(x)
+        """Apply every layer in order (a ReLU right after a BatchNorm runs inside it: one pass fewer)."""
+        layers = list(self._modules.values())
+        fused = fused_relus(layers)
+        object.__setattr__(self, "_last_fused", fused)
+        for i, layer in enumerate(layers):
+            if i in fused:
+                continue
+            x = layer.forward(x, relu=True) if i + 1 in fused else layer(x)
         return x
 
     def backward(self, grad_output, input_grad=True):
@@ -499,6 +513,8 @@ class Sequential(Module):
         With ``input_grad=False`` the first layer computes no input gradient and None is returned.
         """
         layers = list(self._modules.values())
+        fused = getattr(self, "_last_fused", ())
         for i in range(len(layers) - 1, -1, -1):
-            grad_output = layers[i].backward(grad_output, input_grad=input_grad or i > 0)
+            if i not in fused:  # a fused ReLU's backward ran in the layer before it
+                grad_output = layers[i].backward(grad_output, input_grad=input_grad or i > 0)
         return grad_output

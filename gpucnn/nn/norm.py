@@ -20,6 +20,7 @@ class _BatchNorm(Module):
     """Shared parts of BatchNorm1d/2d; ``_ndims`` lists the input ranks the subclass takes."""
 
     _ndims: tuple = ()
+    fuses_next_relu = True  # Sequential hands it a following ReLU: forward(x, relu=True)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
         super().__init__()
@@ -55,17 +56,21 @@ class _BatchNorm(Module):
             self._identity = (ones, zeros)
         return ones, zeros
 
-    def forward(self, x):
-        """x (N, C, ...) -> y of the same shape, normalised per channel (batch or running statistics)."""
+    def forward(self, x, relu=False):
+        """x (N, C, ...) -> y of the same shape, normalised per channel (batch or running statistics).
+
+        relu=True: a following ReLU fused (max(0, y)); backward then takes the ReLU's output
+        gradient and runs the ReLU's backward too.
+        """
         self._check_norm_input(x)
         weight, bias = self._scale_shift()
         if self.training:
             y, mean, invstd = ops.batch_norm_forward(x, weight, bias, self.running_mean, self.running_var,
-                                                     self.momentum, self.eps)
+                                                     self.momentum, self.eps, relu=relu)
             self.count_batch()
-            self._save(x=x, mean=mean, invstd=invstd, output_shape=tuple(y.shape))
+            self._save(x=x, mean=mean, invstd=invstd, y=y if relu else None, output_shape=tuple(y.shape))
         else:
-            y = ops.batch_norm_forward_eval(x, weight, bias, self.running_mean, self.running_var, self.eps)
+            y = ops.batch_norm_forward_eval(x, weight, bias, self.running_mean, self.running_var, self.eps, relu=relu)
             self._save(eval_mode=True, output_shape=tuple(y.shape))
         return y
 
@@ -84,7 +89,8 @@ class _BatchNorm(Module):
                                "model.train() before the forward whose gradient you need.")
         weight, _ = self._scale_shift()
         grad_x, grad_weight, grad_bias = ops.batch_norm_backward(grad_output, self._saved("x"), weight,
-                                                                 self._saved("mean"), self._saved("invstd"))
+                                                                 self._saved("mean"), self._saved("invstd"),
+                                                                 y=self._saved("y"))
         if self.affine:
             self.weight.accumulate_grad(grad_weight)
             self.bias.accumulate_grad(grad_bias)

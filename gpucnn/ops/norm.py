@@ -15,6 +15,7 @@ import numpy as np
 
 from gpucnn import dispatch
 from gpucnn.ops import check_float_array, check_same_kind
+from gpucnn.ops.activation import relu_backward_reference, relu_forward_reference
 
 
 def _check_x(x) -> None:
@@ -56,41 +57,63 @@ def _check_eval(x, weight, bias, running_mean, running_var, eps) -> None:
     _check_eps(eps)
 
 
-def _check_backward(grad_y, x, weight, mean, invstd) -> None:
+def _check_relu(relu) -> None:
+    if not isinstance(relu, (bool, np.bool_)):
+        raise TypeError(f"relu must be True or False, not {relu!r}.")
+
+
+def _check_train_relu(x, weight, bias, running_mean, running_var, momentum, eps, relu=False) -> None:
+    _check_train(x, weight, bias, running_mean, running_var, momentum, eps)
+    _check_relu(relu)
+
+
+def _check_eval_relu(x, weight, bias, running_mean, running_var, eps, relu=False) -> None:
+    _check_eval(x, weight, bias, running_mean, running_var, eps)
+    _check_relu(relu)
+
+
+def _check_backward(grad_y, x, weight, mean, invstd, y=None) -> None:
     _check_x(x)
-    check_float_array(grad_y, "grad_y")
-    check_same_kind(x, "x", grad_y=grad_y)
-    if tuple(grad_y.shape) != tuple(x.shape):
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)} but x has {tuple(x.shape)}; they must match.")
+    for name, array in (("grad_y", grad_y), ("y", y)):
+        if array is None and name == "y":
+            continue
+        check_float_array(array, name)
+        check_same_kind(x, "x", **{name: array})
+        if tuple(array.shape) != tuple(x.shape):
+            raise ValueError(f"{name} has shape {tuple(array.shape)} but x has {tuple(x.shape)}; they must match.")
     _check_channels(x, weight=weight, mean=mean, invstd=invstd)
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps):
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     """Training forward: x -> (y, mean, invstd); updates running_mean and running_var IN PLACE.
 
     x (N, C, ...); weight, bias, running_mean, running_var (C,); momentum in [0, 1]; eps > 0.
     mean and the biased var are over the M = x.size / C values of each channel, invstd =
-    1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias. Then running_mean moves
-    by momentum toward mean, running_var toward var * M / (M - 1). M must be at least 2.
+    1 / sqrt(var + eps), y = (x - mean) * invstd * weight + bias, then max(y, 0) when ``relu``
+    (a following ReLU fused). Then running_mean moves by momentum toward mean, running_var
+    toward var * M / (M - 1). M must be at least 2.
     """
-    return dispatch.run("norm", "batch_norm_forward", _check_train, x, weight, bias, running_mean, running_var,
-                        momentum, eps)
+    return dispatch.run("norm", "batch_norm_forward", _check_train_relu, x, weight, bias, running_mean, running_var,
+                        momentum, eps, relu=relu)
 
 
-def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps):
-    """Evaluation forward: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias; nothing updated."""
-    return dispatch.run("norm", "batch_norm_forward_eval", _check_eval, x, weight, bias, running_mean, running_var,
-                        eps)
+def batch_norm_forward_eval(x, weight, bias, running_mean, running_var, eps, relu=False):
+    """Evaluation forward: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then max(y, 0) when
+    ``relu``; nothing updated."""
+    return dispatch.run("norm", "batch_norm_forward_eval", _check_eval_relu, x, weight, bias, running_mean,
+                        running_var, eps, relu=relu)
 
 
-def batch_norm_backward(grad_y, x, weight, mean, invstd):
+def batch_norm_backward(grad_y, x, weight, mean, invstd, y=None):
     """Gradient of the training forward: -> (grad_x, grad_weight, grad_bias).
 
     grad_y and x (N, C, ...); weight, and mean and invstd as batch_norm_forward returned, (C,).
-    With xhat = (x - mean) * invstd: grad_bias = sum(grad_y), grad_weight = sum(grad_y * xhat)
-    per channel, grad_x = weight * invstd / M * (M * grad_y - grad_bias - xhat * grad_weight).
+    ``y``: the output of a ``relu=True`` forward, whose ReLU's backward is fused here (grad_y
+    counts only where y > 0, as relu_backward). With g that grad_y and xhat = (x - mean) * invstd:
+    grad_bias = sum(g), grad_weight = sum(g * xhat) per channel, grad_x = weight * invstd / M *
+    (M * g - grad_bias - xhat * grad_weight).
     """
-    return dispatch.run("norm", "batch_norm_backward", _check_backward, grad_y, x, weight, mean, invstd)
+    return dispatch.run("norm", "batch_norm_backward", _check_backward, grad_y, x, weight, mean, invstd, y=y)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,7 +139,7 @@ def _statistics(x3):
     return mean, var
 
 
-def batch_norm_forward_reference(x, weight, bias, running_mean, running_var, momentum, eps):
+def batch_norm_forward_reference(x, weight, bias, running_mean, running_var, momentum, eps, relu=False):
     x3 = _as_ncl(x)
     M = x3.shape[0] * x3.shape[2]
     mean64, var64 = _statistics(x3)
@@ -130,17 +153,23 @@ def batch_norm_forward_reference(x, weight, bias, running_mean, running_var, mom
     running_mean += momentum * mean
     running_var *= 1 - momentum
     running_var += momentum * (var64 * (M / (M - 1))).astype(dtype)
+    if relu:
+        y = relu_forward_reference(y)
     return y.reshape(x.shape), mean, invstd
 
 
-def batch_norm_forward_eval_reference(x, weight, bias, running_mean, running_var, eps):
+def batch_norm_forward_eval_reference(x, weight, bias, running_mean, running_var, eps, relu=False):
     x3 = _as_ncl(x)
     invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(x.dtype)
     y = (x3 - _per_channel(running_mean)) * _per_channel(invstd * weight) + _per_channel(bias)
+    if relu:
+        y = relu_forward_reference(y)
     return y.reshape(x.shape)
 
 
-def batch_norm_backward_reference(grad_y, x, weight, mean, invstd):
+def batch_norm_backward_reference(grad_y, x, weight, mean, invstd, y=None):
+    if y is not None:
+        grad_y = relu_backward_reference(grad_y, y)
     x3, g3 = _as_ncl(x), _as_ncl(grad_y)
     M = x3.shape[0] * x3.shape[2]
     xhat = (x3 - _per_channel(mean)) * _per_channel(invstd)
