@@ -31,8 +31,10 @@ MIN_CHUNKS = 4
 # gradient side by side, one thread each, instead of handing each one's chunks out (measured at
 # batch 64: 5.0 against 5.5 ms a training step; at batch 256, 62 M, the chunks were 2-3% faster).
 TASKS_BELOW = 1 << 25
-# Fewest rows of an input-gradient product cut by channels (else the batch is cut instead).
-MIN_GRAD_ROWS = 24
+# Fewest rows of an input-gradient product cut by channels (else the batch is cut instead, whose chunks copy
+# and add runs of only a few images). One thread, batch 128, ResNet-20's stride-2 convolutions (16 -> 32
+# channels, 28x28): 3x3 11.8 -> 6.7 ms and 1x1 2.4 -> 1.1 ms from 24 rows down to 9 (one 3x3 channel).
+MIN_GRAD_ROWS = 9
 # Fewest input channels of the convolution that Winograd computes, per part. In-process A/B against
 # im2col, alternating, CPU time on one thread, batch 64, vgg-small's shapes (the shared machine was loaded):
 # forward 0.98-1.05x (the transforms cost what the products save), weight gradient 0.94x at 64
