@@ -80,15 +80,15 @@ def test_forward_and_gradients_within_the_bound(monkeypatch, shape, threaded):
 
 def test_vgg_sized_channels_take_winograd_without_patching(monkeypatch):
     calls = _count_calls(monkeypatch)
-    x, weight, bias, grad_y = _case(2, 128, 16, 8, 8)
+    x, weight, bias, grad_y = _case(2, 256, 16, 8, 8)
     assert all(fast_conv._winograd(x, weight, ops_conv.conv2d_geometry(x, weight, bias, 1, 1), part)
                for part in ("forward", "weight"))
-    x2, w2, b2, gy2 = _case(2, 16, 64, 8, 8, seed=1)
+    x2, w2, b2, gy2 = _case(2, 16, 128, 8, 8, seed=1)
     assert fast_conv._winograd(x2, w2, ops_conv.conv2d_geometry(x2, w2, b2, 1, 1), "input")
     assert not fast_conv._winograd(x2, w2, ops_conv.conv2d_geometry(x2, w2, b2, 1, 1), "forward")
     _check_against_reference(x, weight, bias, grad_y)
     _check_against_reference(x2, w2, b2, gy2)
-    # 128 -> 16 channels: forward and weight gradient; 16 -> 64: the input gradient only
+    # 256 -> 16 channels: forward and weight gradient; 16 -> 128: the input gradient only
     assert sorted(calls) == ["conv3x3", "conv3x3", "weight_gradient"]
 
 

@@ -35,12 +35,15 @@ TASKS_BELOW = 1 << 25
 # and add runs of only a few images). One thread, batch 128, ResNet-20's stride-2 convolutions (16 -> 32
 # channels, 28x28): 3x3 11.8 -> 6.7 ms and 1x1 2.4 -> 1.1 ms from 24 rows down to 9 (one 3x3 channel).
 MIN_GRAD_ROWS = 9
-# Fewest input channels of the convolution that Winograd computes, per part. In-process A/B against
-# im2col, alternating, CPU time on one thread, batch 64, vgg-small's shapes (the shared machine was loaded):
-# forward 0.98-1.05x (the transforms cost what the products save), weight gradient 0.94x at 64
-# channels and 1.11-1.19x from 128 up, input gradient (a convolution of grad_y's OC channels) 1.3-2.7x;
-# a whole vgg-small step 893 -> 640 ms of CPU time.
-WINOGRAD_MIN_CHANNELS = {"forward": 64, "weight": 128, "input": 64}
+# Fewest input channels of the convolution that Winograd computes, per part ("input": grad_y's OC channels).
+# Set from two threads (the goal's setting; the choice cannot follow the thread count, since results must
+# not), wall time, alternating in one process, quiet machine, 3x3 convolutions with C = OC, batch 64, ms
+# for Winograd / im2col (forward, weight gradient, input gradient; the input gradient's im2col is the
+# flipped kernel's forward): 64 ch 8x8 3.5/2.5, 2.6/2.7, 3.4/2.4; 64 ch 32x32 32/31, 30/31, 44/31; 128 ch
+# 16x16 22/26, 30/26, 21/26; 256 ch 8x8 18/22, 21/28, 20/25. On one thread Winograd wins a little more
+# (64 ch 32x32 forward 58/65 ms, 128 ch weight gradient 49/59), and its many small NumPy calls share out
+# worse: the first measurement, on one thread, had set 64 / 128 / 64.
+WINOGRAD_MIN_CHANNELS = {"forward": 128, "weight": 256, "input": 128}
 # Fewest input channels from which a same-size convolution's input gradient (below Winograd's channels,
 # or float64) runs as the forward convolution of grad_y with the flipped kernels (im2col + one product)
 # instead of a product and col2im's KH*KW scattered adds. In-process A/B, CPU time, one thread, batch 64,
