@@ -4,8 +4,9 @@
                                       [--steps 25] [--cpu-path fast|reference] [--clock wall|cpu]
 
 Runs the model's own training step (its forward, the loss, its backward without the input's gradient,
-Adam), so the layers run in the model's order with its fusions (a ReLU after a BatchNorm runs inside it;
-each max-pool before its ReLU), and times every layer's forward and backward through hooks on the
+Adam), so the layers run in the model's order with its fusions (each max-pool before its ReLU; a ReLU
+runs inside the BatchNorm, convolution, linear or max-pool layer before it, so it has no row of its own),
+and times every layer's forward and backward through hooks on the
 layers. Nested models (resnet20's blocks) are walked to their leaves; a block's own row is the time
 outside its layers (the residual add and its ReLU). Prints the median over the steps after the
 first five, in ms, in the order the forward ran the layers, then the loss and Adam. --clock cpu times
