@@ -208,10 +208,11 @@ def tiny_cache(tmp_path, monkeypatch):
 def threaded(monkeypatch):
     """Hand even tiny chunks of the fast CPU path (gpucnn/cpu/) to 3 threads, so its threaded code runs
     on test-sized shapes."""
-    from gpucnn.cpu import threads  # noqa: PLC0415
+    from gpucnn.cpu import pool, threads  # noqa: PLC0415
 
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
     monkeypatch.setattr(threads, "THREADS", 3)
+    monkeypatch.setattr(pool, "THREADED_MIN_ELEMENTS", 0)
 
 
 EMULATOR_ORDERS = ("forward", "reverse", "random")

@@ -2,22 +2,36 @@
 
 LeNet's 2x2 stride-2 unpadded pooling runs as a pairwise tournament on strided views,
 in the input's own memory order (CHWN from the fast convolution: runs of N contiguous
-numbers), cut along the outermost axis into chunks that keep the temporaries in cache. It
-runs on the calling thread only: memory-bound, it ran slower on two threads (measured at
-batch 256: forward 0.68 against 0.57 ms, backward 0.71 against 0.52 ms). Other window
-shapes, and inputs holding NaN, use the reference, whose results these equal exactly.
+numbers), cut along the outermost axis into chunks that keep the temporaries in cache.
+LeNet's sizes run on the calling thread: memory-bound, they ran slower on two threads
+(measured at batch 256: forward 0.68 against 0.57 ms, backward 0.71 against 0.52 ms); from
+THREADED_MIN_ELEMENTS input values (vgg-small's) the chunks are shared out to the threads.
+Other window shapes, and inputs holding NaN, use the reference, whose results these equal exactly.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order
+from gpucnn.cpu.threads import empty_in_order, even_ranges, memory_order, run_chunks
 from gpucnn.ops.pool import (max_pool2d_backward_reference, max_pool2d_forward_reference, max_pool2d_reference,
                              pool2d_geometry)
 
 MAX_CHUNKS = 8
 CHUNK_ELEMENTS = 1 << 16  # input elements per chunk at least: fewer, larger calls for small inputs
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (ky, kx) of window-local index ky*2 + kx
+# Fewest input values from which the chunks run on the threads. Two threads, CHWN input, forward / backward
+# in ms on the calling thread against on the threads: 64x64x32x32 7.3 / 3.9 -> 3.0 / 2.4, 256x64x32x32
+# 28.7 / 32.7 -> 15.6 / 18.8, 64x128x16x16 (2 M values) 2.1 / 1.5 -> 2.0 / 1.3; LeNet's 256x6x28x28 even.
+THREADED_MIN_ELEMENTS = 1 << 21
+
+
+def _run(work, parts, size: int) -> None:
+    """work(i) for every chunk: on the threads for large inputs, else here in order."""
+    if size >= THREADED_MIN_ELEMENTS:
+        run_chunks(work, len(parts))
+    else:
+        for i in range(len(parts)):
+            work(i)
 
 
 def _is_2x2(g) -> bool:
@@ -52,7 +66,10 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
     order = memory_order(x)
     y = empty_in_order((g.N, g.C, g.OH, g.OW), x.dtype, order)
     argmax = empty_in_order((g.N, g.C, g.OH, g.OW), np.int32, order)
-    for part in _outer_slices(x.shape, order):
+    parts = _outer_slices(x.shape, order)
+
+    def work(i):
+        part = parts[i]
         top_left, top_right, bottom_left, bottom_right = _corners(x[part], g)
         top = np.maximum(top_left, top_right)
         bottom = np.maximum(bottom_left, bottom_right)
@@ -66,6 +83,8 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         out = argmax[part]
         np.add(right_wins, use_bottom, out=out, dtype=np.int32)
         np.add(out, use_bottom, out=out)
+
+    _run(work, parts, x.size)
     if np.isnan(y).any():  # the comparisons above ignore NaN; the reference ranks it first
         return max_pool2d_forward_reference(x, kernel_size, stride, padding)
     return y, argmax
@@ -111,6 +130,5 @@ def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, paddi
             target = grad_x_part[:, :, ky: ky + 2 * g.OH - 1: 2, kx: kx + 2 * g.OW - 1: 2]
             np.multiply(grad_y_part, np.equal(argmax_part, k).view(np.uint8), out=target)
 
-    for i in range(len(parts)):
-        work(i)
+    _run(work, parts, grad_x.size)
     return grad_x
