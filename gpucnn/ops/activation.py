@@ -56,6 +56,12 @@ def relu_forward(x):
     return dispatch.run("activation", "relu_forward", _check_x, x)
 
 
+def relu_into(y):
+    """max(y, 0) written into y itself and returned: for a NumPy array an op has just made (a fused ReLU on
+    the CPU), so that no second array of its size is alive at once. NaN stays NaN."""
+    return np.maximum(y, 0, out=y)
+
+
 def relu_backward(grad_y, y):
     """grad_x = grad_y * (y > 0) from the saved output y (the kink at 0 gets 0, like PyTorch).
 

@@ -36,8 +36,8 @@ def linear_forward(x, weight, bias, relu=False):
         return dispatch.run("linear", "linear_forward", _check_linear, x, weight, bias, relu=True)
     y = dispatch.run("linear", "linear_forward", _check_linear, x, weight, bias)
     if relu:
-        from gpucnn.ops.activation import relu_forward  # noqa: PLC0415 - ops modules import each other lazily
-        y = relu_forward(y)
+        from gpucnn.ops.activation import relu_into  # noqa: PLC0415 - ops modules import each other lazily
+        y = relu_into(y)
     return y
 
 

@@ -87,8 +87,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, relu=False):
 
 
 def _relu(y):
-    from gpucnn.ops.activation import relu_forward  # noqa: PLC0415 - ops modules import each other lazily
-    return relu_forward(y)
+    from gpucnn.ops.activation import relu_into  # noqa: PLC0415 - ops modules import each other lazily
+    return relu_into(y)
 
 
 def max_pool2d_backward(grad_y, argmax, x_shape, kernel_size, stride=None, padding=0):
