@@ -238,9 +238,8 @@ def test_sighup_saves_and_exits_129_unless_the_run_was_started_under_nohup(data,
     """A closed terminal or a dropped ssh session sends SIGHUP: the run saves as for Ctrl-C. Under nohup
     (SIGHUP ignored from the start) it keeps running."""
     def start_run(out, ignore_hangup):
-        def setup():
-            if ignore_hangup:
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        def setup():  # set either way: a test run started under nohup would hand its SIG_IGN down
+            signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hangup else signal.SIG_DFL)
         return start(*train(data, out, "--epochs", 1000), preexec_fn=setup)
 
     hung, nohup = start_run(tmp_path / "hung", False), start_run(tmp_path / "nohup", True)
