@@ -289,8 +289,8 @@ def command_table(args) -> None:
     for path in sorted(args.out.glob("*.json")):
         r = json.loads(path.read_text())
         results[(r["library"], r["model"], r["augment"], r["seed"])] = r
-    lines = ["| model | augment | library | seed | test accuracy after epochs 1-5 (%) | s/epoch (train) | load |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | augment | library | seed | test accuracy after epochs 1-5 (%) | s/epoch (train) | load | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     missing = []
     for library, model, augment, seed in sorted(cells(), key=lambda c: (c[1] != "resnet20", c[2], c[0], c[3])):
         r = results.get((library, model, augment, seed))
@@ -302,7 +302,7 @@ def command_table(args) -> None:
             accs += f" (stopped after {len(r['epochs'])} of {r['recipe']['epochs']} epochs)"
         seconds = np.median([e["train_seconds"] for e in r["epochs"]])
         lines.append(f"| {model} | {augment} | {library} | {seed} | {accs} | {seconds:.0f} | "
-                     f"{r['load_before'][0]}-{r['load_after'][0]} |")
+                     f"{r['load_before'][0]}-{r['load_after'][0]} | {(r.get('commit') or '-')[:7]} |")
     lines += ["", "Means over the seeds that ran (final epoch):", ""]
     for model in MODELS:
         for augment in (AUGMENTS if model == "resnet20" else ("none",)):
@@ -312,12 +312,34 @@ def command_table(args) -> None:
                 if finals:
                     lines.append(f"- {model} {augment} {library}: {100 * np.mean(finals):.2f}% over {len(finals)} "
                                  f"seed(s)")
+    lines += _paired_lines(results)
     if missing:
         lines += ["", "Not run: " + "; ".join(missing) + "."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write is not None:
         args.write.write_text(text)
+
+
+def _paired_lines(results) -> list:
+    """The issue's two comparisons over the seeds where both sides finished: gpucnn against PyTorch on each
+    (model, augmentation), and each library's resnet20 against its LeNet-5 (no augmentation)."""
+    def finals(library, model, augment):
+        return {seed: r["final_test_acc"] for (lib, m, a, seed), r in results.items()
+                if (lib, m, a) == (library, model, augment) and r.get("complete", True)}
+
+    lines = ["", "Paired over the seeds both sides finished (final epoch; difference of the means, points):", ""]
+    pairs = [(f"{model} {augment}: gpucnn - PyTorch", finals("gpucnn", model, augment), finals("torch", model, augment))
+             for model in MODELS for augment in (AUGMENTS if model == "resnet20" else ("none",))]
+    pairs += [(f"{library}: resnet20 - lenet5 (no augmentation)", finals(library, "resnet20", "none"),
+               finals(library, "lenet5", "none")) for library in LIBRARIES]
+    for label, left, right in pairs:
+        seeds = sorted(set(left) & set(right))
+        if seeds:
+            a, b = np.mean([left[s] for s in seeds]), np.mean([right[s] for s in seeds])
+            lines.append(f"- {label}: {100 * a:.2f} - {100 * b:.2f} = {100 * (a - b):+.2f} over seeds "
+                         f"{', '.join(map(str, seeds))}")
+    return lines
 
 
 def main() -> None:

@@ -45,8 +45,16 @@ def test_matrix_cells_and_a_table_of_partial_results(tmp_path, capsys):
                   "epochs": [record] * (2 if not complete else 5), "final_test_acc": 0.9,
                   "recipe": {"epochs": 5}, "load_before": [3.0], "load_after": [4.0]}
         script.result_path(tmp_path, library, "resnet20", "none", 0).write_text(json.dumps(result))
+    for library, accuracy in (("gpucnn", 0.92), ("torch", 0.9)):  # seed 1: both finished
+        result = {"library": library, "model": "resnet20", "augment": "none", "seed": 1, "complete": True,
+                  "epochs": [record] * 5, "final_test_acc": accuracy, "recipe": {"epochs": 5},
+                  "load_before": [3.0], "load_after": [4.0], "commit": "0123456789abcdef"}
+        script.result_path(tmp_path, library, "resnet20", "none", 1).write_text(json.dumps(result))
     script.command_table(type("Args", (), {"out": tmp_path, "write": tmp_path / "table.md"})())
     text = (tmp_path / "table.md").read_text()
+    assert "| 0123456 |" in text
+    # paired over seed 1 only: seed 0's gpucnn run stopped early
+    assert "- resnet20 none: gpucnn - PyTorch: 92.00 - 90.00 = +2.00 over seeds 1" in text
     assert "(stopped after 2 of 5 epochs)" in text
-    assert "resnet20 none torch: 90.00% over 1 seed(s)" in text and "resnet20 none gpucnn:" not in text
+    assert "resnet20 none torch: 90.00% over 2 seed(s)" in text and "resnet20 none gpucnn: 92.00% over 1" in text
     assert "Not run: " in text and "lenet5 none gpucnn seed 0" in text
